@@ -1,0 +1,105 @@
+"""Creating, saving and registering ClusterSTM checkpoints.
+
+A ClusterSTM checkpoint is an ordinary transformers folder (``config.json``, ``model.safetensors``,
+processor and tokenizer files) that also carries the flat ``*_clusterstm.py`` remote-code files and an
+``auto_map``, so that it loads with ``trust_remote_code=True`` where this package is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoModelForPreTraining,
+    AutoModelForVisualQuestionAnswering,
+    AutoProcessor,
+    AutoVideoProcessor,
+)
+
+from .configuration_clusterstm import ClusterSTMConfig
+from .modeling_clusterstm import (
+    ClusterSTMForPreTraining,
+    ClusterSTMForVideoCaptioning,
+    ClusterSTMForVideoQuestionAnswering,
+    ClusterSTMForVideoTextRetrieval,
+    ClusterSTMModel,
+)
+from .processing_clusterstm import ClusterSTMProcessor
+from .video_processing_clusterstm import ClusterSTMVideoProcessor
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+# Auto class -> "module.Class" for everything a checkpoint can be loaded as.
+MODEL_AUTO_MAP: dict[str, str] = {
+    "AutoConfig": "configuration_clusterstm.ClusterSTMConfig",
+    "AutoModel": "modeling_clusterstm.ClusterSTMModel",
+    "AutoModelForPreTraining": "modeling_clusterstm.ClusterSTMForPreTraining",
+    "AutoModelForVisualQuestionAnswering": "modeling_clusterstm.ClusterSTMForVideoQuestionAnswering",
+    "AutoModelForImageTextToText": "modeling_clusterstm.ClusterSTMForVideoCaptioning",
+}
+
+_MODEL_AUTO_CLASSES = {
+    "AutoModel": (AutoModel, ClusterSTMModel),
+    "AutoModelForPreTraining": (AutoModelForPreTraining, ClusterSTMForPreTraining),
+    "AutoModelForVisualQuestionAnswering": (AutoModelForVisualQuestionAnswering, ClusterSTMForVideoQuestionAnswering),
+    "AutoModelForImageTextToText": (AutoModelForImageTextToText, ClusterSTMForVideoCaptioning),
+}
+
+
+def remote_code_files() -> list[Path]:
+    """The flat files that travel with a checkpoint as Hub remote code."""
+    return sorted(PACKAGE_DIR.glob("*_clusterstm.py"))
+
+
+def register_auto_classes() -> None:
+    """Registers ClusterSTM with the transformers Auto classes, in this process and for remote code.
+
+    After this, ``AutoModel.from_pretrained(folder)`` works without ``trust_remote_code`` while the package is
+    imported, and every ``save_pretrained`` (Trainer checkpoints included) copies the remote-code files.
+    """
+    AutoConfig.register(ClusterSTMConfig.model_type, ClusterSTMConfig, exist_ok=True)
+    ClusterSTMConfig.register_for_auto_class("AutoConfig")
+    for auto_name, (auto_class, model_class) in _MODEL_AUTO_CLASSES.items():
+        auto_class.register(ClusterSTMConfig, model_class, exist_ok=True)
+        model_class.register_for_auto_class(auto_name)
+    # Retrieval has no transformers Auto class; it saves its remote code under AutoModel.
+    ClusterSTMForVideoTextRetrieval.register_for_auto_class("AutoModel")
+    AutoVideoProcessor.register(ClusterSTMConfig, ClusterSTMVideoProcessor, exist_ok=True)
+    AutoProcessor.register(ClusterSTMConfig, ClusterSTMProcessor, exist_ok=True)
+    ClusterSTMVideoProcessor.register_for_auto_class("AutoVideoProcessor")
+    ClusterSTMProcessor.register_for_auto_class("AutoProcessor")
+
+
+def _complete_auto_map(output_dir: Path, model_class_name: str) -> None:
+    """Writes the full ``auto_map`` into ``config.json`` so one folder loads through every Auto class."""
+    config_path = output_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    auto_map = dict(MODEL_AUTO_MAP)
+    if model_class_name == ClusterSTMForVideoTextRetrieval.__name__:
+        auto_map["AutoModel"] = f"modeling_clusterstm.{model_class_name}"
+    config["auto_map"] = auto_map
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_checkpoint(model: Any, output_dir: str | Path, processor: Any | None = None) -> Path:
+    """Saves ``model`` (and ``processor``) as a complete, Hub-ready checkpoint folder.
+
+    The folder gets safetensors weights, the config with a complete ``auto_map``, the remote-code files and,
+    when given, the processor (video processor + tokenizer). The frozen teacher is never saved.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    register_auto_classes()
+    model.save_pretrained(output_dir)
+    _complete_auto_map(output_dir, type(model).__name__)
+    for source in remote_code_files():
+        shutil.copyfile(source, output_dir / source.name)
+    if processor is not None:
+        processor.save_pretrained(output_dir)
+    return output_dir

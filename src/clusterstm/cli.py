@@ -1,0 +1,88 @@
+"""The ``clusterstm`` console command.
+
+Sub-commands import what they need only when they run, so ``clusterstm --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from .checkpoint import init_checkpoint
+
+    path = init_checkpoint(args.preset, args.output_dir, tokenizer_name_or_path=args.tokenizer, seed=args.seed)
+    print(f"Wrote a {args.preset} ClusterSTM checkpoint with random weights to {path}")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_checkpoint
+
+    result = push_checkpoint(args.folder, args.hub_model_id, private=args.private, revision=args.revision)
+    print(f"Pushed {args.folder} to {result}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(output_dir=args.output_dir, seed=args.seed, quick=args.quick)
+    return 0
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from .visualize import visualize_video
+
+    paths = visualize_video(args.checkpoint, args.video, args.caption, output_dir=args.output_dir)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clusterstm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="write a Hub-ready checkpoint folder with random weights")
+    init.add_argument("--preset", choices=["tiny", "base"], default="tiny")
+    init.add_argument("--output_dir", required=True)
+    init.add_argument("--tokenizer", default=None, help="a local BERT-style tokenizer folder (default: train one)")
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=_cmd_init)
+
+    push = sub.add_parser("push", help="upload a checkpoint folder to the Hub")
+    push.add_argument("folder")
+    push.add_argument("--hub_model_id", required=True)
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", default=None)
+    push.set_defaults(func=_cmd_push)
+
+    demo = sub.add_parser("demo", help="the end-to-end demo on the embedded synthetic benchmark")
+    demo.add_argument("--output_dir", default="demo_output")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="a minutes-long smoke version (used by the tests)")
+    demo.set_defaults(func=_cmd_demo)
+
+    vis = sub.add_parser("visualize", help="relevance heatmaps and cluster/mask figures for one video")
+    vis.add_argument("checkpoint", help="a ClusterSTM checkpoint with a teacher, or a CLIP/SigLIP teacher folder")
+    vis.add_argument("video")
+    vis.add_argument("caption")
+    vis.add_argument("--output_dir", default=".")
+    vis.set_defaults(func=_cmd_visualize)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"clusterstm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,412 @@
+# Copyright 2026 The ClusterSTM developers.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Video processor for ClusterSTM: frame sampling, PyAV decoding, resize, centre crop, normalise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from huggingface_hub.dataclasses import validate_typed_dict
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, validate_kwargs
+from transformers.processing_utils import VideosKwargs
+from transformers.video_processing_utils import BaseVideoProcessor
+
+
+try:  # PIL is a transformers vision dependency; keep the import soft so array-only use still works.
+    from PIL import Image as _PILImage
+except ImportError:  # pragma: no cover
+    _PILImage = None
+
+SAMPLING_MODES = ("uniform", "random")
+
+
+class VideoDecodingError(ValueError):
+    """Raised when a video file is missing, empty, corrupt or has no decodable video frames. The message names the file."""
+
+
+def _random_offsets(num: int, generator: Any = None) -> np.ndarray:
+    """`num` floats in [0, 1) from a torch generator, a numpy generator, an int seed, or torch's global RNG."""
+    if isinstance(generator, torch.Generator):
+        return torch.rand(num, generator=generator, dtype=torch.float64).numpy()
+    if isinstance(generator, np.random.Generator):
+        return generator.random(num)
+    if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+        return np.random.default_rng(int(generator)).random(num)
+    if generator is None:
+        # torch's global RNG is seeded per DataLoader worker, so this stays reproducible under `torch.manual_seed`.
+        return torch.rand(num, dtype=torch.float64).numpy()
+    raise TypeError(f"`generator` must be a torch.Generator, numpy Generator, int seed or None, got {type(generator)}")
+
+
+def sample_frame_indices(
+    total_frames: int, num_frames: int, sampling: str = "uniform", generator: Any = None
+) -> np.ndarray:
+    """
+    Pick `num_frames` frame indices out of `total_frames` (TSN-style segments).
+
+    The video is split into `num_frames` equal segments. `"uniform"` takes the middle frame of each segment
+    (deterministic, for evaluation); `"random"` takes one random frame per segment (training augmentation).
+    Videos shorter than `num_frames` get repeated indices, so the output always has `num_frames` sorted entries.
+
+    Args:
+        total_frames (`int`): Number of frames in the video (>= 1).
+        num_frames (`int`): Number of frames to return (>= 1).
+        sampling (`str`, *optional*, defaults to `"uniform"`): `"uniform"` or `"random"`.
+        generator (*optional*): `torch.Generator`, `np.random.Generator` or int seed for `"random"` sampling.
+
+    Returns:
+        `np.ndarray` of shape `(num_frames,)`, dtype int64, non-decreasing, in `[0, total_frames)`.
+    """
+    if total_frames < 1:
+        raise ValueError(f"Cannot sample frames from a video with {total_frames} frames.")
+    if num_frames < 1:
+        raise ValueError(f"`num_frames` must be >= 1, got {num_frames}.")
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"`sampling` must be one of {SAMPLING_MODES}, got {sampling!r}.")
+    segment = total_frames / num_frames
+    if sampling == "uniform":
+        offsets = np.full(num_frames, 0.5)
+    else:
+        offsets = _random_offsets(num_frames, generator)
+    indices = np.floor((np.arange(num_frames) + offsets) * segment).astype(np.int64)
+    return np.clip(indices, 0, total_frames - 1)
+
+
+def _check_video_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise VideoDecodingError(f"Video file not found: {path!r}")
+    if not os.path.isfile(path):
+        raise VideoDecodingError(f"Video path is not a file: {path!r}")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodingError(f"Video file is empty (0 bytes): {path!r}")
+
+
+def _count_frames_pyav(path: str) -> int:
+    """Count video frames by demuxing packets (no decoding) when the container does not store a frame count."""
+    import av
+
+    count = 0
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        for packet in container.demux(stream):
+            # The flush packet at the end has no data and no pts.
+            if packet.size > 0:
+                count += 1
+    return count
+
+
+def _decode_selected_pyav(path: str, wanted: np.ndarray) -> tuple[dict[int, np.ndarray], int]:
+    """
+    Decode frames in presentation order and convert only the wanted indices to RGB arrays.
+
+    Stops right after the last wanted frame, so memory holds at most `len(set(wanted))` frames whatever the length
+    of the video. Returns the kept frames by index and how many frames were decoded.
+    """
+    import av
+
+    needed = set(int(i) for i in wanted)
+    last = max(needed)
+    kept: dict[int, np.ndarray] = {}
+    count = 0
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        for frame in container.decode(stream):
+            if count in needed:
+                # rgb24 conversion also turns grayscale / yuv444 / odd-sized sources into (H, W, 3) uint8.
+                kept[count] = frame.to_ndarray(format="rgb24")
+            count += 1
+            if count > last:
+                break
+    return kept, count
+
+
+def read_video_pyav(
+    path: str | os.PathLike,
+    num_frames: int = 8,
+    sampling: str = "uniform",
+    generator: Any = None,
+) -> np.ndarray:
+    """
+    Decode `num_frames` frames of a video file with PyAV, sampling before decoding.
+
+    Only the sampled frames are converted to arrays and decoding stops after the last one, so long videos are never
+    held in memory. Frame indices come from [`sample_frame_indices`] over the container's frame count (counted from
+    packets when the container does not store it); if the container claims more frames than it holds, sampling is
+    redone over the frames that really decode. Indices are positions in presentation order, so variable frame rate
+    video is handled.
+
+    Args:
+        path (`str` or `os.PathLike`): Video file (anything FFmpeg reads: mp4, webm, avi, mkv, ...).
+        num_frames (`int`, *optional*, defaults to 8): Number of frames to return.
+        sampling (`str`, *optional*, defaults to `"uniform"`): `"uniform"` (eval) or `"random"` (train).
+        generator (*optional*): `torch.Generator`, `np.random.Generator` or int seed for random sampling.
+
+    Returns:
+        `np.ndarray` of shape `(num_frames, H, W, 3)`, dtype uint8 (frames repeated when the video is shorter).
+
+    Raises:
+        [`VideoDecodingError`]: the file is missing, empty, corrupt, or holds no decodable video stream.
+    """
+    import av
+
+    path = os.fspath(path)
+    _check_video_file(path)
+    try:
+        with av.open(path) as container:
+            if len(container.streams.video) == 0:
+                raise VideoDecodingError(f"No video stream in file: {path!r}")
+            total = int(container.streams.video[0].frames or 0)
+        if total <= 0:
+            total = _count_frames_pyav(path)
+        if total <= 0:
+            raise VideoDecodingError(f"No decodable video frames in file: {path!r}")
+        indices = sample_frame_indices(total, num_frames, sampling, generator)
+        kept, decoded = _decode_selected_pyav(path, indices)
+        if len(kept) < len(set(indices.tolist())):
+            # The container lied about its length (truncated file, bad header): resample over what decodes.
+            if decoded == 0:
+                raise VideoDecodingError(f"No decodable video frames in file: {path!r}")
+            indices = sample_frame_indices(decoded, num_frames, sampling, generator)
+            kept, decoded = _decode_selected_pyav(path, indices)
+            if len(kept) < len(set(indices.tolist())):
+                raise VideoDecodingError(f"Video file {path!r} decodes inconsistently ({decoded} frames).")
+    except VideoDecodingError:
+        raise
+    except (av.FFmpegError, OSError, EOFError, IndexError, ValueError) as error:
+        raise VideoDecodingError(f"Could not decode video file {path!r}: {error}") from error
+
+    frames = [kept[int(i)] for i in indices]
+    shapes = {frame.shape for frame in frames}
+    if len(shapes) != 1:
+        raise VideoDecodingError(f"Video file {path!r} changes frame size mid-stream ({sorted(shapes)}).")
+    return np.stack(frames)
+
+
+class ClusterSTMVideoProcessorKwargs(VideosKwargs, total=False):
+    """
+    sampling (`str`, *optional*):
+        `"uniform"` (middle frame of each of `num_frames` equal segments, for evaluation) or `"random"` (one random
+        frame per segment, for training).
+    """
+
+    sampling: str | None
+
+
+class ClusterSTMVideoProcessor(BaseVideoProcessor):
+    r"""
+    Video processor for ClusterSTM.
+
+    Every video becomes exactly `num_frames` frames (sampled with [`sample_frame_indices`]; short videos repeat
+    frames), is resized so its shortest edge is `size["shortest_edge"]`, centre-cropped to `crop_size`, rescaled to
+    [0, 1] and normalised with the CLIP mean/std (so a CLIP teacher can share the pixel values).
+
+    Accepted inputs (one video or a batch): file paths (`str` / `Path`, decoded with PyAV, sampling before decoding),
+    numpy arrays / torch tensors `(T, H, W, C)`, `(T, C, H, W)` or grayscale `(T, H, W)` (and 5-D batches), lists of
+    PIL images, and lists of any of these.
+
+    The output `pixel_values` has shape `(batch_size, num_frames, 3, crop_height, crop_width)`.
+
+    Extra call arguments: `sampling="uniform" | "random"` and `generator` (`torch.Generator`,
+    `np.random.Generator` or int seed) for reproducible random sampling.
+    """
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = OPENAI_CLIP_MEAN
+    image_std = OPENAI_CLIP_STD
+    size = {"shortest_edge": 224}
+    default_to_square = False
+    crop_size = {"height": 224, "width": 224}
+    do_resize = True
+    do_center_crop = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    do_convert_rgb = True
+    do_sample_frames = True
+    num_frames = 8
+    sampling = "uniform"
+    valid_kwargs = ClusterSTMVideoProcessorKwargs
+    model_input_names = ["pixel_values"]
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if self.sampling not in SAMPLING_MODES:
+            raise ValueError(f"`sampling` must be one of {SAMPLING_MODES}, got {self.sampling!r}.")
+        if self.num_frames is None or int(self.num_frames) < 1:
+            raise ValueError(f"`num_frames` must be a positive integer, got {self.num_frames!r}.")
+
+    # ------------------------------------------------------------------ input handling
+    @staticmethod
+    def _is_frame(item: Any) -> bool:
+        if _PILImage is not None and isinstance(item, _PILImage.Image):
+            return True
+        if isinstance(item, (np.ndarray, torch.Tensor)):
+            # A single frame is (H, W) or (H, W, C) with a channel-last colour axis.
+            return item.ndim == 2 or (item.ndim == 3 and item.shape[-1] in (1, 3, 4))
+        return False
+
+    def _split_batch(self, videos: Any) -> list[Any]:
+        """Turn any accepted input into a list of single videos (path, array/tensor or list of frames)."""
+        if isinstance(videos, (str, os.PathLike)):
+            return [videos]
+        if isinstance(videos, (np.ndarray, torch.Tensor)):
+            if videos.ndim == 5:
+                return list(videos)
+            if videos.ndim in (3, 4):
+                return [videos]
+            raise ValueError(
+                f"A video array must have 3 (T, H, W), 4 (T, H, W, C) / (T, C, H, W) or 5 (batched) dimensions, "
+                f"got shape {tuple(videos.shape)}."
+            )
+        if _PILImage is not None and isinstance(videos, _PILImage.Image):
+            return [[videos]]
+        if isinstance(videos, (list, tuple)):
+            if len(videos) == 0:
+                raise ValueError("Received an empty list of videos.")
+            if self._is_frame(videos[0]):
+                return [list(videos)]
+            return list(videos)
+        raise ValueError(
+            f"Unsupported video input of type {type(videos).__name__}; pass file paths, arrays, tensors or PIL frames."
+        )
+
+    @staticmethod
+    def _array_to_tchw(video: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(T, H, W) / (T, H, W, C) / (T, C, H, W) array or tensor -> contiguous (T, C, H, W) tensor."""
+        tensor = torch.from_numpy(np.ascontiguousarray(video)) if isinstance(video, np.ndarray) else video
+        if tensor.ndim == 3:  # grayscale (T, H, W)
+            tensor = tensor.unsqueeze(1)
+        elif tensor.ndim == 4:
+            if tensor.shape[-1] in (1, 3, 4) and tensor.shape[1] not in (1, 3, 4):
+                tensor = tensor.permute(0, 3, 1, 2)
+            elif tensor.shape[1] in (1, 3, 4):
+                pass
+            elif tensor.shape[-1] in (1, 3, 4):
+                tensor = tensor.permute(0, 3, 1, 2)
+            else:
+                raise ValueError(
+                    f"Cannot find the colour channel (size 1, 3 or 4) of a video with shape {tuple(tensor.shape)}."
+                )
+        else:
+            raise ValueError(f"A video must have 3 or 4 dimensions, got shape {tuple(tensor.shape)}.")
+        if tensor.shape[0] == 0:
+            raise ValueError("Received a video with 0 frames.")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError("Video contains NaN or infinite values.")
+        if tensor.shape[1] == 1:
+            tensor = tensor.expand(-1, 3, -1, -1)
+        elif tensor.shape[1] == 4:  # drop alpha
+            tensor = tensor[:, :3]
+        return tensor.contiguous()
+
+    def _load_video(self, video: Any, num_frames: int | None, sampling: str, generator: Any) -> torch.Tensor:
+        """Decode / sample one video to a (T, 3, H, W) tensor."""
+        if isinstance(video, (str, Path, os.PathLike)):
+            if num_frames is None:
+                raise ValueError("File inputs need frame sampling: set `do_sample_frames=True` and `num_frames`.")
+            return self._array_to_tchw(read_video_pyav(video, num_frames, sampling, generator))
+        if isinstance(video, (list, tuple)):
+            if len(video) == 0:
+                raise ValueError("Received a video with 0 frames.")
+            indices = (
+                sample_frame_indices(len(video), num_frames, sampling, generator)
+                if num_frames is not None
+                else np.arange(len(video))
+            )
+            frames = []
+            for i in indices:
+                frame = video[int(i)]
+                if _PILImage is not None and isinstance(frame, _PILImage.Image):
+                    frame = np.asarray(frame.convert("RGB"))
+                elif isinstance(frame, torch.Tensor):
+                    frame = frame.numpy(force=True)
+                frame = np.asarray(frame)
+                if frame.ndim == 2:
+                    frame = frame[..., None]
+                frames.append(frame)
+            if len({f.shape for f in frames}) != 1:
+                raise ValueError(f"All frames of a video must have the same shape, got {sorted({f.shape for f in frames})}.")
+            return self._array_to_tchw(np.stack(frames))
+        if isinstance(video, (np.ndarray, torch.Tensor)):
+            tensor = self._array_to_tchw(video)
+            if num_frames is not None:
+                indices = sample_frame_indices(tensor.shape[0], num_frames, sampling, generator)
+                tensor = tensor[torch.from_numpy(indices)]
+            return tensor
+        raise ValueError(f"Unsupported video of type {type(video).__name__}.")
+
+    # ------------------------------------------------------------------ public API
+    def preprocess(self, videos: Any, generator: Any = None, **kwargs) -> BatchFeature:
+        """
+        Sample, decode and preprocess one video or a batch of videos.
+
+        Args:
+            videos: file path(s), array(s)/tensor(s) or list(s) of PIL frames (see the class docstring).
+            generator (*optional*): `torch.Generator`, `np.random.Generator` or int seed for `sampling="random"`.
+            kwargs: any [`~processing_utils.VideosKwargs`] override (`num_frames`, `size`, `crop_size`, ...) plus
+                `sampling` and `return_tensors`.
+
+        Returns:
+            [`BatchFeature`] with `pixel_values` of shape `(B, num_frames, 3, H, W)` (a list when
+            `return_tensors=None`).
+        """
+        validate_kwargs(
+            captured_kwargs=kwargs.keys(),
+            valid_processor_keys=list(self.valid_kwargs.__annotations__.keys()) + ["return_tensors"],
+        )
+        validate_typed_dict(self.valid_kwargs, kwargs)
+        for kwarg_name in self.valid_kwargs.__annotations__:
+            kwargs.setdefault(kwarg_name, getattr(self, kwarg_name, None))
+
+        do_sample_frames = kwargs.pop("do_sample_frames")
+        num_frames = kwargs.pop("num_frames")
+        sampling = kwargs.pop("sampling") or "uniform"
+        device = kwargs.pop("device")
+        for unused in ("input_data_format", "video_metadata", "fps", "do_convert_rgb", "return_metadata"):
+            kwargs.pop(unused, None)
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"`sampling` must be one of {SAMPLING_MODES}, got {sampling!r}.")
+        if do_sample_frames and (num_frames is None or int(num_frames) < 1):
+            raise ValueError(f"`num_frames` must be a positive integer, got {num_frames!r}.")
+        num_frames = int(num_frames) if do_sample_frames else None
+        if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+            # One stream for the whole batch, so that videos of one call get different offsets.
+            generator = np.random.default_rng(int(generator))
+
+        loaded = [self._load_video(v, num_frames, sampling, generator) for v in self._split_batch(videos)]
+        if device is not None:
+            loaded = [video.to(device) for video in loaded]
+
+        kwargs = self._standardize_kwargs(**kwargs)
+        self._validate_preprocess_kwargs(**kwargs)
+        kwargs.pop("data_format", None)
+        return_tensors = kwargs.pop("return_tensors", None)
+        processed = self._preprocess(videos=loaded, return_tensors=None, **kwargs)["pixel_values_videos"]
+        if return_tensors in ("pt", "np"):
+            if len({tuple(v.shape) for v in processed}) != 1:
+                raise ValueError(
+                    "Videos of one batch end with different shapes; enable frame sampling and centre cropping "
+                    "(`do_sample_frames=True`, `do_center_crop=True`) to return a stacked tensor."
+                )
+            stacked = torch.stack(list(processed))
+            return BatchFeature(data={"pixel_values": stacked if return_tensors == "pt" else stacked.numpy()})
+        return BatchFeature(data={"pixel_values": list(processed)})
+
+
+__all__ = ["ClusterSTMVideoProcessor", "VideoDecodingError", "read_video_pyav", "sample_frame_indices"]
