@@ -103,3 +103,62 @@ def save_checkpoint(model: Any, output_dir: str | Path, processor: Any | None = 
     if processor is not None:
         processor.save_pretrained(output_dir)
     return output_dir
+
+
+def default_tokenizer(vocab_size: int = 1000) -> Any:
+    """The offline default tokenizer: WordPiece trained on the embedded benchmark's captions and questions."""
+    from .synthetic import synthetic_text_corpus
+    from .tokenization import train_wordpiece_tokenizer
+
+    return train_wordpiece_tokenizer(synthetic_text_corpus(), vocab_size=vocab_size)
+
+
+def init_checkpoint(
+    preset: str,
+    output_dir: str | Path,
+    tokenizer_name_or_path: str | Path | None = None,
+    seed: int = 0,
+) -> Path:
+    """Writes a complete, Hub-ready ClusterSTM folder with random weights (``clusterstm init``).
+
+    The folder holds the config of ``preset``, ``model.safetensors`` of a :class:`ClusterSTMForPreTraining`
+    (which every head and ``AutoModel`` load from), the processor (video processor + tokenizer), the remote-code
+    files and a model card.
+
+    Args:
+        preset: ``"tiny"`` (CPU tests and the demo) or ``"base"`` (ViT-B/16 + BERT-base, UMT-B shapes).
+        output_dir: where to write the folder.
+        tokenizer_name_or_path: a local BERT-style tokenizer folder; by default a WordPiece tokenizer is trained on
+            the synthetic benchmark's text (no downloads).
+        seed: seed of the random initialisation.
+    """
+    import torch
+
+    from .model_card import write_model_card
+    from .tokenization import load_local_tokenizer
+
+    config = ClusterSTMConfig.from_preset(preset)
+    if tokenizer_name_or_path is None:
+        tokenizer = default_tokenizer()
+    else:
+        tokenizer = load_local_tokenizer(tokenizer_name_or_path)
+    config.text_config.vocab_size = len(tokenizer)
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    config.mask_token_id = tokenizer.mask_token_id
+
+    torch.manual_seed(seed)
+    model = ClusterSTMForPreTraining(config)
+    vision = config.vision_config
+    video_processor = ClusterSTMVideoProcessor(
+        num_frames=vision.num_frames,
+        size={"shortest_edge": vision.image_size},
+        crop_size={"height": vision.image_size, "width": vision.image_size},
+    )
+    processor = ClusterSTMProcessor(video_processor=video_processor, tokenizer=tokenizer)
+    output_dir = save_checkpoint(model, output_dir, processor)
+    write_model_card(
+        output_dir,
+        config,
+        run_info={"preset": preset, "stage": "random initialisation (not trained)", "seed": seed},
+    )
+    return output_dir

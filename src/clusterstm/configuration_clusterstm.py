@@ -19,17 +19,32 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.utils import auto_docstring, logging
 
-
 logger = logging.get_logger(__name__)
 
 MASK_STRATEGIES = ("cluster", "random", "tube", "attention", "none")
 MASK_FEATURES = ("teacher", "patch")
 RELEVANCE_LOSSES = ("mse", "zscore_mse", "kl")
 RELEVANCE_TOKENS = ("all", "masked", "visible")
+# Masking settings of the composite config that are mirrored into its vision config (the tower reads them there).
+MASKING_KEYS = ("mask_strategy", "mask_ratio", "dc_ratio", "dpc_k", "mask_features", "mask_at_eval")
+
+
+def _validate_masking_settings(config) -> None:
+    """Raise a `ValueError` naming the first invalid masking setting of `config`."""
+    if config.mask_strategy not in MASK_STRATEGIES:
+        raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES}, got {config.mask_strategy!r}.")
+    if not 0.0 <= config.mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {config.mask_ratio}.")
+    if config.mask_features not in MASK_FEATURES:
+        raise ValueError(f"mask_features must be one of {MASK_FEATURES}, got {config.mask_features!r}.")
+    if not 0.0 < config.dc_ratio < 1.0:
+        raise ValueError(f"dc_ratio must be in (0, 1), got {config.dc_ratio}.")
+    if config.dpc_k < 1:
+        raise ValueError(f"dpc_k must be >= 1, got {config.dpc_k}.")
 
 
 @auto_docstring(checkpoint="clusterstm-base")
-@strict(accept_kwargs=True)
+@strict
 class ClusterSTMVisionConfig(PreTrainedConfig):
     r"""
     num_frames (`int`, *optional*, defaults to 4):
@@ -39,6 +54,19 @@ class ClusterSTMVisionConfig(PreTrainedConfig):
         frame-wise (cluster-wise) masking needs.
     drop_path_rate (`float`, *optional*, defaults to 0.0):
         Stochastic depth rate, linearly increasing over the layers.
+    mask_strategy (`str`, *optional*, defaults to `"none"`):
+        Token masking applied inside the tower at train time, see [`ClusterSTMConfig`]. Inside a
+        [`ClusterSTMConfig`], the composite configuration's masking settings are mirrored here.
+    mask_ratio (`float`, *optional*, defaults to 0.0):
+        Fraction of the tokens of every frame that is dropped, in `[0, 1)`.
+    dc_ratio (`float`, *optional*, defaults to 0.02):
+        Cut-off quantile of the temporal density (cluster-wise masking).
+    dpc_k (`int`, *optional*, defaults to 5):
+        Number of neighbours of the DPC-KNN density (cluster-wise masking).
+    mask_features (`str`, *optional*, defaults to `"teacher"`):
+        Which features drive the clustering: `"teacher"` (the `mask_features` input when given) or `"patch"`.
+    mask_at_eval (`bool`, *optional*, defaults to `False`):
+        Whether the configured masking is also applied in eval mode.
 
     Example:
 
@@ -67,9 +95,20 @@ class ClusterSTMVisionConfig(PreTrainedConfig):
     hidden_dropout_prob: float = 0.0
     initializer_range: float = 0.02
     drop_path_rate: float = 0.0
+    mask_strategy: str = "none"
+    mask_ratio: float = 0.0
+    dc_ratio: float = 0.02
+    dpc_k: int = 5
+    mask_features: str = "teacher"
+    mask_at_eval: bool = False
+
+    def __post_init__(self, **kwargs):
+        _validate_masking_settings(self)
+        super().__post_init__(**kwargs)
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation. Validates the architecture of the config."""
+        _validate_masking_settings(self)
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"The hidden size ({self.hidden_size}) is not a multiple of the number of attention "
@@ -84,7 +123,7 @@ class ClusterSTMVisionConfig(PreTrainedConfig):
 
 
 @auto_docstring(checkpoint="clusterstm-base")
-@strict(accept_kwargs=True)
+@strict
 class ClusterSTMTextConfig(PreTrainedConfig):
     r"""
     num_fusion_layers (`int`, *optional*, defaults to 3):
@@ -123,7 +162,6 @@ class ClusterSTMTextConfig(PreTrainedConfig):
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     initializer_range: float = 0.02
-    tie_word_embeddings: bool = True
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation. Validates the architecture of the config."""
@@ -140,7 +178,7 @@ class ClusterSTMTextConfig(PreTrainedConfig):
 
 
 @auto_docstring(checkpoint="clusterstm-base")
-@strict(accept_kwargs=True)
+@strict
 class ClusterSTMConfig(PreTrainedConfig):
     r"""
     text_config (`dict` or `ClusterSTMTextConfig`, *optional*):
@@ -181,6 +219,10 @@ class ClusterSTMConfig(PreTrainedConfig):
         Number of attention heads of the relevance decoder.
     teacher_hidden_size (`int`, *optional*, defaults to 768):
         Width of the teacher's patch tokens (target of the unmasked-token alignment).
+    decoder_intermediate_size (`int`, *optional*, defaults to 1536):
+        Width of the MLP of the relevance decoder blocks.
+    relevance_temperature (`float`, *optional*, defaults to 0.1):
+        Temperature of the softmax over a video's tokens for the `"kl"` relevance loss.
     teacher_projection_dim (`int`, *optional*, defaults to 512):
         Dimension of the teacher's joint space (its text embeddings).
     contrastive_loss_weight (`float`, *optional*, defaults to 1.0):
@@ -197,6 +239,8 @@ class ClusterSTMConfig(PreTrainedConfig):
         Fraction of the text tokens masked for masked language modelling.
     mask_token_id (`int`, *optional*, defaults to 103):
         Id of the `[MASK]` token of the tokenizer (BERT's id by default).
+    tie_word_embeddings (`bool`, *optional*, defaults to `True`):
+        Whether the masked language modelling head shares its weights with the text word embeddings.
 
     Example:
 
@@ -229,6 +273,8 @@ class ClusterSTMConfig(PreTrainedConfig):
     decoder_hidden_size: int = 384
     decoder_num_layers: int = 2
     decoder_num_attention_heads: int = 6
+    decoder_intermediate_size: int = 1536
+    relevance_temperature: float = 0.1
     teacher_hidden_size: int = 768
     teacher_projection_dim: int = 512
     contrastive_loss_weight: float = 1.0
@@ -238,6 +284,7 @@ class ClusterSTMConfig(PreTrainedConfig):
     alignment_loss_weight: float = 0.0
     mlm_probability: float = 0.15
     mask_token_id: int = 103
+    tie_word_embeddings: bool = True
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -245,6 +292,19 @@ class ClusterSTMConfig(PreTrainedConfig):
         # construction time (the strict validators wrap it in their own exception type).
         self._validate_settings()
         super().__post_init__(**kwargs)
+        self._sync_masking_settings()
+
+    def __setattr__(self, key, value):
+        super().__setattr__(key, value)
+        # Keep the vision tower's copy of the masking settings in step when they are changed after construction.
+        if key in MASKING_KEYS and getattr(self, "_post_init_done", False):
+            self._sync_masking_settings()
+
+    def _sync_masking_settings(self):
+        vision_config = getattr(self, "vision_config", None)
+        if isinstance(vision_config, PreTrainedConfig):
+            for key in MASKING_KEYS:
+                setattr(vision_config, key, getattr(self, key))
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation. Validates the masking, relevance and loss settings."""
@@ -252,24 +312,17 @@ class ClusterSTMConfig(PreTrainedConfig):
         self._validate_settings()
 
     def _validate_settings(self):
-        if self.mask_strategy not in MASK_STRATEGIES:
-            raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES}, got {self.mask_strategy!r}.")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}.")
-        if self.mask_features not in MASK_FEATURES:
-            raise ValueError(f"mask_features must be one of {MASK_FEATURES}, got {self.mask_features!r}.")
+        _validate_masking_settings(self)
         if self.relevance_window_size < 1 or self.relevance_window_size % 2 == 0:
             raise ValueError(f"relevance_window_size must be an odd integer >= 1, got {self.relevance_window_size}.")
         if self.relevance_loss not in RELEVANCE_LOSSES:
             raise ValueError(f"relevance_loss must be one of {RELEVANCE_LOSSES}, got {self.relevance_loss!r}.")
         if self.relevance_tokens not in RELEVANCE_TOKENS:
             raise ValueError(f"relevance_tokens must be one of {RELEVANCE_TOKENS}, got {self.relevance_tokens!r}.")
-        if not 0.0 < self.dc_ratio < 1.0:
-            raise ValueError(f"dc_ratio must be in (0, 1), got {self.dc_ratio}.")
-        if self.dpc_k < 1:
-            raise ValueError(f"dpc_k must be >= 1, got {self.dpc_k}.")
         if not 0.0 <= self.mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in [0, 1), got {self.mlm_probability}.")
+        if self.relevance_temperature <= 0:
+            raise ValueError(f"relevance_temperature must be > 0, got {self.relevance_temperature}.")
         if self.decoder_hidden_size % self.decoder_num_attention_heads != 0:
             raise ValueError(
                 f"decoder_hidden_size ({self.decoder_hidden_size}) is not a multiple of decoder_num_attention_heads "
@@ -334,6 +387,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decoder_hidden_size": 64,
         "decoder_num_layers": 1,
         "decoder_num_attention_heads": 4,
+        "decoder_intermediate_size": 128,
         "teacher_hidden_size": 64,
         "teacher_projection_dim": 64,
         "mask_token_id": 4,
@@ -363,6 +417,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decoder_hidden_size": 384,
         "decoder_num_layers": 2,
         "decoder_num_attention_heads": 6,
+        "decoder_intermediate_size": 1536,
         "teacher_hidden_size": 768,
         "teacher_projection_dim": 512,
         "mask_token_id": 103,

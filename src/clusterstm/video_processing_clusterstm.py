@@ -27,7 +27,6 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImage
 from transformers.processing_utils import VideosKwargs
 from transformers.video_processing_utils import BaseVideoProcessor
 
-
 try:  # PIL is a transformers vision dependency; keep the import soft so array-only use still works.
     from PIL import Image as _PILImage
 except ImportError:  # pragma: no cover
@@ -226,6 +225,9 @@ class ClusterSTMVideoProcessor(BaseVideoProcessor):
     `np.random.Generator` or int seed) for reproducible random sampling.
     """
 
+    # mlinter TRF016 (do_resize/do_center_crop/do_rescale/do_normalize/do_convert_rgb "never referenced"): the flags
+    # are forwarded through **kwargs to BaseVideoProcessor._preprocess, which gates each step on them; outputs are
+    # always 3-channel RGB (grayscale is expanded, alpha dropped) whatever do_convert_rgb says.
     resample = PILImageResampling.BICUBIC
     image_mean = OPENAI_CLIP_MEAN
     image_std = OPENAI_CLIP_STD
@@ -341,7 +343,9 @@ class ClusterSTMVideoProcessor(BaseVideoProcessor):
                     frame = frame[..., None]
                 frames.append(frame)
             if len({f.shape for f in frames}) != 1:
-                raise ValueError(f"All frames of a video must have the same shape, got {sorted({f.shape for f in frames})}.")
+                raise ValueError(
+                    f"All frames of a video must have the same shape, got {sorted({f.shape for f in frames})}."
+                )
             return self._array_to_tchw(np.stack(frames))
         if isinstance(video, (np.ndarray, torch.Tensor)):
             tensor = self._array_to_tchw(video)

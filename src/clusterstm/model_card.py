@@ -1,0 +1,302 @@
+"""Model cards for ClusterSTM checkpoints.
+
+`build_model_card` fills a `huggingface_hub.ModelCard` from the model config and the run: Hub metadata
+(`library_name: transformers`, tags, `pipeline_tag`, datasets, license) with the evaluation results as `model-index`
+(`EvalResult`s for Recall@K, accuracy, CIDEr ... which the Trainer's own card drops), and a body saying what the model
+is, how to load it, the pretraining recipe, the results table, limitations and the citation.
+The template is the `MODEL_CARD_TEMPLATE` string below (see `model_cards/README.md` at the repository root).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+DEFAULT_TAGS = ["clusterstm", "video-text", "video-language", "masked-video-modeling", "custom_code"]
+
+PAPER_TITLE = "Cluster-Wise Spatio-Temporal Masking for Efficient Video-Language Pretraining"
+PAPER_URL = "https://arxiv.org/abs/2603.22953"
+CITATION = """@inproceedings{clusterstm2026,
+  title     = {Cluster-Wise Spatio-Temporal Masking for Efficient Video-Language Pretraining},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2026},
+  eprint    = {2603.22953},
+  archivePrefix = {arXiv}
+}"""
+
+# task key -> (model-index task type, human name)
+TASKS = {
+    "t2v": ("text-to-video-retrieval", "Text-to-Video Retrieval"),
+    "v2t": ("video-to-text-retrieval", "Video-to-Text Retrieval"),
+    "qa": ("video-question-answering", "Video Question Answering"),
+    "captioning": ("video-captioning", "Video Captioning"),
+}
+_TASK_ALIASES = {
+    "retrieval": "retrieval",
+    "video_qa": "qa",
+    "qa": "qa",
+    "captioning": "captioning",
+    "caption": "captioning",
+}
+
+# metric key (as produced by clusterstm.metrics) -> (metric type, display name)
+_RETRIEVAL_METRICS = {
+    "r1": ("recall@1", "R@1"),
+    "r5": ("recall@5", "R@5"),
+    "r10": ("recall@10", "R@10"),
+    "medr": ("median_rank", "MedR"),
+    "meanr": ("mean_rank", "MeanR"),
+}
+_QA_METRICS = {"accuracy": ("accuracy", "Accuracy")}
+_CAPTION_METRICS = {
+    "bleu_4": ("bleu", "BLEU-4"),
+    "meteor": ("meteor", "METEOR"),
+    "rouge_l": ("rouge", "ROUGE-L"),
+    "cider": ("cider", "CIDEr"),
+}
+
+MODEL_CARD_TEMPLATE = """
+# {model_name}
+
+{model_name} is a video-language model pretrained with **ClusterSTM** ({paper_title}, CVPR 2026,
+[arXiv:2603.22953]({paper_url})). During pretraining, the visual tokens of every frame are clustered (density peak
+clustering) and only the token with the highest temporal density is kept in each cluster, so every frame keeps the
+same number of tokens while whole semantic regions are never dropped; a frozen CLIP-like teacher provides per-token
+video-text relevance that the student learns to reconstruct.
+
+{model_summary}
+
+## How to use
+
+The modelling code travels with the checkpoint (`custom_code`), so only `transformers` is needed:
+
+```python
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
+
+inputs = processor(videos=[video_frames], text=["a dog runs on the beach"], return_tensors="pt", padding=True)
+outputs = model(**inputs)
+```
+
+## Pretraining recipe
+
+{recipe_table}
+
+## Evaluation results
+
+{results_table}
+
+## Limitations
+
+- {limitations}
+- Retrieval numbers depend on the protocol (split, one or several captions per video, dual-softmax re-ranking or not):
+  compare only results obtained with the same protocol, recorded above.
+- Captioning scores use pycocoevalcap; the tokenizer (Java PTB or the pure-python approximation) is recorded with the
+  results because it changes the scores slightly. SPICE is not computed.
+- The model inherits the biases of its pretraining data and of the teacher model; it is not intended for
+  surveillance or for decisions about people.
+
+## Citation
+
+```bibtex
+{citation}
+```
+"""
+
+
+def _config_dict(config_or_dict: Any) -> dict[str, Any]:
+    if config_or_dict is None:
+        return {}
+    if isinstance(config_or_dict, dict):
+        return dict(config_or_dict)
+    if hasattr(config_or_dict, "to_dict"):
+        return config_or_dict.to_dict()
+    raise ValueError(f"config_or_dict must be a PretrainedConfig or a dict, got {type(config_or_dict).__name__}")
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _metric_entries(task: str, metrics: dict[str, Any]) -> list[tuple[str, str, str, float]]:
+    """(task key, metric type, display name, value) for the known metrics of a task; `eval_` prefixes ignored."""
+    clean = {k.removeprefix("eval_").removeprefix("test_"): v for k, v in metrics.items()}
+    entries = []
+    if task == "retrieval":
+        for direction in ("t2v", "v2t"):
+            for prefix, suffix in (("", ""), ("dsl_", " (dual-softmax)")):
+                for key, (mtype, name) in _RETRIEVAL_METRICS.items():
+                    value = clean.get(f"{prefix}{direction}_{key}")
+                    if value is not None:
+                        entries.append((direction, mtype if not prefix else f"{mtype}_dsl", name + suffix, value))
+    else:
+        table = _QA_METRICS if task == "qa" else _CAPTION_METRICS
+        for key, (mtype, name) in table.items():
+            if clean.get(key) is not None:
+                entries.append((task, mtype, name, clean[key]))
+    return entries
+
+
+def _eval_results(eval_results: list[dict[str, Any]] | None) -> list[EvalResult]:
+    results: list[EvalResult] = []
+    for item in eval_results or []:
+        task = _TASK_ALIASES.get(str(item.get("task", "")).replace("-", "_"))
+        if task is None:
+            raise ValueError(f"eval result task must be one of {sorted(_TASK_ALIASES)}, got {item.get('task')!r}")
+        if "dataset_name" not in item or "metrics" not in item:
+            raise ValueError("every eval result needs 'dataset_name' and 'metrics'")
+        metrics = item["metrics"]
+        dataset_args = {"protocol": item["protocol"]} if item.get("protocol") else None
+        metric_args = {"tokenizer": metrics["tokenizer"]} if isinstance(metrics.get("tokenizer"), str) else None
+        entries = _metric_entries(task, metrics)
+        if not entries:
+            raise ValueError(f"no known metric in eval result for {item['dataset_name']!r}: {sorted(metrics)}")
+        for task_key, mtype, name, value in entries:
+            task_type, task_name = TASKS[task_key]
+            results.append(
+                EvalResult(
+                    task_type=task_type,
+                    task_name=task_name,
+                    dataset_type=item.get("dataset_type", item["dataset_name"]),
+                    dataset_name=item["dataset_name"],
+                    dataset_split=item.get("dataset_split"),
+                    dataset_args=dataset_args,
+                    metric_type=mtype,
+                    metric_name=name,
+                    metric_value=round(float(value), 4),
+                    metric_args=metric_args,
+                )
+            )
+    return results
+
+
+def _markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def build_model_card(
+    config_or_dict: Any,
+    run_info: dict[str, Any],
+    eval_results: list[dict[str, Any]] | None = None,
+    pipeline_tag: str | None = "feature-extraction",
+) -> ModelCard:
+    """Build the model card of a ClusterSTM checkpoint.
+
+    Args:
+        config_or_dict: the model config (a `ClusterSTMConfig` or its `to_dict()`); masking settings and loss weights
+            are read from it when `run_info` does not give them.
+        run_info: facts about the run. Keys used (all optional): `model_name`, `repo_id`, `license` (default
+            `apache-2.0`), `datasets` (list of dataset ids/names), `base_model`, `tags` (extra tags), `language`,
+            `teacher`, `mask_strategy`, `mask_ratio`, `objectives` (dict name -> weight), `train_data` (text),
+            `steps`, `num_frames`, `image_size`, `batch_size`, `learning_rate`, `summary` (free text),
+            `limitations` (text).
+        eval_results: list of `{"task": "retrieval"|"qa"|"captioning", "dataset_name", "dataset_type",
+            "dataset_split", "protocol", "metrics": <dict returned by clusterstm.metrics / eval_results.json>}`.
+        pipeline_tag: Hub pipeline tag (`"feature-extraction"` for the base model, `None` to omit).
+
+    Returns:
+        A `huggingface_hub.ModelCard` whose metadata holds the results as `model-index`.
+    """
+    if not isinstance(run_info, dict):
+        raise ValueError(f"run_info must be a dict, got {type(run_info).__name__}")
+    config = _config_dict(config_or_dict)
+    model_name = run_info.get("model_name") or run_info.get("repo_id", "clusterstm-model").split("/")[-1]
+    repo_id = run_info.get("repo_id") or f"your-username/{model_name}"
+    results = _eval_results(eval_results)
+
+    datasets = run_info.get("datasets")
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        license=run_info.get("license", "apache-2.0"),
+        tags=DEFAULT_TAGS + [t for t in run_info.get("tags", []) if t not in DEFAULT_TAGS],
+        pipeline_tag=pipeline_tag,
+        datasets=list(datasets) if datasets else None,
+        language=run_info.get("language"),
+        base_model=run_info.get("base_model"),
+        eval_results=results or None,
+    )
+
+    masking = config.get("masking", {}) if isinstance(config.get("masking"), dict) else {}
+    objectives = run_info.get("objectives") or config.get("loss_weights")
+    recipe = [
+        ["Teacher", _first(run_info.get("teacher"), config.get("teacher_name_or_path"), "none")],
+        [
+            "Masking strategy",
+            _first(
+                run_info.get("mask_strategy"),
+                config.get("mask_strategy"),
+                masking.get("strategy"),
+                "cluster-wise (ClusterSTM)",
+            ),
+        ],
+        ["Mask ratio", _first(run_info.get("mask_ratio"), config.get("mask_ratio"), masking.get("mask_ratio"), "n/a")],
+        [
+            "Objectives (weights)",
+            ", ".join(f"{k} ({v})" for k, v in objectives.items())
+            if isinstance(objectives, dict)
+            else _first(objectives, "n/a"),
+        ],
+        ["Pretraining data", _first(run_info.get("train_data"), ", ".join(datasets) if datasets else None, "n/a")],
+        ["Steps", _first(run_info.get("steps"), "n/a")],
+        [
+            "Frames x resolution",
+            f"{_first(run_info.get('num_frames'), config.get('vision_config', {}).get('num_frames'), '?')} x {_first(run_info.get('image_size'), config.get('vision_config', {}).get('image_size'), '?')}",
+        ],
+        [
+            "Batch size / learning rate",
+            f"{_first(run_info.get('batch_size'), '?')} / {_first(run_info.get('learning_rate'), '?')}",
+        ],
+    ]
+    if results:
+        rows = [
+            [
+                r.task_name,
+                r.dataset_name,
+                r.dataset_split or "",
+                (r.dataset_args or {}).get("protocol", ""),
+                r.metric_name,
+                r.metric_value,
+            ]
+            for r in results
+        ]
+        results_table = _markdown_table(["Task", "Dataset", "Split", "Protocol", "Metric", "Value"], rows)
+        tokenizers = {r.metric_args["tokenizer"] for r in results if r.metric_args and "tokenizer" in r.metric_args}
+        if tokenizers:
+            results_table += f"\n\nCaptioning tokenizer: {', '.join(sorted(tokenizers))}."
+    else:
+        results_table = "No evaluation results were recorded for this checkpoint."
+
+    body = MODEL_CARD_TEMPLATE.format(
+        model_name=model_name,
+        repo_id=repo_id,
+        paper_title=PAPER_TITLE,
+        paper_url=PAPER_URL,
+        model_summary=run_info.get("summary", ""),
+        recipe_table=_markdown_table(["Setting", "Value"], recipe),
+        results_table=results_table,
+        limitations=run_info.get(
+            "limitations", "Small or synthetic pretraining runs do not reproduce the paper's numbers."
+        ),
+        citation=CITATION,
+    )
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+
+
+def write_model_card(
+    folder: str | Path,
+    config_or_dict: Any,
+    run_info: dict[str, Any],
+    eval_results: list[dict[str, Any]] | None = None,
+    pipeline_tag: str | None = "feature-extraction",
+) -> Path:
+    """Build the model card and save it as `folder/README.md`; returns the path."""
+    path = Path(folder) / "README.md"
+    build_model_card(config_or_dict, run_info, eval_results, pipeline_tag=pipeline_tag).save(path)
+    return path

@@ -1,0 +1,1562 @@
+# Copyright 2026 The ClusterSTM developers. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""PyTorch ClusterSTM model: a masked video tower, a BERT-style text tower with video fusion layers, and the
+pretraining objectives of cluster-wise spatio-temporal masking (relevance reconstruction, contrastive, matching,
+masked language modelling and unmasked-token alignment)."""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring, can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_clusterstm import ClusterSTMConfig, ClusterSTMTextConfig, ClusterSTMVisionConfig
+from .masking_clusterstm import attention_guided_mask, cluster_wise_mask, num_visible_tokens, random_mask, tube_mask
+
+logger = logging.get_logger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@auto_docstring(
+    custom_intro="""
+    Output of the ClusterSTM video tower: the hidden states of the kept (visible) tokens only, and which tokens they are.
+    """
+)
+@dataclass
+class ClusterSTMVisionModelOutput(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_frames * num_kept, hidden_size)`):
+        Hidden states of the kept tokens after the final layer norm, frame-major (`num_kept` tokens per frame).
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+        Mean of `last_hidden_state` over the tokens. [`ClusterSTMModel.get_video_features`] replaces it with its
+        projection into the joint space.
+    bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_frames, num_patches)`, *optional*):
+        The mask that was applied (`True` = masked/dropped), or `None` when no token was dropped.
+    kept_indices (`torch.LongTensor` of shape `(batch_size, num_frames * num_kept)`, *optional*):
+        Flat indices into the `num_frames * num_patches` token grid of the rows of `last_hidden_state`, or `None`
+        when no token was dropped.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    bool_masked_pos: torch.BoolTensor | None = None
+    kept_indices: torch.LongTensor | None = None
+
+
+@auto_docstring(
+    custom_intro="""
+    Output of the ClusterSTM text tower.
+    """
+)
+@dataclass
+class ClusterSTMTextModelOutput(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        Hidden states of the last layer that ran (see `mode`).
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+        Hidden state of the first (`[CLS]`) token. [`ClusterSTMModel.get_text_features`] replaces it with its
+        projection into the joint space.
+    cross_attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Attention weights of the cross-attention to the video tokens, one per fusion layer that ran.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@auto_docstring
+@dataclass
+class ClusterSTMOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss` is `True`):
+        Symmetric video-text contrastive loss (negatives gathered across processes when `torch.distributed` runs).
+    logits_per_video (`torch.FloatTensor` of shape `(video_batch_size, text_batch_size)`):
+        Scaled cosine similarities between the video and the text embeddings.
+    logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, video_batch_size)`):
+        Scaled cosine similarities between the text and the video embeddings.
+    text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        L2-normalised text embeddings.
+    video_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        L2-normalised video embeddings.
+    text_model_output (`ClusterSTMTextModelOutput`):
+        Output of the text tower (`pooler_output` projected).
+    vision_model_output (`ClusterSTMVisionModelOutput`):
+        Output of the video tower (`pooler_output` projected).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_video: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    video_embeds: torch.FloatTensor | None = None
+    text_model_output: ClusterSTMTextModelOutput | None = None
+    vision_model_output: ClusterSTMVisionModelOutput | None = None
+
+    def to_tuple(self) -> tuple[Any]:
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+@auto_docstring
+@dataclass
+class ClusterSTMForPreTrainingOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`):
+        Weighted sum of the objectives that ran.
+    contrastive_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Video-text contrastive loss, `None` when its weight is 0.
+    relevance_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Relevance reconstruction loss, `None` when its weight is 0.
+    matching_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Video-text matching loss, `None` when its weight is 0 or the batch has a single pair.
+    mlm_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Masked language modelling loss, `None` when its weight is 0.
+    alignment_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Unmasked-token alignment loss with the teacher, `None` when its weight is 0.
+    logits_per_video (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
+        Scaled video-text similarities of the local batch.
+    logits_per_text (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
+        Scaled text-video similarities of the local batch.
+    predicted_relevance (`torch.FloatTensor` of shape `(batch_size, num_frames, num_patches)`, *optional*):
+        Relevance predicted by the decoder for every token of the grid, `None` when the relevance loss is skipped.
+    bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_frames, num_patches)`, *optional*):
+        The video mask that was applied (`True` = masked), `None` when no token was dropped.
+    """
+
+    loss: torch.FloatTensor | None = None
+    contrastive_loss: torch.FloatTensor | None = None
+    relevance_loss: torch.FloatTensor | None = None
+    matching_loss: torch.FloatTensor | None = None
+    mlm_loss: torch.FloatTensor | None = None
+    alignment_loss: torch.FloatTensor | None = None
+    logits_per_video: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    predicted_relevance: torch.FloatTensor | None = None
+    bool_masked_pos: torch.BoolTensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Contrastive loss across processes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _distributed_world() -> tuple[int, int]:
+    """(rank, world_size) of the default process group, (0, 1) when `torch.distributed` is not running."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """
+    Concatenate `tensor` from all processes along dim 0, keeping the autograd graph: the backward pass sends every
+    process the gradient of its own rows summed over all processes. Without `torch.distributed` (or with one
+    process) `tensor` is returned unchanged. Every process must pass the same shape (drop the last uneven batch).
+    """
+    _, world_size = _distributed_world()
+    if world_size == 1:
+        return tensor
+    # Imported lazily: the functional collectives are only needed (and only importable everywhere) under distributed.
+    from torch.distributed import _functional_collectives as funcol
+
+    gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+    return gather(tensor.contiguous(), 0, dist.group.WORLD)
+
+
+def video_text_contrastive_loss(
+    video_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """
+    Symmetric InfoNCE loss between L2-normalised `video_embeds` and `text_embeds` (both `(batch_size, dim)`, row i
+    of each is a pair) with the (already exponentiated) `logit_scale`.
+
+    Under `torch.distributed` with several processes, the embeddings of all processes are gathered WITH gradients
+    and each process computes the loss of its LOCAL rows against ALL gathered columns (labels offset by
+    `rank * batch_size`). DDP averages the gradients over the processes, which then equals the gradient of the
+    one-process loss over the global batch (a global loss on every process would scale it by the world size).
+    The returned value is the local loss; its mean over the processes is the global loss.
+    """
+    rank, world_size = _distributed_world()
+    batch_size = video_embeds.shape[0]
+    all_video_embeds = gather_with_grad(video_embeds)
+    all_text_embeds = gather_with_grad(text_embeds)
+    labels = torch.arange(batch_size, device=video_embeds.device) + rank * batch_size
+    # Reductions in fp32: mixed precision logits with a scale up to 100 overflow half-precision softmax sums.
+    logits_video_to_text = logit_scale * torch.matmul(video_embeds, all_text_embeds.t()).float()
+    logits_text_to_video = logit_scale * torch.matmul(text_embeds, all_video_embeds.t()).float()
+    video_loss = nn.functional.cross_entropy(logits_video_to_text, labels)
+    text_loss = nn.functional.cross_entropy(logits_text_to_video, labels)
+    return (video_loss + text_loss) / 2.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Video tower
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def interpolate_spatiotemporal_positions(
+    spatial: torch.Tensor, temporal: torch.Tensor, num_frames: int, height: int, width: int
+) -> torch.Tensor:
+    """
+    Separable position embeddings for a `num_frames x height x width` token grid: the square spatial table
+    `(1, L*L, D)` is resized bicubically to `height x width` and the temporal table `(1, T0, D)` linearly to
+    `num_frames` (only when the sizes differ). Returns `(1, num_frames, height * width, D)`.
+    """
+    dim = spatial.shape[-1]
+    side = int(math.sqrt(spatial.shape[1]))
+    if height != side or width != side:
+        grid = spatial.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        grid = nn.functional.interpolate(grid.float(), size=(height, width), mode="bicubic", align_corners=False)
+        spatial = grid.to(temporal.dtype).permute(0, 2, 3, 1).reshape(1, height * width, dim)
+    if temporal.shape[1] != num_frames:
+        frames = temporal.permute(0, 2, 1)
+        frames = nn.functional.interpolate(frames.float(), size=num_frames, mode="linear", align_corners=False)
+        temporal = frames.to(spatial.dtype).permute(0, 2, 1)
+    return spatial[:, None, :, :] + temporal[:, :, None, :]
+
+
+class ClusterSTMVisionEmbeddings(nn.Module):
+    """Tubelet patch embedding over (T, H, W) plus separable, interpolatable spatial and temporal positions."""
+
+    def __init__(self, config: ClusterSTMVisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_size = config.patch_size
+        self.tubelet_size = config.tubelet_size
+        self.patch_embedding = nn.Conv3d(
+            config.num_channels,
+            config.hidden_size,
+            kernel_size=(config.tubelet_size, config.patch_size, config.patch_size),
+            stride=(config.tubelet_size, config.patch_size, config.patch_size),
+        )
+        grid_size = config.image_size // config.patch_size
+        self.spatial_position_embedding = nn.Parameter(torch.empty(1, grid_size * grid_size, config.hidden_size))
+        self.temporal_position_embedding = nn.Parameter(
+            torch.empty(1, config.num_frames // config.tubelet_size, config.hidden_size)
+        )
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        `pixel_values` `(B, T, C, H, W)` -> (embeddings with positions, patch embeddings without), both
+        `(B, T // tubelet_size, num_patches, hidden_size)`.
+        """
+        batch_size, num_frames, _, height, width = pixel_values.shape
+        target_dtype = self.patch_embedding.weight.dtype
+        # Conv3d wants (B, C, T, H, W)
+        patch_embeds = self.patch_embedding(pixel_values.to(dtype=target_dtype).permute(0, 2, 1, 3, 4))
+        grid_t, grid_h, grid_w = patch_embeds.shape[2:]
+        patch_embeds = patch_embeds.flatten(3).permute(0, 2, 3, 1)  # (B, T', N, D)
+        positions = interpolate_spatiotemporal_positions(
+            self.spatial_position_embedding, self.temporal_position_embedding, grid_t, grid_h, grid_w
+        )
+        embeddings = self.dropout(patch_embeds + positions.to(patch_embeds.dtype))
+        return embeddings, patch_embeds
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+
+    attn_output = torch.matmul(attn_weights, value)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class ClusterSTMVisionAttention(nn.Module):
+    """Multi-headed self-attention of the video tower (and of the relevance decoder, with its own width)."""
+
+    def __init__(
+        self, config: ClusterSTMVisionConfig, hidden_size: int | None = None, num_attention_heads: int | None = None
+    ):
+        super().__init__()
+        self.config = config
+        self.embed_dim = hidden_size or config.hidden_size
+        self.num_heads = num_attention_heads or config.num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        if self.head_dim * self.num_heads != self.embed_dim:
+            raise ValueError(
+                f"embed_dim must be divisible by num_heads (got `embed_dim`: {self.embed_dim} and `num_heads`:"
+                f" {self.num_heads})."
+            )
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.is_causal = False
+
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        queries = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            queries,
+            keys,
+            values,
+            attention_mask,
+            is_causal=self.is_causal,
+            scaling=self.scale,
+            dropout=0.0 if not self.training else self.dropout,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.out_proj(attn_output)
+        return attn_output, attn_weights
+
+
+class ClusterSTMVisionMLP(nn.Module):
+    def __init__(
+        self, config: ClusterSTMVisionConfig, hidden_size: int | None = None, intermediate_size: int | None = None
+    ):
+        super().__init__()
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(hidden_size or config.hidden_size, intermediate_size or config.intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size or config.intermediate_size, hidden_size or config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.activation_fn(self.fc1(hidden_states))
+        hidden_states = self.dropout(self.fc2(hidden_states))
+        return hidden_states
+
+
+def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero the residual branch of whole samples with probability `drop_prob` in training."""
+    if drop_prob == 0.0 or not training:
+        return hidden_states
+    keep_prob = 1.0 - drop_prob
+    shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+    random_tensor = torch.rand(shape, dtype=hidden_states.dtype, device=hidden_states.device)
+    return hidden_states * (random_tensor < keep_prob).to(hidden_states.dtype) / keep_prob
+
+
+class ClusterSTMVisionLayer(GradientCheckpointingLayer):
+    """Pre-LayerNorm ViT block. The relevance decoder reuses it with its own (optional, overriding) width."""
+
+    def __init__(
+        self,
+        config: ClusterSTMVisionConfig,
+        layer_idx: int = 0,
+        hidden_size: int | None = None,
+        num_attention_heads: int | None = None,
+        intermediate_size: int | None = None,
+        drop_path_rate: float | None = None,
+    ):
+        super().__init__()
+        embed_dim = hidden_size or config.hidden_size
+        self.layer_norm1 = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)
+        self.self_attn = ClusterSTMVisionAttention(
+            config, hidden_size=hidden_size, num_attention_heads=num_attention_heads
+        )
+        self.layer_norm2 = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)
+        self.mlp = ClusterSTMVisionMLP(config, hidden_size=hidden_size, intermediate_size=intermediate_size)
+        if drop_path_rate is None:
+            # Stochastic depth grows linearly with depth, as in DeiT / VideoMAE.
+            drop_path_rate = config.drop_path_rate * layer_idx / max(config.num_hidden_layers - 1, 1)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(self.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs)
+        hidden_states = residual + drop_path(hidden_states, self.drop_path_rate, self.training)
+
+        residual = hidden_states
+        hidden_states = self.mlp(self.layer_norm2(hidden_states))
+        hidden_states = residual + drop_path(hidden_states, self.drop_path_rate, self.training)
+        return hidden_states
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text tower (BERT layout and parameter names, so BERT checkpoints map onto it)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class ClusterSTMTextEmbeddings(nn.Module):
+    """Word, position and token-type embeddings, as in BERT."""
+
+    def __init__(self, config: ClusterSTMTextConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.position_ids = nn.Buffer(torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        input_shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        seq_length = input_shape[1]
+        if seq_length > self.position_ids.shape[1]:
+            raise ValueError(
+                f"Sequence length {seq_length} exceeds max_position_embeddings ({self.position_ids.shape[1]})."
+            )
+        if position_ids is None:
+            position_ids = self.position_ids[:, :seq_length]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(input_shape, dtype=torch.long, device=position_ids.device)
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        embeddings = (
+            inputs_embeds + self.token_type_embeddings(token_type_ids) + self.position_embeddings(position_ids)
+        )
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class ClusterSTMTextSelfAttention(nn.Module):
+    """BERT attention projections; as cross-attention, keys and values come from the video tokens (`encoder_width`)."""
+
+    def __init__(self, config: ClusterSTMTextConfig, is_cross_attention: bool = False):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads != 0:
+            raise ValueError(
+                f"The hidden size ({config.hidden_size}) is not a multiple of the number of attention "
+                f"heads ({config.num_attention_heads})"
+            )
+        self.config = config
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.scaling = self.attention_head_size**-0.5
+        self.is_causal = False
+        key_width = config.encoder_width if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(key_width, config.hidden_size)
+        self.value = nn.Linear(key_width, config.hidden_size)
+        self.dropout = config.attention_probs_dropout_prob
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        key_source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = self.query(hidden_states).view(*input_shape, -1, self.attention_head_size).transpose(1, 2)
+        kv_shape = (*key_source.shape[:-1], -1, self.attention_head_size)
+        key = self.key(key_source).view(kv_shape).transpose(1, 2)
+        value = self.value(key_source).view(kv_shape).transpose(1, 2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        # Causality (captioning) is carried by the mask the model builds, never by this module.
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            is_causal=False,
+            scaling=self.scaling,
+            dropout=0.0 if not self.training else self.dropout,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return attn_output, attn_weights
+
+
+class ClusterSTMTextSelfOutput(nn.Module):
+    def __init__(self, config: ClusterSTMTextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(self.dense(hidden_states))
+        return self.LayerNorm(hidden_states + input_tensor)
+
+
+class ClusterSTMTextAttention(nn.Module):
+    def __init__(self, config: ClusterSTMTextConfig, is_cross_attention: bool = False):
+        super().__init__()
+        self.self = ClusterSTMTextSelfAttention(config, is_cross_attention=is_cross_attention)
+        self.output = ClusterSTMTextSelfOutput(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attention_output, _ = self.self(hidden_states, attention_mask, encoder_hidden_states, **kwargs)
+        return self.output(attention_output, hidden_states)
+
+
+class ClusterSTMTextIntermediate(nn.Module):
+    def __init__(self, config: ClusterSTMTextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class ClusterSTMTextOutput(nn.Module):
+    def __init__(self, config: ClusterSTMTextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(self.dense(hidden_states))
+        return self.LayerNorm(hidden_states + input_tensor)
+
+
+class ClusterSTMTextLayer(GradientCheckpointingLayer):
+    """Post-LayerNorm BERT layer; fusion layers add cross-attention to the video tokens after self-attention."""
+
+    def __init__(self, config: ClusterSTMTextConfig, has_cross_attention: bool = False):
+        super().__init__()
+        self.attention = ClusterSTMTextAttention(config)
+        self.has_cross_attention = has_cross_attention
+        if has_cross_attention:
+            self.crossattention = ClusterSTMTextAttention(config, is_cross_attention=True)
+        self.intermediate = ClusterSTMTextIntermediate(config)
+        self.output = ClusterSTMTextOutput(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attention_output = self.attention(hidden_states, attention_mask, **kwargs)
+        if self.has_cross_attention:
+            attention_output = self.crossattention(
+                attention_output, encoder_attention_mask, encoder_hidden_states, **kwargs
+            )
+        return self.output(self.intermediate(attention_output), attention_output)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretrained base
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@auto_docstring
+class ClusterSTMPreTrainedModel(PreTrainedModel):
+    config: ClusterSTMConfig
+    base_model_prefix = "clusterstm"
+    main_input_name = "pixel_values"
+    input_modalities = ("video", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = [
+        "ClusterSTMVisionEmbeddings",
+        "ClusterSTMVisionLayer",
+        "ClusterSTMTextEmbeddings",
+        "ClusterSTMTextLayer",
+    ]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": [ClusterSTMVisionLayer, ClusterSTMTextLayer],
+        "attentions": [
+            OutputRecorder(ClusterSTMVisionAttention, index=1),
+            OutputRecorder(ClusterSTMTextSelfAttention, index=1, layer_name="attention"),
+        ],
+        "cross_attentions": OutputRecorder(ClusterSTMTextSelfAttention, index=1, layer_name="crossattention"),
+    }
+
+    def _init_weights(self, module):
+        """Initialize the weights"""
+        super()._init_weights(module)
+        if isinstance(module, ClusterSTMVisionEmbeddings):
+            init.trunc_normal_(module.spatial_position_embedding, std=module.config.initializer_range)
+            init.trunc_normal_(module.temporal_position_embedding, std=module.config.initializer_range)
+        elif isinstance(module, ClusterSTMTextEmbeddings):
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+        elif isinstance(module, ClusterSTMRelevanceDecoder):
+            init.trunc_normal_(module.mask_token, std=0.02)
+            init.trunc_normal_(module.spatial_position_embedding, std=0.02)
+            init.trunc_normal_(module.temporal_position_embedding, std=0.02)
+        elif isinstance(module, ClusterSTMMLMHead):
+            init.zeros_(module.bias)
+        elif isinstance(module, ClusterSTMModel):
+            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Video tower model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@auto_docstring(
+    custom_intro="""
+    The ClusterSTM video tower: a ViT over (T, H, W) tubelets that drops masked tokens after the position embeddings
+    (cluster-wise, random, tube or attention-guided masking; an explicit `bool_masked_pos` always wins).
+    """
+)
+class ClusterSTMVisionModel(ClusterSTMPreTrainedModel):
+    config: ClusterSTMVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("video",)
+    base_model_prefix = "vision_model"
+    _input_embed_layer = "patch_embedding"
+
+    def __init__(self, config: ClusterSTMVisionConfig):
+        super().__init__(config)
+        self.embeddings = ClusterSTMVisionEmbeddings(config)
+        self.layers = nn.ModuleList(
+            [ClusterSTMVisionLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)]
+        )
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embedding
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.ndim == 4:
+            # A batch of images (B, C, H, W) is a batch of one-frame videos.
+            pixel_values = pixel_values[:, None]
+        if pixel_values.ndim != 5:
+            raise ValueError(
+                "pixel_values must have shape (batch_size, num_frames, num_channels, height, width) (or "
+                f"(batch_size, num_channels, height, width) for images), got shape {tuple(pixel_values.shape)}."
+            )
+        _, num_frames, num_channels, height, width = pixel_values.shape
+        if num_channels != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values has {num_channels} channels in dim 2, the model expects {self.config.num_channels} "
+                "(layout (batch_size, num_frames, num_channels, height, width))."
+            )
+        if height % self.config.patch_size or width % self.config.patch_size:
+            raise ValueError(
+                f"Frame size {height}x{width} is not divisible by the patch size {self.config.patch_size}."
+            )
+        if num_frames % self.config.tubelet_size:
+            raise ValueError(
+                f"num_frames ({num_frames}) is not divisible by tubelet_size ({self.config.tubelet_size})."
+            )
+        return pixel_values
+
+    def _generate_mask(
+        self,
+        patch_embeds: torch.Tensor,
+        mask_features: torch.Tensor | None,
+        cls_attention: torch.Tensor | None,
+        mask_generator: torch.Generator | None,
+    ) -> torch.BoolTensor | None:
+        """The configured strategy's mask `(B, T', N)`, or `None` when nothing is dropped."""
+        config = self.config
+        strategy = config.mask_strategy
+        # CODEPATH: every checkpoint; masking is a training-time setting (mask_at_eval only for ablations/benchmarks).
+        if strategy == "none" or not (self.training or config.mask_at_eval):
+            return None
+        batch_size, num_frames, num_patches, _ = patch_embeds.shape
+        grid = (num_frames, num_patches)
+        if strategy == "cluster":
+            # CODEPATH: pretraining with a teacher ("teacher") vs the teacher-free ablation ("patch").
+            features = mask_features if config.mask_features == "teacher" else None
+            if features is None:
+                # Without teacher tokens the student's own patch embeddings drive the clustering (no gradient).
+                features = patch_embeds.detach()
+            elif tuple(features.shape[1:3]) != grid or features.shape[0] != batch_size:
+                raise ValueError(
+                    f"mask_features has the token grid (frames, patches) = {tuple(features.shape[1:3])} for "
+                    f"batch {features.shape[0]}, the video tower's grid is {grid} for batch {batch_size}; "
+                    "the teacher and the student must use the same frames and patch grid."
+                )
+            return cluster_wise_mask(features, config.mask_ratio, dc_ratio=config.dc_ratio, k=config.dpc_k)
+        if strategy == "attention":
+            if cls_attention is None:
+                raise ValueError(
+                    "mask_strategy='attention' needs `cls_attention` (the teacher's CLS attention, shape "
+                    "(batch_size, num_frames, num_patches)); pass it or attach a teacher."
+                )
+            if tuple(cls_attention.shape) != (batch_size, *grid):
+                raise ValueError(
+                    f"cls_attention has shape {tuple(cls_attention.shape)}, expected {(batch_size, *grid)} "
+                    "(batch_size, frames, patches) of the video tower's token grid."
+                )
+            return attention_guided_mask(cls_attention, config.mask_ratio, generator=mask_generator)
+        mask_fn = random_mask if strategy == "random" else tube_mask
+        return mask_fn(
+            batch_size,
+            num_frames,
+            num_patches,
+            config.mask_ratio,
+            generator=mask_generator,
+            device=patch_embeds.device,
+        )
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    @auto_docstring
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        mask_features: torch.Tensor | None = None,
+        cls_attention: torch.Tensor | None = None,
+        mask_generator: torch.Generator | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ClusterSTMVisionModelOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_frames, num_channels, height, width)`):
+            Normalised video frames (a 4D `(batch_size, num_channels, height, width)` batch is treated as images,
+            i.e. one-frame videos). Other frame counts and resolutions than the configured ones interpolate the
+            position embeddings.
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_frames, num_patches)` or `(batch_size, num_frames * num_patches)`, *optional*):
+            Explicit mask (`True` = dropped); every frame must keep the same number of tokens. Always wins over the
+            configured strategy, in training and in eval.
+        mask_features (`torch.Tensor` of shape `(batch_size, num_frames, num_patches, dim)`, *optional*):
+            Token features that drive cluster-wise masking (the teacher's patch tokens). Without them, the detached
+            patch embeddings are used.
+        cls_attention (`torch.Tensor` of shape `(batch_size, num_frames, num_patches)`, *optional*):
+            The teacher's CLS attention, required by the `"attention"` strategy.
+        mask_generator (`torch.Generator`, *optional*):
+            Random generator of the `"random"`, `"tube"` and `"attention"` strategies, for reproducible masks.
+        """
+        pixel_values = self._check_pixel_values(pixel_values)
+        embeddings, patch_embeds = self.embeddings(pixel_values)
+        batch_size, num_frames, num_patches, hidden_size = embeddings.shape
+
+        if bool_masked_pos is not None:
+            if bool_masked_pos.shape[0] != batch_size or bool_masked_pos[0].numel() != num_frames * num_patches:
+                raise ValueError(
+                    f"bool_masked_pos has shape {tuple(bool_masked_pos.shape)}, expected ({batch_size}, {num_frames}, "
+                    f"{num_patches}) or ({batch_size}, {num_frames * num_patches}) for this input."
+                )
+            mask = bool_masked_pos.reshape(batch_size, num_frames, num_patches).to(device=embeddings.device).bool()
+            kept_per_frame = (~mask).sum(-1)
+            # One host sync: the number of kept tokens sets the output shape of an explicit mask.
+            num_kept = int(kept_per_frame.amax())
+            if num_kept == 0 or bool((kept_per_frame != num_kept).any()):
+                raise ValueError(
+                    "bool_masked_pos must keep the same, non-zero number of tokens in every frame of every video "
+                    f"(got between {int(kept_per_frame.amin())} and {num_kept})."
+                )
+        else:
+            mask = self._generate_mask(patch_embeds, mask_features, cls_attention, mask_generator)
+            num_kept = num_visible_tokens(num_patches, self.config.mask_ratio) if mask is not None else num_patches
+
+        kept_indices = None
+        if mask is not None:
+            # A stable sort puts the kept (False) positions first, in their original order.
+            frame_indices = torch.argsort(mask.to(torch.int8), dim=-1, stable=True)[..., :num_kept]
+            embeddings = torch.gather(embeddings, 2, frame_indices[..., None].expand(-1, -1, -1, hidden_size))
+            offsets = torch.arange(num_frames, device=frame_indices.device)[None, :, None] * num_patches
+            kept_indices = (frame_indices + offsets).reshape(batch_size, num_frames * num_kept)
+
+        hidden_states = embeddings.reshape(batch_size, num_frames * num_kept, hidden_size)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, None, **kwargs)
+
+        last_hidden_state = self.post_layernorm(hidden_states)
+        return ClusterSTMVisionModelOutput(
+            last_hidden_state=last_hidden_state,
+            pooler_output=last_hidden_state.mean(dim=1),
+            bool_masked_pos=mask,
+            kept_indices=kept_indices,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text tower model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+TEXT_MODES = ("text", "fusion", "multimodal")
+
+
+@auto_docstring(
+    custom_intro="""
+    The ClusterSTM text tower: a BERT encoder whose top `num_fusion_layers` layers cross-attend to video tokens.
+    """
+)
+class ClusterSTMTextModel(ClusterSTMPreTrainedModel):
+    config: ClusterSTMTextConfig
+    main_input_name = "input_ids"
+    input_modalities = ("text",)
+    base_model_prefix = "text_model"
+
+    def __init__(self, config: ClusterSTMTextConfig):
+        super().__init__(config)
+        self.embeddings = ClusterSTMTextEmbeddings(config)
+        num_text_layers = config.num_hidden_layers - config.num_fusion_layers
+        self.layer = nn.ModuleList(
+            [
+                ClusterSTMTextLayer(config, has_cross_attention=i >= num_text_layers)
+                for i in range(config.num_hidden_layers)
+            ]
+        )
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.embeddings.word_embeddings = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    @auto_docstring
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        text_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        mode: str = "text",
+        is_causal: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ClusterSTMTextModelOutput:
+        r"""
+        text_hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+            Output of `mode="text"` to continue from in `mode="fusion"` (so the text-only layers run once for
+            contrastive learning and matching). Without it, `"fusion"` runs the text-only layers first.
+        encoder_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_video_tokens, encoder_width)`, *optional*):
+            Video tokens the fusion layers cross-attend to; required by `"fusion"` and `"multimodal"`.
+        encoder_attention_mask (`torch.Tensor` of shape `(batch_size, num_video_tokens)`, *optional*):
+            Mask of the video tokens (1 = attend).
+        mode (`str`, *optional*, defaults to `"text"`):
+            `"text"`: only the bottom `num_hidden_layers - num_fusion_layers` layers (contrastive text features);
+            `"fusion"`: the top layers with cross-attention on top of `text_hidden_states`; `"multimodal"`: all layers.
+        is_causal (`bool`, *optional*, defaults to `False`):
+            Causal self-attention (left-to-right decoding for captioning).
+        """
+        if mode not in TEXT_MODES:
+            raise ValueError(f"mode must be one of {TEXT_MODES}, got {mode!r}.")
+        if mode != "text" and encoder_hidden_states is None:
+            raise ValueError(f"mode={mode!r} cross-attends to video: pass `encoder_hidden_states`.")
+        num_text_layers = self.config.num_hidden_layers - self.config.num_fusion_layers
+
+        if mode == "fusion" and text_hidden_states is not None:
+            hidden_states = text_hidden_states
+            layers = self.layer[num_text_layers:]
+        else:
+            if (input_ids is None) == (inputs_embeds is None):
+                raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
+            hidden_states = self.embeddings(
+                input_ids=input_ids,
+                token_type_ids=token_type_ids,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+            )
+            layers = self.layer[:num_text_layers] if mode == "text" else self.layer
+
+        # Masks are built once here; causality lives in the mask (the attention modules never assume it).
+        if is_causal:
+            self_attention_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=attention_mask,
+                cache=None,
+                allow_is_causal_skip=False,
+            )
+        else:
+            self_attention_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+            )
+        cross_attention_mask = None
+        if encoder_attention_mask is not None:
+            cross_attention_mask = create_bidirectional_mask(
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=encoder_attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+            )
+
+        for layer in layers:
+            hidden_states = layer(
+                hidden_states,
+                self_attention_mask,
+                encoder_hidden_states,
+                encoder_attention_mask=cross_attention_mask,
+                **kwargs,
+            )
+
+        return ClusterSTMTextModelOutput(last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dual encoder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@auto_docstring(
+    custom_intro="""
+    The ClusterSTM dual encoder: video tower, text tower, projections into a joint space and a learnable temperature.
+    """
+)
+class ClusterSTMModel(ClusterSTMPreTrainedModel):
+    config: ClusterSTMConfig
+
+    def __init__(self, config: ClusterSTMConfig):
+        super().__init__(config)
+        self.vision_model = ClusterSTMVisionModel._from_config(config.vision_config)
+        self.text_model = ClusterSTMTextModel._from_config(config.text_config)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.empty(()))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.text_model.embeddings.word_embeddings = value
+
+    def scaled_logit_scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped at 100 as in CLIP training so the temperature cannot collapse."""
+        return self.logit_scale.clamp(max=math.log(100.0)).exp()
+
+    @can_return_tuple
+    @auto_docstring
+    def get_video_features(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        mask_features: torch.Tensor | None = None,
+        cls_attention: torch.Tensor | None = None,
+        mask_generator: torch.Generator | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | ClusterSTMVisionModelOutput:
+        r"""
+        bool_masked_pos (`torch.BoolTensor`, *optional*):
+            Explicit token mask, see [`ClusterSTMVisionModel`].
+        mask_features (`torch.Tensor`, *optional*):
+            Features driving cluster-wise masking, see [`ClusterSTMVisionModel`].
+        cls_attention (`torch.Tensor`, *optional*):
+            Teacher CLS attention for the `"attention"` strategy.
+        mask_generator (`torch.Generator`, *optional*):
+            Random generator of the random masking strategies.
+
+        Returns the video tower's output whose `pooler_output` is the (unnormalised) projected video embedding,
+        shape `(batch_size, projection_dim)`, as `CLIPModel.get_image_features` does.
+        """
+        vision_outputs: ClusterSTMVisionModelOutput = self.vision_model(
+            pixel_values=pixel_values,
+            bool_masked_pos=bool_masked_pos,
+            mask_features=mask_features,
+            cls_attention=cls_attention,
+            mask_generator=mask_generator,
+            return_dict=True,
+            **kwargs,
+        )
+        vision_outputs.pooler_output = self.visual_projection(vision_outputs.pooler_output)
+        return vision_outputs
+
+    @can_return_tuple
+    @auto_docstring
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | ClusterSTMTextModelOutput:
+        r"""
+        Returns the text-only tower's output whose `pooler_output` is the (unnormalised) projected `[CLS]` embedding,
+        shape `(batch_size, projection_dim)`, as `CLIPModel.get_text_features` does.
+        """
+        text_outputs: ClusterSTMTextModelOutput = self.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            mode="text",
+            return_dict=True,
+            **kwargs,
+        )
+        text_outputs.pooler_output = self.text_projection(text_outputs.pooler_output)
+        return text_outputs
+
+    @can_return_tuple
+    @auto_docstring
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        mask_features: torch.Tensor | None = None,
+        cls_attention: torch.Tensor | None = None,
+        mask_generator: torch.Generator | None = None,
+        return_loss: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ClusterSTMOutput:
+        r"""
+        bool_masked_pos (`torch.BoolTensor`, *optional*):
+            Explicit token mask, see [`ClusterSTMVisionModel`].
+        mask_features (`torch.Tensor`, *optional*):
+            Features driving cluster-wise masking, see [`ClusterSTMVisionModel`].
+        cls_attention (`torch.Tensor`, *optional*):
+            Teacher CLS attention for the `"attention"` strategy.
+        mask_generator (`torch.Generator`, *optional*):
+            Random generator of the random masking strategies.
+        return_loss (`bool`, *optional*):
+            Whether to return the symmetric video-text contrastive loss.
+        """
+        vision_outputs = self.get_video_features(
+            pixel_values=pixel_values,
+            bool_masked_pos=bool_masked_pos,
+            mask_features=mask_features,
+            cls_attention=cls_attention,
+            mask_generator=mask_generator,
+            **kwargs,
+        )
+        text_outputs = self.get_text_features(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs
+        )
+        video_embeds = nn.functional.normalize(vision_outputs.pooler_output, dim=-1)
+        text_embeds = nn.functional.normalize(text_outputs.pooler_output, dim=-1)
+
+        logit_scale = self.scaled_logit_scale()
+        logits_per_text = torch.matmul(text_embeds, video_embeds.t()) * logit_scale
+        logits_per_video = logits_per_text.t()
+
+        loss = None
+        if return_loss:
+            loss = video_text_contrastive_loss(video_embeds, text_embeds, logit_scale)
+
+        return ClusterSTMOutput(
+            loss=loss,
+            logits_per_video=logits_per_video,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            video_embeds=video_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretraining
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class ClusterSTMRelevanceDecoder(nn.Module):
+    """
+    Light MAE-style decoder: the kept tokens are put back on the full grid with a learned mask token at the masked
+    positions, get decoder position embeddings, go through a few blocks and are projected into the joint space.
+    """
+
+    def __init__(self, config: ClusterSTMConfig):
+        super().__init__()
+        vision_config = config.vision_config
+        self.embed = nn.Linear(vision_config.hidden_size, config.decoder_hidden_size)
+        self.mask_token = nn.Parameter(torch.empty(1, 1, config.decoder_hidden_size))
+        grid_size = vision_config.image_size // vision_config.patch_size
+        self.spatial_position_embedding = nn.Parameter(
+            torch.empty(1, grid_size * grid_size, config.decoder_hidden_size)
+        )
+        self.temporal_position_embedding = nn.Parameter(
+            torch.empty(1, vision_config.num_frames // vision_config.tubelet_size, config.decoder_hidden_size)
+        )
+        self.layers = nn.ModuleList(
+            [
+                ClusterSTMVisionLayer(
+                    vision_config,
+                    hidden_size=config.decoder_hidden_size,
+                    num_attention_heads=config.decoder_num_attention_heads,
+                    intermediate_size=config.decoder_intermediate_size,
+                    drop_path_rate=0.0,
+                )
+                for _ in range(config.decoder_num_layers)
+            ]
+        )
+        self.norm = nn.LayerNorm(config.decoder_hidden_size, eps=vision_config.layer_norm_eps)
+        self.head = nn.Linear(config.decoder_hidden_size, config.projection_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        kept_indices: torch.LongTensor | None,
+        grid: tuple[int, int, int],
+    ) -> torch.Tensor:
+        """`hidden_states` `(B, M, vision_hidden)` of the kept tokens -> `(B, T' * N, projection_dim)`."""
+        num_frames, height, width = grid
+        hidden_states = self.embed(hidden_states)
+        batch_size, _, dim = hidden_states.shape
+        num_tokens = num_frames * height * width
+        if kept_indices is not None:
+            full = self.mask_token.to(hidden_states.dtype).expand(batch_size, num_tokens, dim)
+            hidden_states = full.scatter(1, kept_indices[..., None].expand(-1, -1, dim), hidden_states)
+        positions = interpolate_spatiotemporal_positions(
+            self.spatial_position_embedding, self.temporal_position_embedding, num_frames, height, width
+        )
+        hidden_states = hidden_states + positions.reshape(1, num_tokens, dim).to(hidden_states.dtype)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, None)
+        return self.head(self.norm(hidden_states))
+
+
+class ClusterSTMMLMHead(nn.Module):
+    """BERT masked-LM head; `decoder.weight` is tied to the text word embeddings."""
+
+    def __init__(self, config: ClusterSTMTextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.empty(config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))
+        return self.decoder(hidden_states) + self.bias
+
+
+def relevance_reconstruction_loss(
+    predicted: torch.Tensor,
+    target: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    loss_type: str,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """
+    Loss between predicted and teacher relevance, both `(B, L)`, on the tokens where `token_mask` `(B, L)` is True
+    (all tokens when `None`). `"mse"`; `"zscore_mse"`: both z-scored per video over all its tokens first;
+    `"kl"`: KL(teacher || student) of softmaxes (with `temperature`) over each video's selected tokens.
+    """
+    predicted = predicted.float()
+    target = target.float()
+    if token_mask is None:
+        token_mask = torch.ones_like(predicted, dtype=torch.bool)
+    weights = token_mask.to(predicted.dtype)
+    if loss_type == "kl":
+        min_value = torch.finfo(predicted.dtype).min
+        log_q = nn.functional.log_softmax((predicted / temperature).masked_fill(~token_mask, min_value), dim=-1)
+        log_p = nn.functional.log_softmax((target / temperature).masked_fill(~token_mask, min_value), dim=-1)
+        per_video = (log_p.exp() * (log_p - log_q) * weights).sum(-1)
+        has_tokens = (weights.sum(-1) > 0).to(predicted.dtype)
+        return (per_video * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+    if loss_type == "zscore_mse":
+        predicted = (predicted - predicted.mean(-1, keepdim=True)) / (predicted.std(-1, keepdim=True) + 1e-6)
+        target = (target - target.mean(-1, keepdim=True)) / (target.std(-1, keepdim=True) + 1e-6)
+    elif loss_type != "mse":
+        raise ValueError(f"Unknown relevance loss {loss_type!r}.")
+    return (((predicted - target) ** 2) * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+@auto_docstring(
+    custom_intro="""
+    ClusterSTM with its pretraining objectives: video-text contrastive (negatives across processes), relevance
+    reconstruction through a light decoder, video-text matching with hard negatives and masked language modelling
+    through the fusion layers, and unmasked-token alignment with a frozen teacher (UMT). A loss weight of 0 skips its
+    objective. A frozen teacher can be attached with [`~ClusterSTMForPreTraining.set_teacher`]; it is never saved.
+    """
+)
+class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
+    config: ClusterSTMConfig
+    _tied_weights_keys = {"mlm_head.decoder.weight": "clusterstm.text_model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: ClusterSTMConfig):
+        super().__init__(config)
+        self.clusterstm = ClusterSTMModel(config)
+        self.relevance_decoder = ClusterSTMRelevanceDecoder(config)
+        self.itm_head = nn.Linear(config.text_config.hidden_size, 2)
+        self.mlm_head = ClusterSTMMLMHead(config.text_config)
+        self.alignment_head = nn.Linear(config.vision_config.hidden_size, config.teacher_hidden_size)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.clusterstm.text_model.embeddings.word_embeddings
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.mlm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Module):
+        self.mlm_head.decoder = new_embeddings
+
+    def set_teacher(self, teacher: Any | None) -> None:
+        """
+        Attach (or with `None` detach) a frozen teacher exposing `encode_video(pixel_values)` (with `.patch_tokens`
+        `(B, T, N, C)`, `.cls_attention` `(B, T, N)`), `encode_text(input_ids, attention_mask)` and
+        `relevance(patch_tokens, text_embeds, window_size)`. It is stored outside the module tree, so it is never
+        in `state_dict()`, `parameters()` or `save_pretrained`, is not moved by `.to()` and is never re-initialised.
+        """
+        # object.__setattr__ bypasses nn.Module registration on purpose (see the docstring). mlinter's TRF033 reads
+        # this as a hyperparameter setter; it is not one: a teacher is an external frozen model, which cannot live
+        # on the config (it must never be serialised with the student).
+        object.__setattr__(self, "_teacher", teacher)
+
+    @property
+    def teacher(self) -> Any | None:
+        """The attached teacher, or `None`."""
+        return self.__dict__.get("_teacher")
+
+    def _teacher_targets(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        teacher_patch_tokens: torch.Tensor | None,
+        teacher_cls_attention: torch.Tensor | None,
+        teacher_relevance: torch.Tensor | None,
+        teacher_input_ids: torch.Tensor | None,
+        teacher_attention_mask: torch.Tensor | None,
+        teacher_pixel_values: torch.Tensor | None,
+        needs_tokens: bool,
+        needs_cls_attention: bool,
+        needs_relevance: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Fill the missing teacher tensors from the attached teacher (frozen, no gradient)."""
+        teacher = self.teacher
+        missing = (
+            (needs_tokens and teacher_patch_tokens is None)
+            or (needs_cls_attention and teacher_cls_attention is None)
+            or (needs_relevance and teacher_relevance is None)
+        )
+        if teacher is None or not missing:
+            return teacher_patch_tokens, teacher_cls_attention, teacher_relevance
+        with torch.no_grad():
+            video = teacher.encode_video(teacher_pixel_values if teacher_pixel_values is not None else pixel_values)
+            if teacher_patch_tokens is None:
+                teacher_patch_tokens = video.patch_tokens
+            if teacher_cls_attention is None:
+                teacher_cls_attention = video.cls_attention
+            if needs_relevance and teacher_relevance is None:
+                if teacher_input_ids is None:
+                    teacher_input_ids, teacher_attention_mask = input_ids, attention_mask
+                text_embeds = teacher.encode_text(teacher_input_ids, teacher_attention_mask)
+                teacher_relevance = teacher.relevance(
+                    video.patch_tokens, text_embeds, self.config.relevance_window_size
+                )
+        return teacher_patch_tokens, teacher_cls_attention, teacher_relevance
+
+    def _mask_text_tokens(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """BERT masking (80% [MASK], 10% random, 10% kept) of `mlm_probability` of the non-special tokens."""
+        labels = input_ids.clone()
+        # [CLS] (first), [SEP] (last attended) and padding are never masked.
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+        last = attention_mask.sum(-1, keepdim=True) - 1
+        special = (attention_mask == 0) | (positions == 0) | (positions == last)
+        probability = torch.full(input_ids.shape, self.config.mlm_probability, device=input_ids.device)
+        masked = torch.bernoulli(probability).bool() & ~special
+        labels = labels.masked_fill(~masked, -100)
+        replaced = torch.bernoulli(torch.full(input_ids.shape, 0.8, device=input_ids.device)).bool() & masked
+        randomised = (
+            torch.bernoulli(torch.full(input_ids.shape, 0.5, device=input_ids.device)).bool() & masked & ~replaced
+        )
+        random_words = torch.randint_like(input_ids, self.config.text_config.vocab_size)
+        masked_ids = input_ids.masked_fill(replaced, self.config.mask_token_id)
+        masked_ids = torch.where(randomised, random_words, masked_ids)
+        return masked_ids, labels
+
+    def _matching_loss(
+        self,
+        text_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        video_tokens: torch.Tensor,
+        logits_per_video: torch.Tensor,
+        logits_per_text: torch.Tensor,
+    ) -> torch.Tensor:
+        """Video-text matching: positives, and one hard negative video per text and text per video."""
+        batch_size = text_hidden_states.shape[0]
+        with torch.no_grad():
+            # Hard negatives are sampled in proportion to their similarity; the positive is excluded.
+            eye = torch.eye(batch_size, dtype=torch.bool, device=logits_per_text.device)
+            weights_text_to_video = logits_per_text.float().softmax(dim=1).masked_fill(eye, 0.0) + 1e-8
+            weights_video_to_text = logits_per_video.float().softmax(dim=1).masked_fill(eye, 0.0) + 1e-8
+            weights_text_to_video = weights_text_to_video.masked_fill(eye, 0.0)
+            weights_video_to_text = weights_video_to_text.masked_fill(eye, 0.0)
+            negative_videos = torch.multinomial(weights_text_to_video, 1).squeeze(1)
+            negative_texts = torch.multinomial(weights_video_to_text, 1).squeeze(1)
+
+        texts = torch.cat([text_hidden_states, text_hidden_states, text_hidden_states[negative_texts]], dim=0)
+        masks = torch.cat([attention_mask, attention_mask, attention_mask[negative_texts]], dim=0)
+        videos = torch.cat([video_tokens, video_tokens[negative_videos], video_tokens], dim=0)
+        fused = self.clusterstm.text_model(
+            attention_mask=masks, text_hidden_states=texts, encoder_hidden_states=videos, mode="fusion"
+        )
+        logits = self.itm_head(fused.last_hidden_state[:, 0])
+        labels = torch.cat(
+            [
+                torch.ones(batch_size, dtype=torch.long, device=logits.device),
+                torch.zeros(2 * batch_size, dtype=torch.long, device=logits.device),
+            ]
+        )
+        return nn.functional.cross_entropy(logits.float(), labels)
+
+    @can_return_tuple
+    @auto_docstring
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        teacher_patch_tokens: torch.Tensor | None = None,
+        teacher_cls_attention: torch.Tensor | None = None,
+        teacher_relevance: torch.Tensor | None = None,
+        teacher_input_ids: torch.LongTensor | None = None,
+        teacher_attention_mask: torch.Tensor | None = None,
+        teacher_pixel_values: torch.Tensor | None = None,
+        mask_generator: torch.Generator | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ClusterSTMForPreTrainingOutput:
+        r"""
+        bool_masked_pos (`torch.BoolTensor`, *optional*):
+            Explicit video token mask (`True` = dropped), see [`ClusterSTMVisionModel`].
+        teacher_patch_tokens (`torch.Tensor` of shape `(batch_size, num_frames, num_patches, teacher_hidden_size)`, *optional*):
+            The teacher's patch tokens: drive cluster-wise masking (`mask_features="teacher"`) and are the targets
+            of the alignment loss. Computed by the attached teacher when missing.
+        teacher_cls_attention (`torch.Tensor` of shape `(batch_size, num_frames, num_patches)`, *optional*):
+            The teacher's CLS attention (`"attention"` masking).
+        teacher_relevance (`torch.Tensor` of shape `(batch_size, num_frames, num_patches)`, *optional*):
+            Target video-text relevance of every token.
+        teacher_input_ids (`torch.LongTensor`, *optional*):
+            The captions tokenised with the teacher's tokenizer (defaults to `input_ids`).
+        teacher_attention_mask (`torch.Tensor`, *optional*):
+            Attention mask of `teacher_input_ids`.
+        teacher_pixel_values (`torch.Tensor`, *optional*):
+            Frames preprocessed for the teacher, when its preprocessing differs (defaults to `pixel_values`).
+        mask_generator (`torch.Generator`, *optional*):
+            Random generator of the random masking strategies.
+        """
+        config = self.config
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        pixel_values = self.clusterstm.vision_model._check_pixel_values(pixel_values)
+        vision_config = config.vision_config
+        grid = (
+            pixel_values.shape[1] // vision_config.tubelet_size,
+            pixel_values.shape[3] // vision_config.patch_size,
+            pixel_values.shape[4] // vision_config.patch_size,
+        )
+        token_grid = (grid[0], grid[1] * grid[2])
+
+        # CODEPATH: training-time settings shared by all checkpoints; they only decide which teacher tensors are needed.
+        masking_active = bool_masked_pos is None and (self.training or config.mask_at_eval)
+        cluster_on_teacher = masking_active and config.mask_strategy == "cluster" and config.mask_features == "teacher"
+        needs_tokens = cluster_on_teacher or config.alignment_loss_weight > 0
+        needs_cls_attention = masking_active and config.mask_strategy == "attention"
+        needs_relevance = config.relevance_loss_weight > 0
+        teacher_patch_tokens, teacher_cls_attention, teacher_relevance = self._teacher_targets(
+            pixel_values,
+            input_ids,
+            attention_mask,
+            teacher_patch_tokens,
+            teacher_cls_attention,
+            teacher_relevance,
+            teacher_input_ids,
+            teacher_attention_mask,
+            teacher_pixel_values,
+            needs_tokens,
+            needs_cls_attention,
+            needs_relevance,
+        )
+        for name, tensor in (
+            ("teacher_patch_tokens", teacher_patch_tokens),
+            ("teacher_cls_attention", teacher_cls_attention),
+            ("teacher_relevance", teacher_relevance),
+        ):
+            if tensor is not None and tuple(tensor.shape[1:3]) != token_grid:
+                raise ValueError(
+                    f"{name} has the token grid (frames, patches) = {tuple(tensor.shape[1:3])} but the student's "
+                    f"grid is {token_grid} (frames // tubelet_size, (height // patch_size) * (width // patch_size)); "
+                    "the teacher must see the same frames with the same patch grid."
+                )
+
+        vision_outputs = self.clusterstm.vision_model(
+            pixel_values=pixel_values,
+            bool_masked_pos=bool_masked_pos,
+            mask_features=teacher_patch_tokens if cluster_on_teacher else None,
+            cls_attention=teacher_cls_attention,
+            mask_generator=mask_generator,
+            return_dict=True,
+        )
+        text_outputs = self.clusterstm.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, mode="text"
+        )
+        video_tokens = vision_outputs.last_hidden_state
+        video_embeds = nn.functional.normalize(self.clusterstm.visual_projection(vision_outputs.pooler_output), dim=-1)
+        text_embeds = nn.functional.normalize(self.clusterstm.text_projection(text_outputs.pooler_output), dim=-1)
+        logit_scale = self.clusterstm.scaled_logit_scale()
+        logits_per_text = torch.matmul(text_embeds, video_embeds.t()) * logit_scale
+        logits_per_video = logits_per_text.t()
+
+        losses: dict[str, torch.Tensor] = {}
+        # CODEPATH: loss weights are training settings; a weight of 0 (ablations) skips the objective.
+        if config.contrastive_loss_weight > 0:
+            losses["contrastive_loss"] = video_text_contrastive_loss(video_embeds, text_embeds, logit_scale)
+
+        predicted_relevance = None
+        # CODEPATH: ClusterSTM pretraining (> 0) vs UMT-style baselines without relevance reconstruction (0).
+        if config.relevance_loss_weight > 0:
+            if teacher_relevance is None:
+                raise ValueError(
+                    "relevance_loss_weight > 0 needs `teacher_relevance` (batch_size, frames, patches) or an attached "
+                    "teacher (set_teacher); set relevance_loss_weight=0 to train without it."
+                )
+            decoded = self.relevance_decoder(video_tokens, vision_outputs.kept_indices, grid)
+            decoded = nn.functional.normalize(decoded, dim=-1)
+            predicted = torch.matmul(decoded, text_embeds[:, :, None]).squeeze(-1)  # cosine per token, (B, L)
+            predicted_relevance = predicted.reshape(-1, *token_grid)
+            token_mask = None
+            mask = vision_outputs.bool_masked_pos
+            # CODEPATH: relevance_tokens ablation ("all" default, "masked", "visible"); same weights either way.
+            if mask is not None and config.relevance_tokens != "all":
+                # CODEPATH: see above.
+                token_mask = mask if config.relevance_tokens == "masked" else ~mask
+                token_mask = token_mask.reshape(mask.shape[0], -1)
+            losses["relevance_loss"] = relevance_reconstruction_loss(
+                predicted,
+                teacher_relevance.reshape(predicted.shape).to(predicted.device),
+                token_mask,
+                config.relevance_loss,
+                config.relevance_temperature,
+            )
+
+        # CODEPATH: loss weight (training setting); 0 skips video-text matching.
+        if config.matching_loss_weight > 0 and input_ids.shape[0] > 1:
+            losses["matching_loss"] = self._matching_loss(
+                text_outputs.last_hidden_state, attention_mask, video_tokens, logits_per_video, logits_per_text
+            )
+
+        # CODEPATH: loss weight (training setting); 0 skips masked language modelling.
+        if config.mlm_loss_weight > 0:
+            masked_ids, labels = self._mask_text_tokens(input_ids, attention_mask)
+            mlm_outputs = self.clusterstm.text_model(
+                input_ids=masked_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                encoder_hidden_states=video_tokens,
+                mode="multimodal",
+            )
+            scores = self.mlm_head(mlm_outputs.last_hidden_state).float()
+            token_losses = nn.functional.cross_entropy(
+                scores.reshape(-1, scores.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            # Sum / count (clamped) so that a batch without masked tokens gives 0 rather than NaN.
+            losses["mlm_loss"] = token_losses / (labels != -100).sum().clamp(min=1)
+
+        # CODEPATH: UMT baseline (> 0) vs ClusterSTM default (0): unmasked-token alignment with the teacher.
+        if config.alignment_loss_weight > 0:
+            if teacher_patch_tokens is None:
+                raise ValueError(
+                    "alignment_loss_weight > 0 needs `teacher_patch_tokens` or an attached teacher (set_teacher)."
+                )
+            if teacher_patch_tokens.shape[-1] != config.teacher_hidden_size:
+                raise ValueError(
+                    f"teacher_patch_tokens have width {teacher_patch_tokens.shape[-1]}, the config's "
+                    f"teacher_hidden_size is {config.teacher_hidden_size}."
+                )
+            targets = teacher_patch_tokens.reshape(teacher_patch_tokens.shape[0], -1, teacher_patch_tokens.shape[-1])
+            targets = targets.to(device=video_tokens.device, dtype=video_tokens.dtype)
+            if vision_outputs.kept_indices is not None:
+                targets = torch.gather(
+                    targets, 1, vision_outputs.kept_indices[..., None].expand(-1, -1, targets.shape[-1])
+                )
+            aligned = self.alignment_head(video_tokens)
+            cosine = nn.functional.cosine_similarity(aligned.float(), targets.float(), dim=-1)
+            losses["alignment_loss"] = (1.0 - cosine).mean()
+
+        loss = None
+        for name, value in losses.items():
+            weighted = getattr(config, name + "_weight") * value
+            loss = weighted if loss is None else loss + weighted
+
+        return ClusterSTMForPreTrainingOutput(
+            loss=loss,
+            contrastive_loss=losses.get("contrastive_loss"),
+            relevance_loss=losses.get("relevance_loss"),
+            matching_loss=losses.get("matching_loss"),
+            mlm_loss=losses.get("mlm_loss"),
+            alignment_loss=losses.get("alignment_loss"),
+            logits_per_video=logits_per_video,
+            logits_per_text=logits_per_text,
+            predicted_relevance=predicted_relevance,
+            bool_masked_pos=vision_outputs.bool_masked_pos,
+        )
+
+
+__all__ = [
+    "ClusterSTMForPreTraining",
+    "ClusterSTMModel",
+    "ClusterSTMPreTrainedModel",
+    "ClusterSTMTextModel",
+    "ClusterSTMVisionModel",
+    "gather_with_grad",
+    "video_text_contrastive_loss",
+]

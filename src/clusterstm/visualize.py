@@ -1,0 +1,209 @@
+"""Figures in the style of the paper: relevance heatmaps (supplementary Figure I), cluster maps and kept
+tokens (Figure II), and training curves.
+
+``clusterstm visualize CHECKPOINT_OR_TEACHER VIDEO "caption"`` calls :func:`visualize_video`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .masking_clusterstm import cluster_wise_mask, dpc_knn, num_visible_tokens  # noqa: E402
+from .teacher_clusterstm import ClusterSTMTeacher  # noqa: E402
+from .video_processing_clusterstm import ClusterSTMVideoProcessor, read_video_pyav  # noqa: E402
+
+
+def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour upsampling of an (L, L) token grid to the frame size, for overlays."""
+    rows = np.minimum((np.arange(height) * grid.shape[0]) // height, grid.shape[0] - 1)
+    cols = np.minimum((np.arange(width) * grid.shape[1]) // width, grid.shape[1] - 1)
+    return grid[rows][:, cols]
+
+
+def plot_relevance_heatmaps(
+    frames: np.ndarray, relevance_by_window: dict[int, np.ndarray], caption: str, path: str | Path
+) -> Path:
+    """Frames on top, then one row of relevance heatmaps per window size (Figure I of the supplementary).
+
+    Args:
+        frames: uint8 array (T, H, W, 3).
+        relevance_by_window: window size -> relevance (T, L, L).
+        caption: the text the relevance refers to (figure title).
+        path: output PNG.
+    """
+    num_frames, height, width = frames.shape[:3]
+    rows = 1 + len(relevance_by_window)
+    fig, axes = plt.subplots(rows, num_frames, figsize=(1.6 * num_frames, 1.7 * rows), squeeze=False)
+    for t in range(num_frames):
+        axes[0, t].imshow(frames[t])
+        for row, (window, relevance) in enumerate(sorted(relevance_by_window.items()), start=1):
+            axes[row, t].imshow(frames[t])
+            # One colour scale per row so frames of one clip are comparable.
+            low, high = float(relevance.min()), float(relevance.max())
+            heat = _upsample((relevance[t] - low) / max(high - low, 1e-8), height, width)
+            axes[row, t].imshow(heat, cmap="jet", alpha=0.55, vmin=0.0, vmax=1.0)
+            if t == 0:
+                axes[row, t].set_ylabel(f"{window}x{window}", fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f'relevance to: "{caption}"', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_cluster_masks(
+    frames: np.ndarray, labels: np.ndarray, masks: np.ndarray, path: str | Path, title: str = ""
+) -> Path:
+    """Input frames, the per-frame cluster map, and the kept tokens marked with "+" (Figure II).
+
+    Args:
+        frames: uint8 array (T, H, W, 3).
+        labels: cluster id per token (T, L, L).
+        masks: True = masked (T, L, L).
+        path: output PNG.
+    """
+    num_frames, height, width = frames.shape[:3]
+    grid = labels.shape[-1]
+    fig, axes = plt.subplots(3, num_frames, figsize=(1.6 * num_frames, 5.2), squeeze=False)
+    ys, xs = np.nonzero(np.ones((grid, grid)))
+    for t in range(num_frames):
+        axes[0, t].imshow(frames[t])
+        axes[1, t].imshow(_upsample(labels[t], height, width), cmap="tab20", interpolation="nearest")
+        shaded = frames[t].astype(np.float32) * np.where(_upsample(masks[t], height, width), 0.3, 1.0)[..., None]
+        axes[2, t].imshow(shaded.astype(np.uint8))
+        kept = ~masks[t].reshape(-1)
+        scale_y, scale_x = height / grid, width / grid
+        axes[2, t].scatter((xs[kept] + 0.5) * scale_x - 0.5, (ys[kept] + 0.5) * scale_y - 0.5, marker="+", c="red", s=30)
+    for row, name in enumerate(["input", "clusters", "kept (+)"]):
+        axes[row, 0].set_ylabel(name, fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_training_curves(log_history: Sequence[dict], path: str | Path, keys: Sequence[str] | None = None) -> Path:
+    """Loss curves from a list of log records (``{"step": ..., "loss": ..., ...}``), one line per loss key."""
+    if not log_history:
+        raise ValueError("plot_training_curves: the log history is empty.")
+    if keys is None:
+        keys = sorted({k for record in log_history for k in record if k.endswith("loss")})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        points = [(r["step"], r[key]) for r in log_history if key in r and r[key] is not None]
+        if points:
+            ax.plot(*zip(*points), label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def resolve_teacher_path(checkpoint_or_teacher: str | Path) -> tuple[Path, dict]:
+    """Finds the teacher for a path: a CLIP/SigLIP folder itself, or the teacher a ClusterSTM checkpoint names.
+
+    Returns the teacher folder and the ClusterSTM config dict ({} for a bare teacher).
+    """
+    folder = Path(checkpoint_or_teacher)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a checkpoint folder.")
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") != "clusterstm":
+        return folder, {}
+    for candidate in (config.get("teacher_name_or_path"), folder / "teacher"):
+        if candidate and (Path(candidate) / "config.json").is_file():
+            return Path(candidate), config
+        if candidate and (folder / str(candidate) / "config.json").is_file():
+            return folder / str(candidate), config
+    raise ValueError(
+        f"{folder} is a ClusterSTM checkpoint without a reachable teacher: set `teacher_name_or_path` in its config "
+        "or put the teacher in a `teacher/` sub-folder, or pass the teacher folder itself."
+    )
+
+
+@torch.no_grad()
+def visualize_video(
+    checkpoint_or_teacher: str | Path,
+    video: str | Path,
+    caption: str,
+    output_dir: str | Path = ".",
+    num_frames: int = 8,
+    mask_ratio: float | None = None,
+    window_sizes: Sequence[int] = (1, 3),
+) -> list[Path]:
+    """Writes ``relevance.png`` (Figure I) and ``clusters.png`` (Figure II) for one video and caption."""
+    teacher_path, config = resolve_teacher_path(checkpoint_or_teacher)
+    teacher = ClusterSTMTeacher.from_pretrained(teacher_path)
+    if teacher.tokenizer is None:
+        raise ValueError(f"The teacher at {teacher_path} has no tokenizer files; cannot encode the caption.")
+    mask_ratio = config.get("mask_ratio", 0.8) if mask_ratio is None else mask_ratio
+    dc_ratio, dpc_k = config.get("dc_ratio", 0.02), config.get("dpc_k", 5)
+
+    size = teacher.image_size
+    processor = ClusterSTMVideoProcessor(
+        num_frames=num_frames, size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    raw = read_video_pyav(str(video), num_frames=num_frames, sampling="uniform")
+    pixel_values = processor(raw, return_tensors="pt")["pixel_values"]
+    frames = _display_frames(raw, size)
+
+    video_out = teacher.encode_video(pixel_values)
+    tokens = teacher.tokenizer([caption], return_tensors="pt", padding=True, truncation=True)
+    text_embeds = teacher.encode_text(tokens["input_ids"], tokens["attention_mask"])
+    grid = video_out.grid_size
+    relevance = {
+        w: teacher.relevance(video_out.patch_tokens, text_embeds, window_size=w)[0].reshape(-1, grid, grid).numpy()
+        for w in window_sizes
+    }
+    patch_tokens = video_out.patch_tokens
+    labels, _ = dpc_knn(patch_tokens[0], num_visible_tokens(grid * grid, mask_ratio), k=dpc_k)
+    masks = cluster_wise_mask(patch_tokens, mask_ratio, dc_ratio=dc_ratio, k=dpc_k)[0]
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        plot_relevance_heatmaps(frames, relevance, caption, output_dir / "relevance.png"),
+        plot_cluster_masks(
+            frames,
+            labels.reshape(-1, grid, grid).numpy(),
+            masks.reshape(-1, grid, grid).numpy(),
+            output_dir / "clusters.png",
+            title=f"cluster-wise masking, ratio {mask_ratio}",
+        ),
+    ]
+
+
+def _display_frames(raw: np.ndarray, size: int) -> np.ndarray:
+    """The frames as the teacher sees them (resize shortest edge + centre crop), uint8, for plotting."""
+    video = torch.from_numpy(np.ascontiguousarray(raw)).permute(0, 3, 1, 2).float()
+    if video.shape[1] == 1:
+        video = video.expand(-1, 3, -1, -1)
+    height, width = video.shape[-2:]
+    scale = size / min(height, width)
+    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    video = torch.nn.functional.interpolate(video, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    video = video[:, :, top : top + size, left : left + size]
+    return video.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

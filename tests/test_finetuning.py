@@ -1,0 +1,322 @@
+"""End-to-end tests of `scripts/finetune.py` / `run_finetuning` on the tiny config, data formats, baselines and the
+distributed-safe evaluation loops."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from clusterstm.finetuning import (
+    ClusterSTMDataCollator,
+    ClusterSTMTrainer,
+    DataArguments,
+    ModelArguments,
+    VideoCaptions,
+    VideoQuestions,
+    baseline_metrics,
+    build_answer_vocabulary,
+    chance_retrieval_metrics,
+    init_from_preset,
+    load_video_captions,
+    load_video_questions,
+    nearest_neighbour_captions,
+    run_finetuning,
+    validate_arguments,
+)
+from clusterstm.metrics import retrieval_metrics
+
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A from-scratch tiny checkpoint folder (random weights, processor, synthetic-vocabulary tokenizer)."""
+    return init_from_preset("tiny", tmp_path_factory.mktemp("tiny_init"))
+
+
+def training_args(output_dir, **kwargs) -> TrainingArguments:
+    defaults = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        max_steps=2,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        dataloader_num_workers=0,
+        use_cpu=True,
+        seed=0,
+    )
+    defaults.update(kwargs)
+    return TrainingArguments(**defaults)
+
+
+def synthetic_data_args(**kwargs) -> DataArguments:
+    defaults = dict(dataset_name="synthetic", synthetic_num_train=8, synthetic_num_eval=6, num_frames=2)
+    defaults.update(kwargs)
+    return DataArguments(**defaults)
+
+
+# ---------------------------------------------------------------------------------------------------------- end to end
+def test_retrieval_end_to_end(tiny_checkpoint, tmp_path):
+    model_args = ModelArguments(
+        task="retrieval", model_name_or_path=str(tiny_checkpoint), rerank_top_k=3, dual_softmax=True
+    )
+    args = training_args(tmp_path, do_train=True, do_eval=True)
+    results = run_finetuning(model_args, synthetic_data_args(compute_baselines=True), args)
+    assert args.remove_unused_columns is False
+    assert np.isfinite(results["train_loss"])
+    for direction in ("t2v", "v2t"):
+        for prefix in ("eval_", "eval_dsl_", "eval_rerank_"):
+            for k in ("r1", "r5", "r10"):
+                assert 0.0 <= results[f"{prefix}{direction}_{k}"] <= 100.0
+            assert 1.0 <= results[f"{prefix}{direction}_meanr"] <= 6.0
+            assert results[f"{prefix}{direction}_r5"] >= results[f"{prefix}{direction}_r1"]
+    assert results["eval_num_videos"] == 6 and results["eval_num_texts"] == 6
+    assert results["eval_t2v_r10"] == 100.0  # 6 videos: everything is in the top 10
+    assert results["eval_baseline_chance_t2v_r1"] == pytest.approx(100.0 / 6)
+    saved = json.loads((tmp_path / "eval_results.json").read_text())
+    assert saved["eval_t2v_r1"] == results["eval_t2v_r1"]
+    assert all(key.startswith("eval_") or key == "epoch" for key in saved)
+    all_results = json.loads((tmp_path / "all_results.json").read_text())
+    assert "train_loss" in all_results and "eval_t2v_r1" in all_results
+    # The fine-tuned folder reloads as the retrieval head, with the processor.
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["ClusterSTMForVideoTextRetrieval"]
+    assert (tmp_path / "tokenizer.json").exists()
+
+
+def test_qa_end_to_end(tiny_checkpoint, tmp_path):
+    model_args = ModelArguments(task="qa", model_name_or_path=str(tiny_checkpoint))
+    args = training_args(tmp_path, do_train=True, do_eval=True, do_predict=True)
+    results = run_finetuning(model_args, synthetic_data_args(compute_baselines=True), args)
+    assert 0.0 <= results["eval_accuracy"] <= 100.0
+    assert results["eval_num_samples"] == results["eval_samples"] > 6  # several questions per clip
+    assert {"eval_accuracy_count", "eval_accuracy_exists"} <= set(results)
+    assert 0.0 <= results["eval_baseline_majority_accuracy"] <= 100.0
+    assert 0.0 <= results["predict_accuracy"] <= 100.0
+    config = json.loads((tmp_path / "config.json").read_text())
+    # The answer vocabulary is stored in the config.
+    assert set(config["label2id"]) <= set(json.loads(json.dumps(config["id2label"])).values())
+    answers = json.loads((tmp_path / "predict_answers.json").read_text())
+    assert len(answers) == results["predict_samples"]
+    assert all(a["prediction"] in config["label2id"] for a in answers)
+
+
+def test_captioning_end_to_end(tiny_checkpoint, tmp_path):
+    model_args = ModelArguments(
+        task="captioning", model_name_or_path=str(tiny_checkpoint), max_new_tokens=4, num_beams=2,
+        caption_tokenizer="python",
+    )
+    args = training_args(tmp_path, do_train=True, do_eval=True)
+    results = run_finetuning(model_args, synthetic_data_args(synthetic_num_eval=4, compute_baselines=True), args)
+    for key in ("eval_bleu_4", "eval_rouge_l", "eval_cider", "eval_baseline_nn_cider"):
+        assert np.isfinite(results[key]) and results[key] >= 0.0
+    assert results["eval_tokenizer"] == "python"
+    captions = json.loads((tmp_path / "eval_captions.json").read_text())
+    assert len(captions) == 4 and all(isinstance(c["prediction"], str) for c in captions)
+    assert all(len(c["references"]) == 1 for c in captions)
+
+
+def test_script_zero_shot_retrieval_on_local_files(tiny_checkpoint, tmp_path):
+    """`--do_eval` without `--do_train` on a checkpoint = zero-shot retrieval, here on MSR-VTT-style local files."""
+    from clusterstm.synthetic import SyntheticVideoTextConfig, generate_split_metadata, render_clips, write_video_pyav
+
+    config = SyntheticVideoTextConfig(num_frames=4, image_size=32, num_train=0, num_val=3, num_test=0, num_compositional=0)
+    rows = generate_split_metadata(config, "validation")
+    video_root = tmp_path / "videos"
+    video_root.mkdir()
+    for row, clip in zip(rows, render_clips(rows, config)):
+        write_video_pyav(video_root / f"{row['video_id']}.mp4", clip, fps=4)
+    annotations = [
+        {"video": f"{rows[0]['video_id']}.mp4", "caption": rows[0]["caption"]},
+        {"video": f"{rows[0]['video_id']}.mp4", "caption": "a second caption of the first clip"},
+        {"video_id": rows[1]["video_id"], "sentences": [rows[1]["caption"], "another one"]},
+        {"video_id": rows[2]["video_id"], "captions": [rows[2]["caption"]]},
+    ]
+    annotation_file = tmp_path / "retrieval.json"
+    annotation_file.write_text(json.dumps(annotations))
+    output_dir = tmp_path / "out"
+    cmd = [
+        sys.executable, str(REPO / "scripts" / "finetune.py"),
+        "--task", "retrieval", "--model_name_or_path", str(tiny_checkpoint),
+        "--validation_file", str(annotation_file), "--video_root", str(video_root), "--num_frames", "2",
+        "--do_eval", "--per_device_eval_batch_size", "2", "--output_dir", str(output_dir), "--report_to", "none",
+        "--use_cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((output_dir / "eval_results.json").read_text())
+    assert results["eval_num_videos"] == 3 and results["eval_num_texts"] == 5
+    assert results["eval_num_captions_per_video"] == pytest.approx(5 / 3)
+    for key in ("eval_t2v_r1", "eval_v2t_r1", "eval_t2v_medr", "eval_v2t_meanr"):
+        assert key in results
+    assert not (output_dir / "model.safetensors").exists()  # nothing trained, nothing saved
+
+
+# ---------------------------------------------------------------------------------------------------------- evaluation
+class OracleRetrievalModel(torch.nn.Module):
+    """Embeds video `i` (its pixel value) and caption word `i` as one-hot vector `i`: a perfect retriever."""
+
+    def __init__(self, word_ids: list[int]):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.zeros(max(word_ids) + 1, len(word_ids)), requires_grad=False)
+        with torch.no_grad():
+            for i, word in enumerate(word_ids):
+                self.table[word, i] = 1.0
+        self.num = len(word_ids)
+
+    def encode_videos(self, pixel_values, return_tokens=False):
+        index = pixel_values.flatten(1).mean(1).round().long()
+        return torch.nn.functional.one_hot(index, self.num).float()
+
+    def encode_texts(self, input_ids, attention_mask=None):
+        return self.table[input_ids[:, 1]]  # the word after [CLS]
+
+
+class IdentityVideoProcessor:
+    def __call__(self, videos, return_tensors="pt", **kwargs):
+        return {"pixel_values": torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in videos])}
+
+
+def test_retrieval_evaluation_is_exact_with_several_captions(tiny_checkpoint, tmp_path):
+    """An oracle model gets R@1 = 100 both ways: batching, gathering and the caption->video map are right."""
+    from clusterstm.processing_clusterstm import ClusterSTMProcessor
+
+    processor = ClusterSTMProcessor.from_pretrained(tiny_checkpoint)
+    words = ["red", "green", "blue", "yellow", "purple", "orange", "cyan"]
+    word_ids = [processor.tokenizer.convert_tokens_to_ids(w) for w in words]
+    assert processor.tokenizer.unk_token_id not in word_ids
+    processor.video_processor = IdentityVideoProcessor()
+    # 7 videos (odd: the last batch is short), 1-3 captions each.
+    videos = [np.full((1, 2), float(i)) for i in range(7)]
+    captions = [[f"{words[i]} thing"] * (1 + i % 3) for i in range(7)]
+    data = VideoCaptions(videos, [str(i) for i in range(7)], captions)
+    trainer = ClusterSTMTrainer(
+        model=OracleRetrievalModel(word_ids),
+        args=training_args(tmp_path, per_device_eval_batch_size=2),
+        processing_class=processor,
+        task="retrieval",
+        eval_collator=ClusterSTMDataCollator(processor, "retrieval", training=False, keep_index=True),
+    )
+    metrics = trainer.evaluate(data)
+    assert metrics["eval_num_texts"] == sum(len(c) for c in captions) and metrics["eval_num_videos"] == 7
+    assert metrics["eval_t2v_r1"] == 100.0 and metrics["eval_v2t_r1"] == 100.0
+    assert metrics["eval_t2v_meanr"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def test_annotation_formats(tmp_path):
+    msrvtt = {
+        "videos": [{"video_id": "video0"}, {"video_id": "video1"}],
+        "sentences": [
+            {"video_id": "video0", "caption": "a man sings"},
+            {"video_id": "video1", "caption": "a dog runs"},
+            {"video_id": "video0", "caption": "someone performs"},
+        ],
+    }
+    (tmp_path / "msrvtt.json").write_text(json.dumps(msrvtt))
+    data = load_video_captions(tmp_path / "msrvtt.json", video_root="root")
+    assert data.videos == [os.path.join("root", "video0.mp4"), os.path.join("root", "video1.mp4")]
+    assert data.captions == [["a man sings", "someone performs"], ["a dog runs"]]
+    texts, text_to_video = data.texts()
+    assert texts == ["a man sings", "someone performs", "a dog runs"] and text_to_video == [0, 0, 1]
+
+    qa = [
+        {"video_id": 7010, "question": "what is he doing?", "answer": "singing", "question_type": "what"},
+        {"video": "clips/a.mp4", "question": "how many?", "answer": "two"},
+    ]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in qa))
+    questions = load_video_questions(tmp_path / "qa.jsonl", video_root="v", template="video{video_id}.mp4")
+    assert questions.videos == [os.path.join("v", "video7010.mp4"), os.path.join("v", "clips/a.mp4")]
+    assert questions.answers == ["singing", "two"] and questions.question_types == ["what", ""]
+
+    (tmp_path / "bad.json").write_text(json.dumps([{"caption": "no video"}]))
+    with pytest.raises(ValueError, match="video"):
+        load_video_captions(tmp_path / "bad.json")
+    (tmp_path / "noanswer.json").write_text(json.dumps([{"video": "a.mp4", "question": "why?"}]))
+    with pytest.raises(ValueError, match="answer"):
+        load_video_questions(tmp_path / "noanswer.json")
+    with pytest.raises(ValueError, match="not found"):
+        load_video_captions(tmp_path / "missing.json")
+
+
+def test_answer_vocabulary_most_frequent_first(tmp_path):
+    assert build_answer_vocabulary(["b", "a", "b", "c", "a", "b"]) == ["b", "a", "c"]
+    assert build_answer_vocabulary(["b", "a", "b", "c", "a", "b"], max_answers=2) == ["b", "a"]
+    (tmp_path / "answers.txt").write_text("yes\nno\n\n")
+    assert build_answer_vocabulary([], answer_list=str(tmp_path / "answers.txt")) == ["yes", "no"]
+    with pytest.raises(ValueError, match="empty"):
+        build_answer_vocabulary([])
+
+
+def test_collator_outputs_model_inputs_only(tiny_checkpoint):
+    from clusterstm.processing_clusterstm import ClusterSTMProcessor
+
+    processor = ClusterSTMProcessor.from_pretrained(tiny_checkpoint)
+    videos = [np.random.default_rng(i).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8) for i in range(2)]
+    items = [{"video": v, "text": t, "index": i} for i, (v, t) in enumerate(zip(videos, ["a red circle", "blue"]))]
+    batch = ClusterSTMDataCollator(processor, "captioning", training=True, num_frames=2)(items)
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels"}
+    assert batch["pixel_values"].shape == (2, 2, 3, 64, 64)
+    assert torch.equal(batch["labels"] == -100, batch["attention_mask"] == 0)
+    batch = ClusterSTMDataCollator(processor, "retrieval", training=True, num_frames=2)(items)
+    assert batch["return_loss"] is True and "labels" not in batch
+    batch = ClusterSTMDataCollator(processor, "retrieval", training=False, keep_index=True, num_frames=2)(items)
+    assert batch["index"].tolist() == [0, 1] and "return_loss" not in batch
+
+
+def test_validate_arguments_errors():
+    ok_model = ModelArguments(task="retrieval", preset="tiny")
+    args = TrainingArguments(output_dir="unused", do_train=True, report_to="none")
+    with pytest.raises(ValueError, match="--task"):
+        validate_arguments(ModelArguments(task="detection", preset="tiny"), synthetic_data_args(), args)
+    with pytest.raises(ValueError, match="exactly one"):
+        validate_arguments(ModelArguments(task="qa"), synthetic_data_args(), args)
+    with pytest.raises(ValueError, match="--train_file"):
+        validate_arguments(ok_model, DataArguments(), args)
+    with pytest.raises(ValueError, match="--eval_split"):
+        validate_arguments(ok_model, synthetic_data_args(eval_split="dev"), args)
+    with pytest.raises(ValueError, match="dataset_name"):
+        validate_arguments(ok_model, DataArguments(dataset_name="msrvtt"), args)
+
+
+# ---------------------------------------------------------------------------------------------------------- baselines
+def test_chance_retrieval_matches_random_scores():
+    chance = chance_retrieval_metrics(20, captions_per_video=2)
+    assert chance["t2v_r1"] == 5.0 and chance["t2v_r10"] == 50.0 and chance["t2v_meanr"] == 10.5
+    rng = np.random.default_rng(0)
+    text_to_video = np.repeat(np.arange(20), 2)
+    runs = [retrieval_metrics(rng.random((40, 20)), text_to_video) for _ in range(300)]
+    for key in ("t2v_r1", "t2v_r5", "v2t_r1", "v2t_r5", "t2v_meanr", "v2t_meanr"):
+        empirical = np.mean([r[key] for r in runs])
+        assert empirical == pytest.approx(chance[key], rel=0.1, abs=0.6), key
+
+
+def test_majority_and_nearest_neighbour_baselines():
+    train = VideoQuestions([None] * 5, ["q"] * 5, ["yes", "no", "yes", "red", "yes"])
+    evaluation = VideoQuestions([None] * 4, ["q"] * 4, ["yes", "no", "yes", "blue"])
+    out = baseline_metrics("qa", train, evaluation)
+    assert out["baseline_majority_answer"] == "yes" and out["baseline_majority_accuracy"] == 50.0
+
+    red = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    red[..., 0] = 250
+    blue = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    blue[..., 2] = 250
+    train_captions = VideoCaptions([red, blue], ["r", "b"], [["a red clip"], ["a blue clip"]])
+    eval_captions = VideoCaptions([blue, red], ["b2", "r2"], [["a blue clip"], ["a red clip"]])
+    assert nearest_neighbour_captions(train_captions, eval_captions) == ["a blue clip", "a red clip"]
+    out = baseline_metrics("captioning", train_captions, eval_captions, caption_tokenizer="python")
+    assert out["baseline_nn_rouge_l"] > 0.99  # exact copies of the references

@@ -1,0 +1,414 @@
+"""Tests of the masking algorithms (DPC-KNN, temporal density, cluster-wise masking and the baselines)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clusterstm.masking_clusterstm import (
+    _temporal_density,
+    attention_guided_mask,
+    cluster_wise_mask,
+    dpc_knn,
+    num_visible_tokens,
+    random_mask,
+    temporal_density,
+    tube_mask,
+)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Slow, obviously-correct references (plain Python loops over frames and tokens)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def ref_dpc_frame(frame: torch.Tensor, num_clusters: int, k: int = 5):
+    """DPC-KNN for one frame (N, C), written token by token."""
+    x = frame.double()
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    n, c = x.shape
+    k = min(k, n)
+    d = [[float(torch.linalg.norm(x[i] - x[j])) / math.sqrt(c) for j in range(n)] for i in range(n)]
+    rho = [math.exp(-sum(sorted(v * v for v in d[i])[:k]) / k) for i in range(n)]
+    d_max = max(max(row) for row in d)
+    delta = []
+    for i in range(n):
+        denser = [j for j in range(n) if rho[j] > rho[i] or (rho[j] == rho[i] and j < i)]
+        delta.append(min(d[i][j] for j in denser) if denser else d_max)
+    score = [rho[i] * delta[i] for i in range(n)]
+    centers = sorted(range(n), key=lambda i: (-score[i], i))[:num_clusters]
+    labels = []
+    for i in range(n):
+        if i in centers:
+            labels.append(centers.index(i))
+            continue
+        best = 0
+        for position, center in enumerate(centers):
+            if d[i][center] < d[i][centers[best]]:
+                best = position
+        labels.append(best)
+    return labels, centers, rho
+
+
+def ref_temporal_density(x: torch.Tensor, dc_ratio: float):
+    """Temporal density (B, T, N) and cut-off (B, T) with torch.quantile on each frame's distance list."""
+    x = x.double()
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    b, t, n, _ = x.shape
+    rho = torch.zeros(b, t, n, dtype=torch.float64)
+    cutoff = torch.zeros(b, t, dtype=torch.float64)
+    for bi in range(b):
+        for ti in range(t):
+            rows = []
+            for i in range(n):
+                rows.append([1.0 - float(x[bi, ti, i] @ x[bi, u, j]) for u in range(t) if u != ti for j in range(n)])
+            dc = float(torch.quantile(torch.tensor(rows, dtype=torch.float64).flatten(), dc_ratio))
+            dc = max(dc, 1e-6)
+            cutoff[bi, ti] = dc
+            for i in range(n):
+                rho[bi, ti, i] = sum(math.exp(-((v / dc) ** 2)) for v in rows[i]) / n
+    return rho, cutoff
+
+
+def ref_cluster_wise_mask(x: torch.Tensor, mask_ratio: float, dc_ratio: float = 0.02, k: int = 5):
+    b, t, n, _ = x.shape
+    num_keep = n - int(n * mask_ratio)
+    if t > 1:
+        temporal, _ = ref_temporal_density(x, dc_ratio)
+    mask = torch.ones(b, t, n, dtype=torch.bool)
+    for bi in range(b):
+        for ti in range(t):
+            labels, _, local_rho = ref_dpc_frame(x[bi, ti], num_keep, k)
+            rho = temporal[bi, ti].tolist() if t > 1 else local_rho
+            for cluster in range(num_keep):
+                members = [i for i in range(n) if labels[i] == cluster]
+                best = max(members, key=lambda i: (rho[i], -i))
+                mask[bi, ti, best] = False
+    return mask
+
+
+def partition(labels: torch.Tensor) -> set[frozenset[int]]:
+    groups: dict[int, set[int]] = {}
+    for index, label in enumerate(labels.tolist()):
+        groups.setdefault(label, set()).add(index)
+    return {frozenset(group) for group in groups.values()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# num_visible_tokens
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_num_visible_tokens():
+    assert num_visible_tokens(196, 0.8) == 40  # int(156.8) = 156 masked
+    assert num_visible_tokens(196, 0.75) == 49
+    assert num_visible_tokens(256, 0.9) == 26
+    assert num_visible_tokens(10, 0.0) == 10
+    assert num_visible_tokens(10, 0.99) == 1
+    for bad in (-0.1, 1.0, 1.5, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="mask_ratio"):
+            num_visible_tokens(10, bad)
+    with pytest.raises(ValueError, match="num_tokens"):
+        num_visible_tokens(0, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hand-checkable cases
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_two_obvious_clusters():
+    e1, e2 = torch.eye(4)[0], torch.eye(4)[1]
+    noise = torch.tensor([[0.0, 0.0, 0.05, 0.0], [0.0, 0.0, 0.0, 0.1], [0.0, 0.0, 0.1, 0.0], [0.0, 0.0, 0.0, 0.05]])
+    frame = torch.stack([e1, e2, e1, e2]) + noise
+    labels, centers = dpc_knn(frame[None], num_clusters=2, k=2)
+    assert partition(labels[0]) == {frozenset({0, 2}), frozenset({1, 3})}
+    assert centers.shape == (1, 2)
+    assert labels[0, centers[0]].tolist() == [0, 1]
+
+    mask = cluster_wise_mask(frame[None, None].repeat(1, 2, 1, 1), mask_ratio=0.5, k=2)
+    kept = (~mask).nonzero()[:, 2].view(2, 2)
+    for frame_kept in kept.tolist():
+        assert len({t % 2 for t in frame_kept}) == 2  # one token of each cluster
+
+
+def test_duplicated_tokens_keep_first_indices():
+    # every token identical: all densities tie, every score is 0, so the centres are tokens 0..K-1, all other tokens
+    # join the first centre, and each cluster keeps its lowest index -> exactly tokens 0..K-1 are kept.
+    x = torch.zeros(2, 3, 9, 4)
+    x[..., 0] = 1.0
+    labels, centers = dpc_knn(x.reshape(6, 9, 4), num_clusters=3)
+    assert centers.tolist() == [[0, 1, 2]] * 6
+    assert labels.tolist() == [[0, 1, 2, 0, 0, 0, 0, 0, 0]] * 6
+    mask = cluster_wise_mask(x, mask_ratio=0.7)
+    expected = torch.ones(2, 3, 9, dtype=torch.bool)
+    expected[..., :3] = False
+    assert torch.equal(mask, expected)
+
+
+def test_temporal_density_hand_values():
+    e = torch.eye(2)
+    x = torch.stack([e, e])[None]  # B=1, T=2, N=2: distances of each frame are [[0, 1], [1, 0]]
+    # quantile 0.02 of [0, 0, 1, 1] is 0 -> clamped to 1e-6; only the zero distance contributes: (1 + 0) / 2
+    assert torch.allclose(temporal_density(x), torch.full((1, 2, 2), 0.5))
+    # quantile 0.5 of [0, 0, 1, 1] is 0.5: (exp(0) + exp(-(1 / 0.5)^2)) / 2
+    expected = (1 + math.exp(-4)) / 2
+    assert torch.allclose(temporal_density(x, dc_ratio=0.5), torch.full((1, 2, 2), expected))
+    # raw (unnormalised) features give the same result: normalisation happens inside
+    assert torch.allclose(temporal_density(3.0 * x, dc_ratio=0.5), torch.full((1, 2, 2), expected))
+
+
+def test_static_video_keeps_the_same_tokens_in_every_frame():
+    torch.manual_seed(0)
+    # float64: the copies of a token are at distance ~1e-16, far below the 1e-6 cut-off clamp (in float32 the
+    # ~1e-7 rounding of 1 - <x, x> is comparable to the clamp and decides between near-equal densities)
+    frame = torch.randn(1, 1, 16, 8, dtype=torch.float64)
+    video = frame.repeat(2, 4, 1, 1)
+    mask = cluster_wise_mask(video, mask_ratio=0.75)
+    assert torch.equal(mask, mask[:, :1].expand_as(mask))
+    assert ((~mask).sum(-1) == 4).all()
+    assert torch.equal(mask, ref_cluster_wise_mask(video[:1], 0.75).expand_as(mask))
+
+
+def test_single_frame_uses_local_density():
+    torch.manual_seed(1)
+    x = torch.randn(2, 1, 12, 6, dtype=torch.float64)
+    rho = temporal_density(x)
+    for b in range(2):
+        _, _, local_rho = ref_dpc_frame(x[b, 0], 1)
+        assert torch.allclose(rho[b, 0], torch.tensor(local_rho, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(cluster_wise_mask(x, 0.5), ref_cluster_wise_mask(x, 0.5))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Agreement with the slow references
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed,n,c,num_clusters,k", [(0, 12, 8, 3, 5), (1, 16, 4, 5, 3), (2, 9, 16, 9, 20)])
+def test_dpc_knn_matches_reference(seed, n, c, num_clusters, k):
+    torch.manual_seed(seed)
+    x = torch.randn(3, n, c, dtype=torch.float64)
+    labels, centers = dpc_knn(x, num_clusters, k=k)
+    for row in range(3):
+        ref_labels, ref_centers, _ = ref_dpc_frame(x[row], num_clusters, k)
+        assert centers[row].tolist() == ref_centers
+        assert labels[row].tolist() == ref_labels
+
+
+@pytest.mark.parametrize("dc_ratio", [0.02, 0.3, 1.0, 0.0])
+def test_temporal_density_matches_reference(dc_ratio):
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 9, 5, dtype=torch.float64)
+    ref_rho, ref_cutoff = ref_temporal_density(x, dc_ratio)
+    normalized = torch.nn.functional.normalize(x, dim=-1)
+    rho, cutoff = _temporal_density(normalized, dc_ratio, max_chunk_elements=1)
+    assert torch.allclose(cutoff, ref_cutoff, atol=1e-12)
+    assert torch.allclose(rho, ref_rho, atol=1e-12)
+    assert torch.allclose(temporal_density(x, dc_ratio), ref_rho, atol=1e-12)
+
+
+def test_temporal_cutoff_equals_torch_quantile_in_float32():
+    # the interpolation weight is computed in the input dtype exactly as torch.quantile does
+    torch.manual_seed(4)
+    x = torch.nn.functional.normalize(torch.randn(1, 4, 16, 8), dim=-1)
+    for dc_ratio in (0.02, 0.13, 0.77):
+        _, cutoff = _temporal_density(x, dc_ratio, max_chunk_elements=2**20)
+        for t in range(4):
+            others = torch.cat([x[0, u] for u in range(4) if u != t])
+            dist = 1 - x[0, t] @ others.T
+            assert torch.allclose(cutoff[0, t], torch.quantile(dist.flatten(), dc_ratio), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed,t,n,ratio", [(5, 3, 16, 0.75), (6, 2, 9, 0.5), (7, 4, 12, 0.9)])
+def test_cluster_wise_mask_matches_reference(seed, t, n, ratio):
+    torch.manual_seed(seed)
+    x = torch.randn(2, t, n, 6, dtype=torch.float64)
+    assert torch.equal(cluster_wise_mask(x, ratio), ref_cluster_wise_mask(x, ratio))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Invariants
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_batch_and_chunk_equivalence():
+    torch.manual_seed(8)
+    x = torch.randn(3, 4, 16, 12)
+    mask = cluster_wise_mask(x, 0.75)
+    one_by_one = torch.cat([cluster_wise_mask(x[i : i + 1], 0.75) for i in range(3)])
+    assert torch.equal(mask, one_by_one)
+    assert torch.equal(mask, cluster_wise_mask(x, 0.75, max_chunk_elements=1))
+    rho = temporal_density(x)
+    assert torch.allclose(rho, torch.cat([temporal_density(x[i : i + 1]) for i in range(3)]), atol=1e-6)
+
+
+def test_determinism():
+    torch.manual_seed(9)
+    x = torch.randn(2, 3, 16, 8)
+    assert torch.equal(cluster_wise_mask(x, 0.8), cluster_wise_mask(x.clone(), 0.8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtypes(dtype):
+    torch.manual_seed(10)
+    x = torch.randn(2, 3, 9, 8).to(dtype)
+    mask = cluster_wise_mask(x, 0.6)
+    assert mask.dtype == torch.bool and mask.device == x.device and mask.shape == (2, 3, 9)
+    # low precision inputs are computed in float32: same as upcasting first
+    assert torch.equal(mask, cluster_wise_mask(x.float(), 0.6))
+    rho = temporal_density(x)
+    assert rho.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    labels, centers = dpc_knn(x[0], 4)
+    assert labels.dtype == centers.dtype == torch.long
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    torch.manual_seed(11)
+    x = torch.randn(2, 4, 16, 8, dtype=torch.float64)
+    mask = cluster_wise_mask(x.cuda(), 0.75)
+    assert mask.device.type == "cuda"
+    assert torch.equal(mask.cpu(), cluster_wise_mask(x, 0.75))
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    assert random_mask(2, 3, 16, 0.5, generator=generator).device.type == "cuda"
+
+
+def test_relabelling_invariance():
+    torch.manual_seed(12)
+    x = torch.randn(2, 3, 16, 8, dtype=torch.float64)
+    perm = torch.randperm(16)
+    labels, _ = dpc_knn(x.reshape(6, 16, 8), 4)
+    labels_p, _ = dpc_knn(x[:, :, perm].reshape(6, 16, 8), 4)
+    for row in range(6):
+        # token j of the permuted frame is token perm[j] of the original
+        mapped = {frozenset(perm[j].item() for j in group) for group in partition(labels_p[row])}
+        assert mapped == partition(labels[row])
+    mask = cluster_wise_mask(x, 0.75)
+    assert torch.equal(cluster_wise_mask(x[:, :, perm], 0.75), mask[:, :, perm])
+    # the order of the frames does not matter either
+    frame_perm = torch.tensor([2, 0, 1])
+    assert torch.equal(cluster_wise_mask(x[:, frame_perm], 0.75), mask[:, frame_perm])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    t=st.integers(1, 4),
+    n=st.integers(1, 20),
+    c=st.integers(1, 6),
+    ratio=st.floats(0.0, 0.99),
+    discrete=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_masking_invariants(b, t, n, c, ratio, discrete, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, t, n, c, generator=generator)
+    if discrete:
+        # few distinct values: many exact ties and duplicated tokens (zero vectors included)
+        x = x.round().clamp(-1, 1)
+    num_keep = num_visible_tokens(n, ratio)
+    mask = cluster_wise_mask(x, ratio)
+    assert mask.shape == (b, t, n) and mask.dtype == torch.bool
+    assert ((~mask).sum(-1) == num_keep).all()
+
+    labels, centers = dpc_knn(x.reshape(b * t, n, c), num_keep)
+    assert labels.min() >= 0 and labels.max() < num_keep
+    assert (torch.sort(centers, dim=-1).values.unique_consecutive(dim=-1).shape[-1]) == num_keep
+    assert torch.equal(labels.gather(1, centers), torch.arange(num_keep).expand(b * t, num_keep))
+    # every cluster keeps exactly one token
+    kept_labels = torch.sort(labels.masked_select(~mask.reshape(b * t, n)).view(b * t, num_keep), dim=-1).values
+    assert torch.equal(kept_labels, torch.arange(num_keep).expand(b * t, num_keep))
+
+    for baseline in (random_mask(b, t, n, ratio, generator=generator), tube_mask(b, t, n, ratio, generator=generator)):
+        assert ((~baseline).sum(-1) == num_keep).all()
+    attention = torch.rand(b, t, n, generator=generator) * torch.randint(0, 2, (b, t, n), generator=generator)
+    assert ((~attention_guided_mask(attention, ratio, generator=generator)).sum(-1) == num_keep).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Baselines
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_random_and_tube_masks_are_reproducible():
+    def make(fn, seed):
+        return fn(2, 4, 16, 0.75, generator=torch.Generator().manual_seed(seed))
+
+    for fn in (random_mask, tube_mask):
+        assert torch.equal(make(fn, 0), make(fn, 0))
+        assert not torch.equal(make(fn, 0), make(fn, 1))
+        mask = make(fn, 0)
+        assert mask.shape == (2, 4, 16) and ((~mask).sum(-1) == 4).all()
+    tube = make(tube_mask, 0)
+    assert torch.equal(tube, tube[:, :1].expand_as(tube))
+    rand = make(random_mask, 0)
+    assert not torch.equal(rand, rand[:, :1].expand_as(rand))
+    assert random_mask(1, 1, 4, 0.5, device="cpu").device.type == "cpu"
+
+
+def test_attention_guided_mask_follows_the_attention():
+    attention = torch.tensor([0.7, 0.1, 0.1, 0.1]).expand(2000, 1, 4)
+    generator = torch.Generator().manual_seed(0)
+    mask = attention_guided_mask(attention, 0.75, generator=generator)  # keep 1 of 4
+    assert ((~mask).sum(-1) == 1).all()
+    frequency = (~mask[:, 0, 0]).double().mean().item()
+    assert abs(frequency - 0.7) < 0.04  # binomial std ~0.01
+
+    # zero attention is never sampled while enough positive tokens remain; all-zero frames are uniform
+    attention = torch.tensor([[[0.0, 1.0, 0.0, 2.0, 0.0, 1.0]], [[0.0] * 6]])
+    mask = attention_guided_mask(attention, 0.5, generator=torch.Generator().manual_seed(1))
+    assert (~mask[0, 0]).nonzero().flatten().tolist() == [1, 3, 5]
+    assert ((~mask).sum(-1) == 3).all()
+
+    again = attention_guided_mask(attention, 0.5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(mask, again)
+    mask_bf16 = attention_guided_mask(attention.bfloat16(), 0.5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(mask, mask_bf16)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs():
+    x = torch.randn(1, 2, 4, 3)
+    with pytest.raises(ValueError, match="rank 4"):
+        cluster_wise_mask(x[0], 0.5)
+    with pytest.raises(ValueError, match="rank 3"):
+        dpc_knn(x, 2)
+    with pytest.raises(ValueError, match="rank 4"):
+        temporal_density(x[0])
+    with pytest.raises(ValueError, match="mask_ratio"):
+        cluster_wise_mask(x, 1.0)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        cluster_wise_mask(x, -0.2)
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[0, 1, 2, 0] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            cluster_wise_mask(y, 0.5)
+        with pytest.raises(ValueError, match="non-finite"):
+            attention_guided_mask(y[..., 0], 0.5)
+    with pytest.raises(ValueError, match="floating point"):
+        cluster_wise_mask(x.long(), 0.5)
+    with pytest.raises(ValueError, match="num_clusters"):
+        dpc_knn(x[0], 0)
+    with pytest.raises(ValueError, match="num_clusters"):
+        dpc_knn(x[0], 5)
+    with pytest.raises(ValueError, match="dc_ratio"):
+        temporal_density(x, dc_ratio=1.5)
+    with pytest.raises(ValueError, match="k"):
+        dpc_knn(x[0], 2, k=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        attention_guided_mask(-x[..., 0].abs() - 1, 0.5)
+    with pytest.raises(ValueError, match="rank 3"):
+        attention_guided_mask(x, 0.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        random_mask(0, 2, 4, 0.5)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        tube_mask(1, 2, 4, 1.2)
