@@ -22,6 +22,5 @@ A single `.json` argument is read as a file of all arguments (as in the transfor
 
 from clusterstm.finetuning import main
 
-
 if __name__ == "__main__":
     main()

@@ -11,7 +11,6 @@ from clusterstm.configuration_clusterstm import ClusterSTMConfig
 from clusterstm.finetuning import head_class
 from clusterstm.modeling_clusterstm import ClusterSTMForPreTraining
 
-
 torch.set_num_threads(1)
 
 RetrievalHead = head_class("retrieval")

@@ -33,7 +33,6 @@ from clusterstm.finetuning import (
 )
 from clusterstm.metrics import retrieval_metrics
 
-
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,7 +115,10 @@ def test_qa_end_to_end(tiny_checkpoint, tmp_path):
 
 def test_captioning_end_to_end(tiny_checkpoint, tmp_path):
     model_args = ModelArguments(
-        task="captioning", model_name_or_path=str(tiny_checkpoint), max_new_tokens=4, num_beams=2,
+        task="captioning",
+        model_name_or_path=str(tiny_checkpoint),
+        max_new_tokens=4,
+        num_beams=2,
         caption_tokenizer="python",
     )
     args = training_args(tmp_path, do_train=True, do_eval=True)
@@ -133,7 +135,9 @@ def test_script_zero_shot_retrieval_on_local_files(tiny_checkpoint, tmp_path):
     """`--do_eval` without `--do_train` on a checkpoint = zero-shot retrieval, here on MSR-VTT-style local files."""
     from clusterstm.synthetic import SyntheticVideoTextConfig, generate_split_metadata, render_clips, write_video_pyav
 
-    config = SyntheticVideoTextConfig(num_frames=4, image_size=32, num_train=0, num_val=3, num_test=0, num_compositional=0)
+    config = SyntheticVideoTextConfig(
+        num_frames=4, image_size=32, num_train=0, num_val=3, num_test=0, num_compositional=0
+    )
     rows = generate_split_metadata(config, "validation")
     video_root = tmp_path / "videos"
     video_root.mkdir()
@@ -149,10 +153,25 @@ def test_script_zero_shot_retrieval_on_local_files(tiny_checkpoint, tmp_path):
     annotation_file.write_text(json.dumps(annotations))
     output_dir = tmp_path / "out"
     cmd = [
-        sys.executable, str(REPO / "scripts" / "finetune.py"),
-        "--task", "retrieval", "--model_name_or_path", str(tiny_checkpoint),
-        "--validation_file", str(annotation_file), "--video_root", str(video_root), "--num_frames", "2",
-        "--do_eval", "--per_device_eval_batch_size", "2", "--output_dir", str(output_dir), "--report_to", "none",
+        sys.executable,
+        str(REPO / "scripts" / "finetune.py"),
+        "--task",
+        "retrieval",
+        "--model_name_or_path",
+        str(tiny_checkpoint),
+        "--validation_file",
+        str(annotation_file),
+        "--video_root",
+        str(video_root),
+        "--num_frames",
+        "2",
+        "--do_eval",
+        "--per_device_eval_batch_size",
+        "2",
+        "--output_dir",
+        str(output_dir),
+        "--report_to",
+        "none",
         "--use_cpu",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -320,3 +339,87 @@ def test_majority_and_nearest_neighbour_baselines():
     assert nearest_neighbour_captions(train_captions, eval_captions) == ["a blue clip", "a red clip"]
     out = baseline_metrics("captioning", train_captions, eval_captions, caption_tokenizer="python")
     assert out["baseline_nn_rouge_l"] > 0.99  # exact copies of the references
+
+
+# ---------------------------------------------------------------------------------------------------------- 2 processes
+DDP_SCRIPT = r"""
+import json, os, sys
+import numpy as np, torch
+from transformers import TrainingArguments
+from clusterstm.finetuning import ClusterSTMDataCollator, ClusterSTMTrainer, ModelArguments, VideoCaptions
+from clusterstm.processing_clusterstm import ClusterSTMProcessor
+
+checkpoint, out = sys.argv[1], sys.argv[2]
+processor = ClusterSTMProcessor.from_pretrained(checkpoint)
+words = ["red", "green", "blue", "yellow", "purple", "orange", "cyan"]
+word_ids = [processor.tokenizer.convert_tokens_to_ids(w) for w in words]
+
+
+class IdentityVideoProcessor:
+    def __call__(self, videos, return_tensors="pt", **kwargs):
+        return {"pixel_values": torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in videos])}
+
+
+class Oracle(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.zeros(max(word_ids) + 1, 7), requires_grad=False)
+        with torch.no_grad():
+            for i, w in enumerate(word_ids):
+                self.table[w, i] = 1.0
+        self.videos_seen = 0
+
+    def encode_videos(self, pixel_values, return_tokens=False):
+        self.videos_seen += pixel_values.shape[0]
+        return torch.nn.functional.one_hot(pixel_values.flatten(1).mean(1).round().long(), 7).float()
+
+    def encode_texts(self, input_ids, attention_mask=None):
+        return self.table[input_ids[:, 1]]
+
+    def generate(self, pixel_values, **kwargs):
+        index = pixel_values.flatten(1).mean(1).round().long().tolist()
+        return torch.stack([torch.tensor([2, word_ids[i], 3]) for i in index])
+
+
+processor.video_processor = IdentityVideoProcessor()
+data = VideoCaptions(
+    [np.full((1, 2), float(i)) for i in range(7)], [str(i) for i in range(7)], [[words[i]] * (1 + i % 3) for i in range(7)]
+)
+args = TrainingArguments(output_dir=out, per_device_eval_batch_size=2, report_to="none", use_cpu=True)
+results = {"world_size": args.world_size}
+for task in ("retrieval", "captioning"):
+    model = Oracle()
+    trainer = ClusterSTMTrainer(
+        model=model, args=args, processing_class=processor, task=task,
+        eval_collator=ClusterSTMDataCollator(processor, task, training=False, keep_index=True),
+        model_args=ModelArguments(task=task, caption_tokenizer="python"),
+    )
+    results[task] = trainer.evaluate(data)
+    results[task + "_local_videos"] = model.videos_seen
+if trainer.accelerator.process_index == 0:
+    results["captions"] = json.loads(open(os.path.join(out, "eval_captions.json")).read())
+    open(os.path.join(out, "ddp_results.json"), "w").write(json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_evaluation_under_two_processes_counts_every_sample_once(tiny_checkpoint, tmp_path):
+    """torchrun with 2 CPU processes (gloo): 7 videos in batches of 2 per process leave padding duplicates in the last
+    batch; the gathered retrieval metrics and generated captions must still cover every sample exactly once."""
+    script = tmp_path / "ddp_eval.py"
+    script.write_text(DDP_SCRIPT)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(tiny_checkpoint), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "ddp_results.json").read_text())
+    assert results["world_size"] == 2
+    assert results["retrieval_local_videos"] == 4  # rank 0 encoded 4 of the 7 videos: the work was split
+    retrieval = results["retrieval"]
+    assert retrieval["eval_num_videos"] == 7 and retrieval["eval_num_texts"] == 13
+    assert retrieval["eval_t2v_r1"] == 100.0 and retrieval["eval_v2t_r1"] == 100.0
+    captions = results["captions"]
+    assert [c["video_id"] for c in captions] == [str(i) for i in range(7)]
+    assert all(c["prediction"] == c["references"][0] for c in captions)
+    assert results["captioning"]["eval_num_samples"] == 7

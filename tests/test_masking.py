@@ -412,3 +412,13 @@ def test_bad_inputs():
         random_mask(0, 2, 4, 0.5)
     with pytest.raises(ValueError, match="mask_ratio"):
         tube_mask(1, 2, 4, 1.2)
+
+
+def test_numpy_scalars_are_accepted():
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(13)
+    x = torch.randn(1, 2, 9, 4)
+    assert num_visible_tokens(np.int64(196), np.float32(0.75)) == 49
+    assert torch.equal(cluster_wise_mask(x, np.float64(0.5), k=np.int64(5)), cluster_wise_mask(x, 0.5))
+    labels, _ = dpc_knn(x[0], np.int64(3))
+    assert labels.shape == (2, 9)

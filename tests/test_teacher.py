@@ -11,7 +11,6 @@ from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast, SiglipC
 from clusterstm.relevance_clusterstm import build_window_pooler, generate_relevance
 from clusterstm.teacher_clusterstm import ClusterSTMTeacher, TeacherVideoOutput
 
-
 VISION = {
     "hidden_size": 32,
     "intermediate_size": 37,

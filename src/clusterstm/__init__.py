@@ -1,7 +1,7 @@
 """ClusterSTM: cluster-wise spatio-temporal masking for efficient video-language pretraining.
 
-Public names are resolved lazily so that ``import clusterstm`` stays cheap and a CLI
-sub-command only imports what it uses.
+Importing the package registers ClusterSTM with the transformers Auto classes (so ``AutoModel`` and
+``AutoProcessor`` load ClusterSTM folders without ``trust_remote_code``); public names are resolved lazily.
 """
 
 from __future__ import annotations
@@ -57,3 +57,12 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+def _register() -> None:
+    from .checkpoint import register_auto_classes
+
+    register_auto_classes()
+
+
+_register()

@@ -78,7 +78,8 @@ class ModelArguments:
     num_beams: int = field(default=1, metadata={"help": "Captioning eval: beam size of `generate()` (1: greedy)."})
     max_new_tokens: int = field(default=20, metadata={"help": "Captioning eval: maximum generated tokens."})
     caption_tokenizer: str = field(
-        default="auto", metadata={"help": "Captioning metrics tokenizer: auto (ptb with Java, else python)|ptb|python."}
+        default="auto",
+        metadata={"help": "Captioning metrics tokenizer: auto (ptb with Java, else python)|ptb|python."},
     )
 
 
@@ -124,7 +125,9 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
     if (model_args.model_name_or_path is None) == (model_args.preset is None):
         raise ValueError("Pass exactly one of --model_name_or_path or --preset.")
     if data_args.dataset_name is not None and data_args.dataset_name != "synthetic":
-        raise ValueError(f"--dataset_name must be 'synthetic' (got {data_args.dataset_name!r}); use --*_file for data.")
+        raise ValueError(
+            f"--dataset_name must be 'synthetic' (got {data_args.dataset_name!r}); use --*_file for data."
+        )
     if data_args.dataset_name is None:
         needed = {
             "--train_file": training_args.do_train and data_args.train_file is None,
@@ -274,13 +277,20 @@ def load_video_questions(
     return VideoQuestions(videos, questions, answers, types if any(types) else None)
 
 
-def load_synthetic_split(task: str, split: str, num_clips: int, seed: int = 0, num_frames: int = 8, image_size: int = 64):
+def load_synthetic_split(
+    task: str, split: str, num_clips: int, seed: int = 0, num_frames: int = 8, image_size: int = 64
+):
     """One split of the synthetic benchmark as in-memory [`VideoCaptions`] (retrieval, captioning) or
     [`VideoQuestions`] (qa); videos are uint8 `(T, H, W, 3)` arrays."""
     from .synthetic import SyntheticVideoTextConfig, generate_split_metadata, render_clips
 
     sizes = {"num_train": 0, "num_val": 0, "num_test": 0, "num_compositional": 0}
-    size_key = {"train": "num_train", "validation": "num_val", "test": "num_test", "compositional": "num_compositional"}
+    size_key = {
+        "train": "num_train",
+        "validation": "num_val",
+        "test": "num_test",
+        "compositional": "num_compositional",
+    }
     sizes[size_key[split]] = num_clips
     config = SyntheticVideoTextConfig(num_frames=num_frames, image_size=image_size, seed=seed, **sizes)
     rows = generate_split_metadata(config, split)
@@ -660,8 +670,12 @@ class ClusterSTMTrainer(Trainer):
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         tokenizer = self.processing_class.tokenizer
         encoding = tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.eval_collator.max_text_length,
-            return_tensors="pt", return_token_type_ids=False,
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.eval_collator.max_text_length,
+            return_tensors="pt",
+            return_token_type_ids=False,
         )
         video_to_texts: list[list[int]] = [[] for _ in range(len(data))]
         for t, v in enumerate(text_to_video):
@@ -726,7 +740,9 @@ class ClusterSTMTrainer(Trainer):
         if sorted(captions) != list(range(len(data))):
             raise RuntimeError("Captioning evaluation lost or duplicated samples while gathering.")
         predictions = [captions[i] or "<empty>" for i in range(len(data))]
-        metrics = caption_metrics(predictions, data.captions, tokenizer=args.caption_tokenizer, meteor="auto")
+        # `python` tokenisation means "no Java": METEOR (a Java program) is skipped too.
+        meteor = False if args.caption_tokenizer == "python" else "auto"
+        metrics = caption_metrics(predictions, data.captions, tokenizer=args.caption_tokenizer, meteor=meteor)
         if self.args.should_save:
             path = Path(self.args.output_dir) / f"{metric_key_prefix}_captions.json"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -789,44 +805,14 @@ def head_class(task: str):
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     from . import modeling_clusterstm
 
-    cls = getattr(modeling_clusterstm, _HEADS[task], None)
-    if cls is None:  # heads not merged into the modeling file yet
-        from . import _downstream_heads_draft
-
-        cls = getattr(_downstream_heads_draft, _HEADS[task])
-    return cls
+    return getattr(modeling_clusterstm, _HEADS[task])
 
 
 def init_from_preset(preset: str, output_dir: str | os.PathLike) -> Path:
-    """A complete from-scratch checkpoint folder (random weights, processor, tokenizer) for `preset`."""
-    try:
-        from .checkpoint import init_checkpoint
-    except ImportError:
-        init_checkpoint = None
-    if init_checkpoint is not None:
-        return Path(init_checkpoint(preset, output_dir))
-    from .configuration_clusterstm import ClusterSTMConfig
-    from .modeling_clusterstm import ClusterSTMModel
-    from .processing_clusterstm import ClusterSTMProcessor
-    from .synthetic import SYNTHETIC_ANSWERS, synthetic_text_corpus
-    from .tokenization import train_wordpiece_tokenizer
-    from .video_processing_clusterstm import ClusterSTMVideoProcessor
+    """A complete from-scratch checkpoint folder (`clusterstm init`: random weights, processor, tokenizer)."""
+    from .checkpoint import init_checkpoint
 
-    output_dir = Path(output_dir)
-    config = ClusterSTMConfig.from_preset(preset)
-    tokenizer = train_wordpiece_tokenizer(
-        synthetic_text_corpus(),
-        vocab_size=config.text_config.vocab_size,
-        model_max_length=config.text_config.max_position_embeddings,
-        extra_tokens=SYNTHETIC_ANSWERS,
-    )
-    size = config.vision_config.image_size
-    video_processor = ClusterSTMVideoProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, num_frames=config.vision_config.num_frames
-    )
-    ClusterSTMModel(config).save_pretrained(output_dir)
-    ClusterSTMProcessor(video_processor=video_processor, tokenizer=tokenizer).save_pretrained(output_dir)
-    return output_dir
+    return Path(init_checkpoint(preset, output_dir))
 
 
 def load_model_and_processor(
@@ -901,12 +887,9 @@ def run_finetuning(
         training_args.remove_unused_columns = False
     set_seed(training_args.seed)
     # Trainer checkpoints and the final save then carry `auto_map` and the remote-code files.
-    try:
-        from .checkpoint import register_auto_classes
+    from .checkpoint import register_auto_classes
 
-        register_auto_classes()
-    except ImportError:  # heads not merged into the modeling file yet
-        logger.warning("Auto classes not registered: saved checkpoints will not carry remote code.")
+    register_auto_classes()
 
     train_data = eval_data = predict_data = None
     synthetic_frames = data_args.num_frames or 8
@@ -922,7 +905,9 @@ def run_finetuning(
         train_data = _load_split(task, data_args, "train", synthetic_frames, image_size)
         train_data = train_data.subset(data_args.max_train_samples)
     if training_args.do_eval:
-        eval_data = _load_split(task, data_args, "eval", synthetic_frames, image_size).subset(data_args.max_eval_samples)
+        eval_data = _load_split(task, data_args, "eval", synthetic_frames, image_size).subset(
+            data_args.max_eval_samples
+        )
     if training_args.do_predict:
         predict_data = _load_split(task, data_args, "predict", synthetic_frames, image_size)
         predict_data = predict_data.subset(data_args.max_eval_samples)
@@ -975,6 +960,8 @@ def run_finetuning(
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
+        if trainer.is_world_process_zero():
+            _complete_remote_code(trainer, processor)
         metrics = dict(train_result.metrics)
         metrics["train_samples"] = len(train_data)
         trainer.log_metrics("train", metrics)
@@ -1018,8 +1005,17 @@ def run_finetuning(
     return results
 
 
+def _complete_remote_code(trainer: Trainer, processor: Any) -> None:
+    """Re-save the final model as a complete remote-code checkpoint (full `auto_map`, `*_clusterstm.py` files)."""
+    from .checkpoint import save_checkpoint
+
+    save_checkpoint(trainer.accelerator.unwrap_model(trainer.model), trainer.args.output_dir, processor)
+
+
 def _hub_task(task: str) -> str:
-    return {"retrieval": "video-text-retrieval", "qa": "visual-question-answering", "captioning": "video-to-text"}[task]
+    return {"retrieval": "video-text-retrieval", "qa": "visual-question-answering", "captioning": "video-to-text"}[
+        task
+    ]
 
 
 def _vocabulary_from_checkpoint(model_args: ModelArguments) -> list[str]:

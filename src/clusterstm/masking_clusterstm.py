@@ -32,6 +32,7 @@ The file is Hub remote code: it only imports torch and never the ``clusterstm`` 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -58,21 +59,20 @@ def num_visible_tokens(num_tokens: int, mask_ratio: float) -> int:
     Returns:
         `int`: `K`, with `1 <= K <= N`.
     """
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
-        raise ValueError(f"`num_tokens` must be a positive integer, got {num_tokens!r}.")
+    _check_positive_int(num_tokens, "num_tokens")
     _check_mask_ratio(mask_ratio)
-    return num_tokens - int(num_tokens * mask_ratio)
+    return int(num_tokens) - int(int(num_tokens) * float(mask_ratio))
 
 
 def _check_mask_ratio(mask_ratio: float) -> None:
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real):
         raise ValueError(f"`mask_ratio` must be a float in [0, 1), got {mask_ratio!r}.")
     if not math.isfinite(mask_ratio) or not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"`mask_ratio` must be in [0, 1), got {mask_ratio!r}.")
 
 
 def _check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
@@ -193,9 +193,9 @@ def dpc_knn(
     _check_positive_int(k, "k")
     _check_positive_int(max_chunk_elements, "max_chunk_elements")
     n = x.shape[1]
-    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or not 1 <= num_clusters <= n:
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, numbers.Integral) or not 1 <= num_clusters <= n:
         raise ValueError(f"`num_clusters` must be an integer in [1, num_tokens={n}], got {num_clusters!r}.")
-    labels, centers, _ = _dpc_knn(_normalize(x), num_clusters, k, max_chunk_elements)
+    labels, centers, _ = _dpc_knn(_normalize(x), int(num_clusters), int(k), int(max_chunk_elements))
     return labels, centers
 
 
@@ -215,7 +215,8 @@ def _quantile_positions(num_values: int, q: float, dtype: torch.dtype) -> tuple[
 
 
 def _kth_smallest_pair(values: torch.Tensor, below: int, above: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `below`-th and `above`-th (0-based) smallest values along the last dim, without sorting everything."""
+    """The `below`-th and `above`-th (0-based) smallest values along the last dim, exactly, without sorting
+    everything."""
     n = values.shape[-1]
     if above + 1 <= max(1, n // 8):
         # a partial selection of the smallest values is cheaper than two full selections for small quantiles
@@ -289,6 +290,7 @@ def temporal_density(
     _check_dc_ratio(dc_ratio)
     _check_positive_int(k, "k")
     _check_positive_int(max_chunk_elements, "max_chunk_elements")
+    dc_ratio, k, max_chunk_elements = float(dc_ratio), int(k), int(max_chunk_elements)
     x = _normalize(x)
     b, t, n, c = x.shape
     if t == 1:
@@ -298,7 +300,7 @@ def temporal_density(
 
 
 def _check_dc_ratio(dc_ratio: float) -> None:
-    if isinstance(dc_ratio, bool) or not isinstance(dc_ratio, (int, float)) or not 0.0 <= dc_ratio <= 1.0:
+    if isinstance(dc_ratio, bool) or not isinstance(dc_ratio, numbers.Real) or not 0.0 <= dc_ratio <= 1.0:
         raise ValueError(f"`dc_ratio` must be a float in [0, 1], got {dc_ratio!r}.")
 
 
@@ -351,6 +353,7 @@ def cluster_wise_mask(
     _check_dc_ratio(dc_ratio)
     _check_positive_int(k, "k")
     _check_positive_int(max_chunk_elements, "max_chunk_elements")
+    dc_ratio, k, max_chunk_elements = float(dc_ratio), int(k), int(max_chunk_elements)
     b, t, n, c = x.shape
     num_keep = num_visible_tokens(n, mask_ratio)
     x = _normalize(x)

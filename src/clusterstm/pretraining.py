@@ -479,3 +479,478 @@ def _objective_losses(outputs: Any) -> dict[str, torch.Tensor]:
         if key.endswith("_loss") and key != "loss" and isinstance(value, torch.Tensor) and value.numel() == 1:
             losses[key] = value
     return losses
+
+
+def build_train_dataset(args: PretrainingArguments, num_frames: int, image_size: int):
+    """The training split: the synthetic benchmark in memory, or `--train_file` (optionally streamed)."""
+    from .data import load_video_text_dataset
+
+    if args.dataset_name == "synthetic":
+        from .synthetic import SyntheticVideoTextConfig
+
+        sizes = {"num_val": 0, "num_test": 0, "num_compositional": 0}
+        if args.num_train_clips is not None:
+            sizes["num_train"] = args.num_train_clips
+        config = SyntheticVideoTextConfig(
+            num_frames=max(num_frames, 2), image_size=image_size, seed=args.synthetic_seed, **sizes
+        )
+        dataset = load_video_text_dataset("synthetic", split="train", synthetic_config=config)
+    else:
+        dataset = load_video_text_dataset(
+            train_file=args.train_file,
+            video_root=args.video_root,
+            video_column=args.video_column,
+            caption_column=args.caption_column,
+            streaming=args.streaming,
+        )
+    if args.max_train_samples is not None:
+        dataset = dataset.take(args.max_train_samples) if args.streaming else dataset.select(range(min(len(dataset), args.max_train_samples)))
+    return dataset
+
+
+def _unused_parameters_probe(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
+    """Names of trainable parameters that get no gradient from one forward/backward (objectives weighted 0, heads
+    the configuration never uses). DDP needs them frozen (`find_unused_parameters=True` would cost a graph walk per
+    step and breaks with gradient checkpointing)."""
+    outputs = model(**batch)
+    outputs.loss.backward()
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    return unused
+
+
+def _teacher_inputs_for_attention(
+    teacher: Any, batch: dict[str, torch.Tensor], config: Any
+) -> dict[str, torch.Tensor]:
+    """Teacher tensors computed once in the loop for attention-guided masking (its masks need the CLS attention
+    before the forward), passed to the model so the teacher does not run twice."""
+    video = teacher.encode_video(batch.get("teacher_pixel_values", batch["pixel_values"]))
+    extra = {"teacher_patch_tokens": video.patch_tokens, "teacher_cls_attention": video.cls_attention}
+    if config.relevance_loss_weight > 0:
+        input_ids = batch.get("teacher_input_ids", batch["input_ids"])
+        attention_mask = batch.get("teacher_attention_mask", batch["attention_mask"])
+        text_embeds = teacher.encode_text(input_ids, attention_mask)
+        extra["teacher_relevance"] = teacher.relevance(video.patch_tokens, text_embeds, config.relevance_window_size)
+    return extra
+
+
+def pretraining_forward(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    seed: int,
+    step: int,
+    sample_offset: int,
+) -> Any:
+    """
+    One forward pass of `ClusterSTMForPreTraining` (possibly DDP-wrapped) on a collated batch.
+
+    Random masks (`random`, `tube`, `attention`) are drawn here, per sample, from generators seeded by
+    `(seed, step, sample_offset + i)`, so they do not depend on how the global batch is split over processes.
+    Cluster masks are a deterministic function of the features and are computed inside the model.
+    """
+    inner = model.module if hasattr(model, "module") else model
+    config = inner.config
+    inputs = dict(batch)
+    strategy = config.mask_strategy
+    if strategy in RANDOM_MASK_STRATEGIES and (inner.training or config.mask_at_eval) and "bool_masked_pos" not in inputs:
+        pixel_values = inputs["pixel_values"]
+        vision = config.vision_config
+        num_frames = (pixel_values.shape[1] if pixel_values.ndim == 5 else 1) // vision.tubelet_size
+        num_tokens = (pixel_values.shape[-2] // vision.patch_size) * (pixel_values.shape[-1] // vision.patch_size)
+        generators = mask_generators(seed, step, sample_offset, pixel_values.shape[0])
+        cls_attention = None
+        if strategy == "attention":
+            teacher = inner.teacher
+            if teacher is None:
+                raise ValueError("--mask_strategy attention needs a teacher (--teacher_name_or_path).")
+            inputs.update(_teacher_inputs_for_attention(teacher, inputs, config))
+            cls_attention = inputs["teacher_cls_attention"]
+        masks = per_sample_random_masks(strategy, generators, num_frames, num_tokens, config.mask_ratio, cls_attention)
+        inputs["bool_masked_pos"] = masks.to(pixel_values.device)
+    return model(**inputs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cpu_distributed_launch() -> bool:
+    """True under a multi-process launch on a machine without CUDA (e.g. `torchrun --nproc_per_node 2` on CPUs).
+
+    Accelerate only picks its gloo CPU backend for torchrun-style launches when told the run is on CPU; otherwise
+    every process silently runs alone as rank 0.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return world_size > 1 and not torch.cuda.is_available()
+
+
+def _setup_logging(accelerator: Accelerator) -> None:
+    import datasets
+    import transformers
+
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
+    if accelerator.is_local_main_process:
+        logger.setLevel(logging.INFO)
+        transformers.utils.logging.set_verbosity_warning()
+        datasets.utils.logging.set_verbosity_warning()
+    else:
+        logger.setLevel(logging.ERROR)
+        transformers.utils.logging.set_verbosity_error()
+        datasets.utils.logging.set_verbosity_error()
+
+
+def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
+    """
+    Runs ClusterSTM pretraining as configured by `args` (see [`PretrainingArguments`]) on every process of the
+    current Accelerate launch, and returns the content of `train_results.json` (on every process).
+
+    Without a teacher, the objectives that need one (relevance reconstruction, token alignment) are switched off with
+    a warning (their weights are restored in the saved config), and cluster-wise masking clusters the student's own
+    patch embeddings; `--mask_strategy attention` needs a teacher and raises `ValueError`.
+    """
+    from .data import VideoTextCollator
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        cpu=cpu_distributed_launch(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        project_config=ProjectConfiguration(project_dir=str(output_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
+        step_scheduler_with_optimizer=False,
+        # Unused parameters are frozen up front (see `_unused_parameters_probe`), so DDP needs no graph walk.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    _setup_logging(accelerator)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        removed = remove_incomplete_checkpoints(output_dir)
+        if removed:
+            logger.warning("Removed %d incomplete checkpoint folder(s) left by a crash.", len(removed))
+    accelerator.wait_for_everyone()
+    torch.manual_seed(args.seed)
+
+    # ---- model, teacher, processor
+    model, processor = load_student(args.model_name_or_path, args.mask_strategy, args.mask_ratio)
+    config = model.config
+    original_weights = {name: getattr(config, name) for name in TEACHER_LOSSES}
+    teacher = None
+    if args.teacher_name_or_path is not None:
+        from .teacher_clusterstm import ClusterSTMTeacher
+
+        teacher = ClusterSTMTeacher.from_pretrained(args.teacher_name_or_path, device=accelerator.device)
+        model.set_teacher(teacher)
+    else:
+        if config.mask_strategy == "attention":
+            raise ValueError("--mask_strategy attention needs a teacher: pass --teacher_name_or_path.")
+        for name in TEACHER_LOSSES:
+            if getattr(config, name) > 0:
+                logger.warning("No teacher: %s=%s is set to 0 for this run (the objective needs a teacher).", name, getattr(config, name))
+                setattr(config, name, 0.0)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    # ---- data
+    vision = config.vision_config
+    dataset = build_train_dataset(args, vision.num_frames, vision.image_size)
+    collator = VideoTextCollator(
+        processor,
+        teacher_tokenizer=teacher.tokenizer if teacher is not None else None,
+        num_frames=vision.num_frames,
+        sampling=args.frame_sampling,
+        skip_bad_samples=args.skip_bad_samples,
+        max_length=args.max_text_length,
+        caption_column=args.caption_column,
+        dataset=dataset if (args.skip_bad_samples and not args.streaming) else None,
+    )
+    is_streaming = args.streaming
+    sampler = None
+    if is_streaming:
+        dataset = dataset.shuffle(seed=args.seed, buffer_size=1000)
+        if args.max_steps <= 0:
+            raise ValueError("--streaming needs --max_steps (a streamed corpus has no length).")
+    else:
+        if len(dataset) < args.per_device_train_batch_size * accelerator.num_processes:
+            raise ValueError(
+                f"The training set has {len(dataset)} clips, fewer than one global batch "
+                f"({args.per_device_train_batch_size} x {accelerator.num_processes} processes)."
+            )
+        sampler = EpochShuffleSampler(len(dataset), args.seed)
+    train_dataloader = DataLoader(
+        dataset,
+        batch_size=args.per_device_train_batch_size,
+        sampler=sampler,
+        collate_fn=collator,
+        num_workers=args.dataloader_num_workers,
+        # Every process must see full, equal batches: the contrastive all-gather needs equal shapes.
+        drop_last=True,
+        persistent_workers=False,
+    )
+
+    # ---- optimizer and schedule
+    if accelerator.num_processes > 1:
+        probe = collator([row for _, row in zip(range(args.per_device_train_batch_size), iter(dataset))])
+        probe.pop("num_skipped_samples", None)
+        model.to(accelerator.device)
+        torch.manual_seed(derive_seed(args.seed, "probe"))
+        with accelerator.autocast():
+            unused = _unused_parameters_probe(model, {k: v.to(accelerator.device) for k, v in probe.items()})
+        for name, parameter in model.named_parameters():
+            if name in unused:
+                parameter.requires_grad_(False)
+        if unused:
+            logger.info("Frozen %d parameter tensors that this configuration never uses (e.g. %s).", len(unused), unused[0])
+    optimizer = build_optimizer(model, args)
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+
+    accum = args.gradient_accumulation_steps
+    if is_streaming:
+        steps_per_epoch = None
+        max_steps = args.max_steps
+        num_epochs = sys.maxsize
+    else:
+        micro_batches_per_epoch = len(train_dataloader)
+        if micro_batches_per_epoch == 0:
+            raise ValueError("No full batch per process: lower --per_device_train_batch_size.")
+        steps_per_epoch = math.ceil(micro_batches_per_epoch / accum)
+        max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+        num_epochs = math.ceil(max_steps / steps_per_epoch)
+    warmup = args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * max_steps)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps
+    )
+    global_batch = args.per_device_train_batch_size * accelerator.num_processes * accum
+
+    # ---- resume
+    state: dict[str, Any] = {
+        "global_step": 0,
+        "loss_sum": 0.0,
+        "objective_sums": {},
+        "logged_steps": 0,
+        "bad_samples_skipped": 0,
+        "nan_steps_skipped": 0,
+        "runtime_before": 0.0,
+    }
+    resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        saved = json.loads((resume_path / CHECKPOINT_MARKER).read_text())
+        scheduler.load_state_dict(saved.pop("scheduler"))
+        state.update({k: v for k, v in saved.items() if k in state})
+        logger.info("Resumed from %s at step %d.", resume_path, state["global_step"])
+    global_step = state["global_step"]
+
+    metrics_logger = MetricsLogger(output_dir, args.report_to, accelerator.is_main_process)
+    logger.info(
+        "Pretraining: %s clips, %d processes x %d per device x %d accumulation = global batch %d, %d steps, "
+        "mask %s @ %.2f, teacher: %s",
+        "streamed" if is_streaming else len(dataset),
+        accelerator.num_processes,
+        args.per_device_train_batch_size,
+        accum,
+        global_batch,
+        max_steps,
+        config.mask_strategy,
+        config.mask_ratio,
+        args.teacher_name_or_path or "none",
+    )
+    progress = None
+    if accelerator.is_main_process and not args.disable_tqdm:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=max_steps, initial=global_step, desc="pretraining", dynamic_ncols=True)
+
+    start_time = time.perf_counter()
+    window_start, window_steps = time.perf_counter(), 0
+    window_loss, window_objectives = 0.0, {}
+    unwrapped = accelerator.unwrap_model(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    start_epoch = global_step // steps_per_epoch if steps_per_epoch else 0
+    done = global_step >= max_steps
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            if done:
+                break
+            loader = train_dataloader
+            resume_micro = (global_step - epoch * steps_per_epoch) * accum if steps_per_epoch else global_step * accum
+            if resume_micro > 0:
+                loader = accelerator.skip_first_batches(train_dataloader, resume_micro)
+            # Accelerate's loaders re-apply their own iteration counter as the epoch on every `iter()`, so the
+            # epoch must be set on the loader actually iterated (a fresh skipping loader would otherwise say 0).
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            micro = 0
+            step_loss, step_objectives, step_bad = 0.0, {}, False
+            for batch in loader:
+                skipped = batch.pop("num_skipped_samples", None)
+                if skipped is not None:
+                    state["bad_samples_skipped"] += int(accelerator.reduce(skipped.to(accelerator.device), "sum").item())
+                # Dropout, MLM masking and hard-negative sampling draw from torch's global RNG: reseeding it per
+                # micro-batch makes a resumed run bit-identical to an uninterrupted one.
+                torch.manual_seed(derive_seed(args.seed, "step", global_step, micro, accelerator.process_index))
+                sample_offset = (micro * accelerator.num_processes + accelerator.process_index) * args.per_device_train_batch_size
+                with accelerator.accumulate(model):
+                    outputs = pretraining_forward(model, batch, args.seed, global_step, sample_offset)
+                    objectives = _objective_losses(outputs)
+                    values = torch.stack([outputs.loss.detach().float()] + [v.detach().float() for v in objectives.values()])
+                    finite = torch.isfinite(values).all()
+                    packed = torch.cat([torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), (~finite).float()[None]])
+                    packed = accelerator.reduce(packed, "sum")
+                    if packed[-1] > 0:
+                        described = ", ".join(
+                            f"{name}={value.item():.4g}" for name, value in zip(["loss", *objectives], values)
+                        )
+                        if args.nan_policy == "stop":
+                            raise NonFiniteLossError(
+                                f"Non-finite loss at step {global_step + 1} (micro-batch {micro}) on at least one "
+                                f"process (this process: {described}). The weights were not updated by this step; "
+                                "the last checkpoint is intact. Lower --learning_rate, prefer bf16 over fp16, check "
+                                "the data, or pass --nan_policy skip."
+                            )
+                        if not step_bad:
+                            logger.warning("Non-finite loss at step %d (%s): skipping the step.", global_step + 1, described)
+                        step_bad = True
+                    else:
+                        accelerator.backward(outputs.loss)
+                        means = packed[:-1] / accelerator.num_processes
+                        step_loss += means[0].item() / accum
+                        for name, value in zip(objectives, means[1:]):
+                            step_objectives[name] = step_objectives.get(name, 0.0) + value.item() / accum
+                    if accelerator.sync_gradients:
+                        if not step_bad and args.max_grad_norm > 0:
+                            grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                            if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)) and args.mixed_precision != "fp16":
+                                if args.nan_policy == "stop":
+                                    raise NonFiniteLossError(
+                                        f"Non-finite gradient norm at step {global_step + 1}; the weights were not "
+                                        "updated. Lower --learning_rate or pass --nan_policy skip."
+                                    )
+                                logger.warning("Non-finite gradient norm at step %d: skipping the step.", global_step + 1)
+                                step_bad = True
+                        if not step_bad:
+                            optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                micro += 1
+                if not accelerator.sync_gradients:
+                    continue
+
+                # ---- one optimizer step done
+                scheduler.step()
+                global_step += 1
+                micro = 0
+                if step_bad:
+                    state["nan_steps_skipped"] += 1
+                else:
+                    state["loss_sum"] += step_loss
+                    state["logged_steps"] += 1
+                    for name, value in step_objectives.items():
+                        state["objective_sums"][name] = state["objective_sums"].get(name, 0.0) + value
+                    window_loss += step_loss
+                    window_steps += 1
+                    for name, value in step_objectives.items():
+                        window_objectives[name] = window_objectives.get(name, 0.0) + value
+                step_loss, step_objectives, step_bad = 0.0, {}, False
+                if progress is not None:
+                    progress.update(1)
+                if global_step % args.logging_steps == 0 or global_step == max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    logs = {
+                        "loss": window_loss / max(window_steps, 1),
+                        **{name: value / max(window_steps, 1) for name, value in window_objectives.items()},
+                        "learning_rate": scheduler.get_last_lr()[0],
+                        "samples_per_second": window_steps * global_batch / max(elapsed, 1e-9),
+                        "steps_per_second": window_steps / max(elapsed, 1e-9),
+                        "epoch": global_step / steps_per_epoch if steps_per_epoch else float(epoch),
+                        "bad_samples_skipped": state["bad_samples_skipped"],
+                    }
+                    metrics_logger.log(logs, global_step)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['learning_rate']:.2e}")
+                    logger.info(
+                        "step %d/%d: %s",
+                        global_step,
+                        max_steps,
+                        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()),
+                    )
+                    window_start, window_steps, window_loss, window_objectives = time.perf_counter(), 0, 0.0, {}
+                if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                    state["global_step"] = global_step
+                    runtime = state["runtime_before"] + time.perf_counter() - start_time
+                    save_training_checkpoint(
+                        accelerator,
+                        output_dir,
+                        global_step,
+                        {**state, "runtime_before": runtime, "scheduler": scheduler.state_dict()},
+                    )
+                    if accelerator.is_main_process:
+                        rotate_checkpoints(output_dir, args.save_total_limit)
+                if global_step >= max_steps:
+                    done = True
+                    break
+    finally:
+        if progress is not None:
+            progress.close()
+        metrics_logger.close()
+
+    accelerator.wait_for_everyone()
+    runtime = state["runtime_before"] + time.perf_counter() - start_time
+    steps_done = state["logged_steps"]
+    results = {
+        "train_loss": state["loss_sum"] / max(steps_done, 1),
+        "train_runtime": runtime,
+        "train_samples_per_second": global_step * global_batch / max(runtime, 1e-9),
+        "train_steps_per_second": global_step / max(runtime, 1e-9),
+        "global_step": global_step,
+        "epoch": global_step / steps_per_epoch if steps_per_epoch else None,
+        "train_global_batch_size": global_batch,
+        "num_processes": accelerator.num_processes,
+        "mask_strategy": config.mask_strategy,
+        "mask_ratio": config.mask_ratio,
+        "bad_samples_skipped": state["bad_samples_skipped"],
+        "nan_steps_skipped": state["nan_steps_skipped"],
+        **{f"train_{name}": value / max(steps_done, 1) for name, value in state["objective_sums"].items()},
+    }
+    # The saved config describes the model, not this run's teacher availability.
+    for name, value in original_weights.items():
+        setattr(unwrapped.config, name, value)
+    if accelerator.is_main_process:
+        save_final_model(unwrapped, processor, output_dir)
+        (output_dir / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        if args.push_to_hub:
+            from .hub import push_checkpoint
+
+            push_checkpoint(
+                output_dir,
+                args.hub_model_id,
+                private=args.hub_private_repo,
+                require_model_card=False,
+                commit_message=f"ClusterSTM pretraining, step {global_step}",
+            )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def save_final_model(model: Any, processor: Any, output_dir: str | os.PathLike) -> Path:
+    """Saves the student (never the teacher) and its processor as a Hub-ready folder (remote code + auto_map)."""
+    try:
+        from .checkpoint import save_checkpoint
+    except ImportError as error:  # only while the package is partially installed
+        logger.warning("clusterstm.checkpoint unavailable (%s): saving without remote-code files.", error)
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        return Path(output_dir)
+    return save_checkpoint(model, output_dir, processor=processor)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Entry point of `scripts/pretrain.py`."""
+    parser = HfArgumentParser(PretrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    return run_pretraining(args)

@@ -108,7 +108,9 @@ class ClusterSTMTeacher(nn.Module):
 
             path = os.fspath(pretrained_model_name_or_path)
             if not os.path.isdir(path):
-                raise ValueError(f"Teacher checkpoint folder not found: {path!r} (the teacher loads local files only).")
+                raise ValueError(
+                    f"Teacher checkpoint folder not found: {path!r} (the teacher loads local files only)."
+                )
             kwargs = {"local_files_only": True}
             if dtype is not None:
                 kwargs["dtype"] = dtype
@@ -155,7 +157,9 @@ class ClusterSTMTeacher(nn.Module):
         """
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 5 or pixel_values.shape[2] != 3:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
-            raise ValueError(f"`pixel_values` must have shape (batch_size, num_frames, 3, height, width), got {shape}.")
+            raise ValueError(
+                f"`pixel_values` must have shape (batch_size, num_frames, 3, height, width), got {shape}."
+            )
         b, t = pixel_values.shape[:2]
         frames = pixel_values.reshape(b * t, *pixel_values.shape[2:]).to(device=self.device, dtype=self.dtype)
         interpolate = tuple(frames.shape[-2:]) != (self.image_size, self.image_size)
@@ -163,7 +167,9 @@ class ClusterSTMTeacher(nn.Module):
         if self.model_kind == "clip":
             patch_tokens, attention = self._clip_vision(frames, interpolate)
         else:
-            hidden = self.model.vision_model(pixel_values=frames, interpolate_pos_encoding=interpolate).last_hidden_state
+            hidden = self.model.vision_model(
+                pixel_values=frames, interpolate_pos_encoding=interpolate
+            ).last_hidden_state
             patch_tokens, attention = hidden, _pooling_head_attention(self.model.vision_model.head, hidden)
 
         n = patch_tokens.shape[1]
@@ -184,7 +190,9 @@ class ClusterSTMTeacher(nn.Module):
         # the CLS attention is recomputed from the last layer's input, so any attention backend (SDPA, flash) works
         handle = last_layer.register_forward_pre_hook(capture_input, with_kwargs=True)
         try:
-            hidden = self.model.vision_model(pixel_values=frames, interpolate_pos_encoding=interpolate).last_hidden_state
+            hidden = self.model.vision_model(
+                pixel_values=frames, interpolate_pos_encoding=interpolate
+            ).last_hidden_state
         finally:
             handle.remove()
         attention = _cls_attention(last_layer, captured["hidden_states"])

@@ -1,0 +1,666 @@
+"""Ablations of ClusterSTM on the embedded synthetic video-text benchmark.
+
+One command, three ablations, each with seeds and spreads:
+
+- `masking`: cluster-wise (ClusterSTM) vs random vs tube vs attention-guided (UMT) masking at several mask ratios,
+  with the same tiny model, data, steps and objectives;
+- `window`: relevance window 1x1 vs 3x3 vs 5x5 (the analogue of the paper's supplementary Table I);
+- `objective`: contrastive only; + teacher token alignment (UMT); + relevance reconstruction (ClusterSTM); both.
+
+Every run pretrains a tiny `ClusterSTMForPreTraining` from scratch (same initialisation per seed) against one shared
+frozen CLIP teacher (trained once with `clusterstm.teacher_training.run_teacher_training` and cached), then measures
+zero-shot text->video retrieval (R@1/R@5 on the `test` and `compositional` splits, via `clusterstm.metrics`). With
+`--finetune_steps > 0` the pretrained checkpoint is also fine-tuned for the same number of steps on video QA and
+captioning with `clusterstm.finetuning.run_finetuning` (the product's Trainer path) and evaluated on the test split
+(QA accuracy, CIDEr with the offline Python tokenizer, no METEOR).
+
+Usage (from the repository root):
+
+    python benchmarks/ablation.py all                      # the full grid of docs/RESULTS.md
+    python benchmarks/ablation.py masking --seeds 0 1 2 --steps 300
+    python benchmarks/ablation.py all --quick               # tiny grid (< 90 s), what CI runs
+
+Outputs: `<output_dir>/ablation_<name>.json` and `.md` (mean ± std over seeds), PNG bar charts in `<plot_dir>`.
+Single runs are cached as JSON under `--work_dir` (keyed by every setting that affects them), so an interrupted grid
+resumes and runs shared between ablations (e.g. cluster masking at 0.75 with a 3x3 window) are trained once.
+
+The pretraining loop here is a minimal in-memory loop on the model API (`ClusterSTMForPreTraining.forward` with an
+attached teacher, the product's `build_optimizer` and a cosine schedule): `clusterstm.pretraining.run_pretraining`
+was not available when this benchmark was written, and the in-memory loop avoids re-decoding the same clips for every
+one of the dozens of runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("clusterstm.ablation")
+
+ABLATIONS = ("masking", "window", "objective")
+STRATEGIES = ("cluster", "random", "tube", "attention")
+# Objective variants: which of the teacher-driven losses are on (the contrastive loss always is).
+OBJECTIVES: dict[str, dict[str, float]] = {
+    "contrastive": {"relevance_loss_weight": 0.0, "alignment_loss_weight": 0.0},
+    "contrastive+alignment (UMT)": {"relevance_loss_weight": 0.0, "alignment_loss_weight": 1.0},
+    "contrastive+relevance (ClusterSTM)": {"relevance_loss_weight": 1.0, "alignment_loss_weight": 0.0},
+    "contrastive+relevance+alignment": {"relevance_loss_weight": 1.0, "alignment_loss_weight": 1.0},
+}
+RETRIEVAL_KEYS = ("test_t2v_r1", "test_t2v_r5", "compositional_t2v_r1", "compositional_t2v_r5")
+FINETUNE_KEYS = ("qa_accuracy", "caption_cider")
+
+
+@dataclass
+class Settings:
+    """Everything shared by the runs of one grid (data, teacher, optimisation)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    learning_rate: float = 5e-4
+    warmup_ratio: float = 0.1
+    num_train: int = 1000
+    num_test: int = 200
+    num_compositional: int = 200
+    synthetic_seed: int = 0
+    teacher_steps: int = 300
+    teacher_train_clips: int = 1000
+    teacher_eval_clips: int = 200
+    # Fine-tuning (QA and captioning) after pretraining; 0 disables it.
+    finetune_steps: int = 0
+    finetune_train_clips: int = 512
+    finetune_eval_clips: int = 128
+    # Default masking / objective of the window and objective ablations (ClusterSTM's).
+    default_strategy: str = "cluster"
+    default_ratio: float = 0.75
+    # VTM and MLM are switched off in every run (they do not enter zero-shot retrieval and would double the CPU
+    # cost); the contrastive loss and the teacher-driven losses under study are what the runs differ in.
+    matching_loss_weight: float = 0.0
+    mlm_loss_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One pretraining run."""
+
+    mask_strategy: str
+    mask_ratio: float
+    relevance_window_size: int = 3
+    objective: str = "contrastive+relevance (ClusterSTM)"
+    seed: int = 0
+
+
+@dataclass
+class Grid:
+    """The runs of one ablation: `groups` maps a row label to its runs over seeds."""
+
+    name: str
+    title: str
+    groups: dict[str, list[RunSpec]] = field(default_factory=dict)
+
+
+def build_grid(name: str, settings: Settings, seeds: Sequence[int], quick: bool, ratios: Sequence[float]) -> Grid:
+    """The runs of ablation `name` (`masking`, `window` or `objective`)."""
+    default = RunSpec(settings.default_strategy, settings.default_ratio)
+    if name == "masking":
+        grid = Grid(name, "Masking strategy x mask ratio (objective: contrastive + relevance, 3x3 window)")
+        strategies = ("cluster", "random") if quick else STRATEGIES
+        for ratio in ratios:
+            for strategy in strategies:
+                grid.groups[f"{strategy} @ {ratio:g}"] = [replace(default, mask_strategy=strategy, mask_ratio=ratio, seed=s) for s in seeds]
+    elif name == "window":
+        grid = Grid(name, f"Relevance window (cluster masking @ {settings.default_ratio:g}, contrastive + relevance)")
+        for window in (1, 3) if quick else (1, 3, 5):
+            grid.groups[f"{window}x{window}"] = [replace(default, relevance_window_size=window, seed=s) for s in seeds]
+    elif name == "objective":
+        grid = Grid(name, f"Objective (cluster masking @ {settings.default_ratio:g}, 3x3 window)")
+        objectives = list(OBJECTIVES)[::2] if quick else list(OBJECTIVES)
+        for objective in objectives:
+            grid.groups[objective] = [replace(default, objective=objective, seed=s) for s in seeds]
+    else:
+        raise ValueError(f"Unknown ablation {name!r}; expected one of {ABLATIONS} or 'all'.")
+    return grid
+
+
+# ------------------------------------------------------------------------------------------------------------ assets
+@dataclass
+class Assets:
+    """What every run shares: the teacher, the student's init folder (config + processor), the tokenised data."""
+
+    teacher: Any
+    init_dir: Path
+    processor: Any
+    train_videos: np.ndarray  # (N, T, H, W, 3) uint8
+    train: dict[str, torch.Tensor]
+    eval_videos: dict[str, np.ndarray]
+    eval_tokens: dict[str, dict[str, torch.Tensor]]
+    teacher_info: dict[str, Any]
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def prepare_assets(settings: Settings, work_dir: Path) -> Assets:
+    """Trains (or loads the cached) teacher, writes the student's init folder, generates and tokenises the data."""
+    from clusterstm.finetuning import init_from_preset
+    from clusterstm.processing_clusterstm import ClusterSTMProcessor
+    from clusterstm.synthetic import SyntheticVideoTextConfig, generate_synthetic_benchmark
+    from clusterstm.teacher_clusterstm import ClusterSTMTeacher
+    from clusterstm.teacher_training import TeacherTrainingArguments, run_teacher_training
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    teacher_args = TeacherTrainingArguments(
+        output_dir="",
+        max_steps=settings.teacher_steps,
+        num_train_clips=settings.teacher_train_clips,
+        num_eval_clips=settings.teacher_eval_clips,
+        synthetic_seed=settings.synthetic_seed,
+    )
+    teacher_dir = work_dir / f"teacher-{_digest(asdict(teacher_args))}"
+    if not (teacher_dir / "teacher_results.json").is_file():
+        logger.info("training the shared teacher (%d steps) into %s", settings.teacher_steps, teacher_dir)
+        run_teacher_training(replace(teacher_args, output_dir=str(teacher_dir)))
+    teacher_results = json.loads((teacher_dir / "teacher_results.json").read_text())
+    teacher = ClusterSTMTeacher.from_pretrained(teacher_dir)
+
+    init_dir = work_dir / "student-init"
+    if not (init_dir / "config.json").is_file():
+        # `clusterstm init` (falls back to a plain config + processor folder while the heads are being merged).
+        init_from_preset("tiny", init_dir)
+    processor = ClusterSTMProcessor.from_pretrained(init_dir)
+
+    data_config = SyntheticVideoTextConfig(
+        num_train=settings.num_train,
+        num_val=0,
+        num_test=settings.num_test,
+        num_compositional=settings.num_compositional,
+        seed=settings.synthetic_seed,
+    )
+    data = generate_synthetic_benchmark(data_config, splits=("train", "test", "compositional"))
+
+    def tokens(tokenizer, captions: list[str]) -> dict[str, torch.Tensor]:
+        out = tokenizer(captions, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    train_captions = list(data["train"]["caption"])
+    student = tokens(processor.tokenizer, train_captions)
+    teacher_tokens = tokens(teacher.tokenizer, train_captions)
+    train = {
+        "input_ids": student["input_ids"],
+        "attention_mask": student["attention_mask"],
+        "teacher_input_ids": teacher_tokens["input_ids"],
+        "teacher_attention_mask": teacher_tokens["attention_mask"],
+    }
+    eval_videos = {split: np.asarray(data[split]["video"]) for split in ("test", "compositional")}
+    eval_tokens = {split: tokens(processor.tokenizer, list(data[split]["caption"])) for split in ("test", "compositional")}
+    teacher_info = {
+        "steps": settings.teacher_steps,
+        "train_clips": settings.teacher_train_clips,
+        "train_runtime_s": teacher_results.get("train_runtime"),
+        "val_frame_to_caption_r1": teacher_results.get("eval_after", {}).get("image_to_text_R@1"),
+        "val_caption_to_frame_r1": teacher_results.get("eval_after", {}).get("text_to_image_R@1"),
+    }
+    return Assets(
+        teacher=teacher,
+        init_dir=init_dir,
+        processor=processor,
+        train_videos=np.asarray(data["train"]["video"]),
+        train=train,
+        eval_videos=eval_videos,
+        eval_tokens=eval_tokens,
+        teacher_info=teacher_info,
+    )
+
+
+def pixel_values(videos: np.ndarray) -> torch.Tensor:
+    """uint8 `(B, T, H, W, 3)` -> `(B, T, 3, H, W)` normalised with the CLIP mean/std, which is what both the
+    student's `ClusterSTMVideoProcessor` and the teacher's `CLIPImageProcessor` produce for 64x64 frames (no resize)."""
+    from clusterstm.teacher_training import normalize_frames
+
+    return normalize_frames(videos)
+
+
+# ------------------------------------------------------------------------------------------------------------ runs
+def build_student(spec: RunSpec, settings: Settings, assets: Assets):
+    """A freshly initialised tiny `ClusterSTMForPreTraining` (seeded by `spec.seed`) with the run's settings."""
+    from clusterstm.configuration_clusterstm import ClusterSTMConfig
+    from clusterstm.modeling_clusterstm import ClusterSTMForPreTraining
+
+    config = ClusterSTMConfig.from_pretrained(assets.init_dir)
+    config.mask_strategy = spec.mask_strategy
+    config.mask_ratio = spec.mask_ratio
+    config.relevance_window_size = spec.relevance_window_size
+    config.contrastive_loss_weight = 1.0
+    config.matching_loss_weight = settings.matching_loss_weight
+    config.mlm_loss_weight = settings.mlm_loss_weight
+    for key, value in OBJECTIVES[spec.objective].items():
+        setattr(config, key, value)
+    torch.manual_seed(spec.seed)
+    model = ClusterSTMForPreTraining(config)
+    model.set_teacher(assets.teacher)
+    return model
+
+
+@torch.no_grad()
+def zero_shot_retrieval(model, assets: Assets, batch_size: int = 64) -> dict[str, float]:
+    """Zero-shot text->video (and video->text) R@1/R@5 in percent on the test and compositional splits."""
+    from clusterstm.metrics import retrieval_metrics_from_embeddings
+
+    model.eval()
+    base = model.clusterstm if hasattr(model, "clusterstm") else model
+    results = {}
+    for split, videos in assets.eval_videos.items():
+        video_embeds, text_embeds = [], []
+        tokens = assets.eval_tokens[split]
+        for start in range(0, len(videos), batch_size):
+            video_embeds.append(base.get_video_features(pixel_values(videos[start : start + batch_size])).pooler_output)
+            text_embeds.append(
+                base.get_text_features(
+                    input_ids=tokens["input_ids"][start : start + batch_size],
+                    attention_mask=tokens["attention_mask"][start : start + batch_size],
+                ).pooler_output
+            )
+        metrics = retrieval_metrics_from_embeddings(torch.cat(text_embeds).numpy(), torch.cat(video_embeds).numpy())
+        for key in ("t2v_r1", "t2v_r5", "v2t_r1"):
+            results[f"{split}_{key}"] = float(metrics[key])
+        results[f"{split}_chance_r1"] = 100.0 / len(videos)
+    return results
+
+
+def pretrain(spec: RunSpec, settings: Settings, assets: Assets) -> tuple[Any, dict[str, Any]]:
+    """Pretrains one student; returns it and its training statistics."""
+    from transformers import get_scheduler
+
+    from clusterstm.pretraining import PretrainingArguments, build_optimizer, derive_seed
+
+    model = build_student(spec, settings, assets)
+    args = PretrainingArguments(
+        model_name_or_path=str(assets.init_dir),
+        output_dir="unused",
+        dataset_name="synthetic",
+        learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.batch_size,
+    )
+    optimizer = build_optimizer(model, args)
+    scheduler = get_scheduler(
+        "cosine",
+        optimizer,
+        num_warmup_steps=int(settings.warmup_ratio * settings.steps),
+        num_training_steps=settings.steps,
+    )
+    num_clips = len(assets.train_videos)
+    batch_size = min(settings.batch_size, num_clips)
+    # The data order depends on the seed only (not on the strategy), so all strategies see the same batches.
+    order_generator = torch.Generator().manual_seed(derive_seed(spec.seed, "order"))
+    order, cursor = torch.randperm(num_clips, generator=order_generator), 0
+    losses: list[float] = []
+    parts: dict[str, list[float]] = {}
+    model.train()
+    start = time.perf_counter()
+    for step in range(settings.steps):
+        if cursor + batch_size > num_clips:
+            order, cursor = torch.randperm(num_clips, generator=order_generator), 0
+        index = order[cursor : cursor + batch_size]
+        cursor += batch_size
+        batch = {key: value[index] for key, value in assets.train.items()}
+        outputs = model(
+            pixel_values=pixel_values(assets.train_videos[index.numpy()]),
+            mask_generator=torch.Generator().manual_seed(derive_seed(spec.seed, "mask", step)),
+            **batch,
+        )
+        loss = outputs.loss
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss at step {step} of {spec}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        for key in ("contrastive_loss", "relevance_loss", "alignment_loss", "matching_loss", "mlm_loss"):
+            value = getattr(outputs, key, None)
+            if value is not None:
+                parts.setdefault(key, []).append(value.item())
+    runtime = time.perf_counter() - start
+    tail = max(1, settings.steps // 10)
+    stats = {
+        "train_runtime_s": runtime,
+        "train_loss_final": float(np.mean(losses[-tail:])),
+        **{f"{key}_final": float(np.mean(values[-tail:])) for key, values in parts.items()},
+    }
+    return model, stats
+
+
+def finetune(model, settings: Settings, assets: Assets, run_dir: Path, seed: int) -> dict[str, float]:
+    """Identical short fine-tuning on QA and captioning with `run_finetuning`; test-split accuracy and CIDEr."""
+    from transformers import TrainingArguments
+
+    from clusterstm.finetuning import DataArguments, ModelArguments, run_finetuning
+
+    checkpoint = run_dir / "pretrained"
+    try:
+        from clusterstm.checkpoint import save_checkpoint
+
+        save_checkpoint(model, checkpoint, assets.processor)
+    except ImportError:  # the checkpoint helpers import the task heads, which may not be merged yet
+        model.save_pretrained(checkpoint)
+        assets.processor.save_pretrained(checkpoint)
+    results = {}
+    for task, key, metric_suffix in (("qa", "qa_accuracy", "accuracy"), ("captioning", "caption_cider", "CIDEr")):
+        output_dir = run_dir / task
+        training_args = TrainingArguments(
+            output_dir=str(output_dir),
+            do_train=True,
+            do_eval=True,
+            max_steps=settings.finetune_steps,
+            per_device_train_batch_size=settings.batch_size,
+            per_device_eval_batch_size=64,
+            learning_rate=settings.learning_rate,
+            warmup_ratio=settings.warmup_ratio,
+            lr_scheduler_type="cosine",
+            seed=seed,
+            report_to="none",
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            use_cpu=True,
+        )
+        model_args = ModelArguments(task=task, model_name_or_path=str(checkpoint), caption_tokenizer="python")
+        data_args = DataArguments(
+            dataset_name="synthetic",
+            eval_split="test",
+            synthetic_seed=settings.synthetic_seed,
+            synthetic_num_train=settings.finetune_train_clips,
+            synthetic_num_eval=settings.finetune_eval_clips,
+        )
+        metrics = run_finetuning(model_args, data_args, training_args)
+        matches = [v for k, v in metrics.items() if k.startswith("eval_") and k.lower().endswith(metric_suffix.lower())]
+        if not matches:
+            raise KeyError(f"{task}: no eval_*{metric_suffix} in {sorted(metrics)}")
+        results[key] = float(matches[0])
+    return results
+
+
+def run_key(spec: RunSpec, settings: Settings) -> str:
+    payload = {"spec": asdict(spec), "settings": asdict(settings)}
+    return f"{spec.mask_strategy}-{spec.mask_ratio:g}-w{spec.relevance_window_size}-s{spec.seed}-{_digest(payload)}"
+
+
+def execute_run(spec: RunSpec, settings: Settings, assets: Assets, work_dir: Path) -> dict[str, Any]:
+    """Runs (or loads the cached result of) one pretraining run + evaluation (+ fine-tuning)."""
+    run_dir = work_dir / "runs" / run_key(spec, settings)
+    result_file = run_dir / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model, stats = pretrain(spec, settings, assets)
+    result: dict[str, Any] = {"spec": asdict(spec), **stats, **zero_shot_retrieval(model, assets)}
+    if settings.finetune_steps > 0:
+        finetune_start = time.perf_counter()
+        result.update(finetune(model, settings, assets, run_dir, spec.seed))
+        result["finetune_runtime_s"] = time.perf_counter() - finetune_start
+    result["wall_time_s"] = time.perf_counter() - start
+    result_file.write_text(json.dumps(result, indent=2) + "\n")
+    logger.info(
+        "%s: test R@1 %.1f, compositional R@1 %.1f (%.0f s)",
+        run_dir.name,
+        result["test_t2v_r1"],
+        result["compositional_t2v_r1"],
+        result["wall_time_s"],
+    )
+    return result
+
+
+def untrained_reference(settings: Settings, assets: Assets, seeds: Sequence[int]) -> dict[str, Any]:
+    """Zero-shot retrieval of the randomly initialised students (the floor every run must beat)."""
+    rows = []
+    for seed in seeds:
+        model = build_student(RunSpec(settings.default_strategy, settings.default_ratio, seed=seed), settings, assets)
+        rows.append(zero_shot_retrieval(model, assets))
+    return summarise(rows)
+
+
+# ------------------------------------------------------------------------------------------------------------ report
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, sample std (ddof=1; 0 for one seed), n and the per-seed values of every numeric metric."""
+    out: dict[str, Any] = {"n": len(rows)}
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and not isinstance(rows[0][k], bool)]
+    for key in keys:
+        values = np.array([row[key] for row in rows], dtype=np.float64)
+        out[key] = {
+            "mean": float(values.mean()),
+            "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "values": values.tolist(),
+        }
+    return out
+
+
+def _fmt(stat: dict[str, Any] | None, digits: int = 1) -> str:
+    if not stat:
+        return "n/a"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def write_report(
+    grid: Grid,
+    summary: dict[str, dict[str, Any]],
+    reference: dict[str, Any],
+    meta: dict[str, Any],
+    output_dir: Path,
+    plot_dir: Path,
+) -> dict[str, Path]:
+    """`ablation_<name>.json`, `ablation_<name>.md` and `ablation_<name>.png`."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    json_path = output_dir / f"ablation_{grid.name}.json"
+    md_path = output_dir / f"ablation_{grid.name}.md"
+    png_path = plot_dir / f"ablation_{grid.name}.png"
+    payload = {"ablation": grid.name, "title": grid.title, "meta": meta, "untrained": reference, "results": summary}
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+
+    has_finetune = any("qa_accuracy" in stats for stats in summary.values())
+    header = "| variant | n | test R@1 | test R@5 | compositional R@1 | compositional R@5 |"
+    rule = "|---|---|---|---|---|---|"
+    if has_finetune:
+        header += " QA acc. | CIDEr |"
+        rule += "---|---|"
+    header += " final loss | train s/run |"
+    rule += "---|---|"
+    lines = [
+        f"# Ablation: {grid.name}",
+        "",
+        grid.title + ".",
+        "",
+        f"Mean ± sample std over seeds; R@k in percent (zero-shot text->video). {meta['description']}",
+        "",
+        header,
+        rule,
+    ]
+    for label, stats in summary.items():
+        row = f"| {label} | {stats['n']} | " + " | ".join(_fmt(stats.get(key)) for key in RETRIEVAL_KEYS) + " |"
+        if has_finetune:
+            row += f" {_fmt(stats.get('qa_accuracy'))} | {_fmt(stats.get('caption_cider'), 3)} |"
+        row += f" {_fmt(stats.get('train_loss_final'), 3)} | {_fmt(stats.get('train_runtime_s'), 0)} |"
+        lines.append(row)
+    untrained = "| untrained (reference) | {} | {} | {} | {} | {} |".format(
+        reference["n"], *(_fmt(reference.get(key)) for key in RETRIEVAL_KEYS)
+    )
+    if has_finetune:
+        untrained += " – | – |"
+    lines.append(untrained + " – | – |")
+    chance = reference.get("test_chance_r1", {}).get("mean")
+    lines += [
+        "",
+        f"Chance R@1: {chance:.2f} % (test), {reference.get('compositional_chance_r1', {}).get('mean', float('nan')):.2f} % "
+        "(compositional).",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Wall time of this ablation: {meta['wall_time_s']:.0f} s on {meta['machine']}.",
+        "",
+        f"![{grid.name}](../{png_path.name})" if plot_dir.resolve() == output_dir.resolve().parent else f"Plot: `{png_path.name}`",
+        "",
+    ]
+    md_path.write_text("\n".join(lines))
+    plot(grid, summary, png_path)
+    return {"json": json_path, "md": md_path, "png": png_path}
+
+
+def plot(grid: Grid, summary: dict[str, dict[str, Any]], path: Path) -> None:
+    """Bar charts with std error bars: one panel per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("test_t2v_r1", "test R@1 (%)"), ("compositional_t2v_r1", "compositional R@1 (%)")]
+    if any("qa_accuracy" in stats for stats in summary.values()):
+        panels += [("qa_accuracy", "QA accuracy (%)"), ("caption_cider", "CIDEr")]
+    labels = list(summary)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for axis, (key, title) in zip(axes[0], panels):
+        means = [summary[label].get(key, {}).get("mean", np.nan) for label in labels]
+        stds = [summary[label].get(key, {}).get("std", 0.0) for label in labels]
+        axis.bar(range(len(labels)), means, yerr=stds, capsize=3, color=[colours(i % 10) for i in range(len(labels))])
+        axis.set_xticks(range(len(labels)))
+        axis.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
+        axis.set_title(title, fontsize=9)
+    n = max(stats["n"] for stats in summary.values())
+    fig.suptitle(f"ClusterSTM ablation: {grid.name} (mean ± std, n = {n} seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_description() -> str:
+    cores = os.cpu_count()
+    return f"{platform.machine()} CPU, {cores} cores (shared with other jobs), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+def quick_settings() -> Settings:
+    return Settings(
+        steps=3,
+        batch_size=8,
+        num_train=32,
+        num_test=16,
+        num_compositional=16,
+        teacher_steps=5,
+        teacher_train_clips=32,
+        teacher_eval_clips=16,
+        finetune_train_clips=16,
+        finetune_eval_clips=8,
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ablation", choices=(*ABLATIONS, "all"), help="Which ablation to run.")
+    parser.add_argument("--quick", action="store_true", help="Tiny grid (1 seed, few steps, small data), < 90 s.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds (default 0 1 2; --quick: 0).")
+    parser.add_argument("--steps", type=int, default=None, help="Pretraining steps per run.")
+    parser.add_argument("--ratios", type=float, nargs="+", default=None, help="Mask ratios of the masking ablation.")
+    parser.add_argument("--finetune_steps", type=int, default=None, help="QA/captioning fine-tuning steps (0: off).")
+    parser.add_argument("--batch_size", type=int, default=None, help="Pretraining batch size.")
+    parser.add_argument("--num_train", type=int, default=None, help="Synthetic training clips.")
+    parser.add_argument("--output_dir", default="docs/benchmarks", help="Where the JSON and markdown tables go.")
+    parser.add_argument("--plot_dir", default=None, help="Where the PNG plots go (default: the parent of output_dir).")
+    parser.add_argument(
+        "--work_dir",
+        default=None,
+        help="Cache of the teacher, the init folder and the single runs (default: a folder in the temp dir).",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a CPU shared with other jobs, 2 threads measured ~7x slower than 1).",
+    )
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be >= 1")
+    if args.ratios is not None and not all(0.0 <= r < 1.0 for r in args.ratios):
+        parser.error("--ratios must be in [0, 1)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Path]]:
+    """Runs the requested ablations and writes their tables and plots; returns the written paths."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = quick_settings() if args.quick else Settings()
+    overrides = {
+        "steps": args.steps,
+        "finetune_steps": args.finetune_steps,
+        "batch_size": args.batch_size,
+        "num_train": args.num_train,
+    }
+    settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    ratios = args.ratios if args.ratios is not None else ([0.75] if args.quick else [0.75, 0.9])
+    default_work = Path(tempfile.gettempdir()) / ("clusterstm-ablation-quick" if args.quick else "clusterstm-ablation")
+    work_dir = Path(args.work_dir) if args.work_dir else default_work
+    output_dir = Path(args.output_dir)
+    plot_dir = Path(args.plot_dir) if args.plot_dir else output_dir.parent
+    names = ABLATIONS if args.ablation == "all" else (args.ablation,)
+    command = "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    total_start = time.perf_counter()
+    assets = prepare_assets(settings, work_dir)
+    reference = untrained_reference(settings, assets, seeds)
+    written = {}
+    for name in names:
+        grid = build_grid(name, settings, seeds, args.quick, ratios)
+        start = time.perf_counter()
+        summary = {}
+        for label, specs in grid.groups.items():
+            summary[label] = summarise([execute_run(spec, settings, assets, work_dir) for spec in specs])
+        description = (
+            f"Tiny ClusterSTM ({settings.steps} pretraining steps, batch {settings.batch_size}, lr "
+            f"{settings.learning_rate:g}, cosine, {settings.num_train} synthetic training clips of 8x64x64; "
+            f"{settings.num_test} test / {settings.num_compositional} compositional clips); shared CLIP teacher "
+            f"trained {settings.teacher_steps} steps. VTM/MLM off in every run."
+        )
+        if settings.finetune_steps:
+            description += (
+                f" QA / captioning: {settings.finetune_steps} fine-tuning steps on {settings.finetune_train_clips} "
+                f"clips with `run_finetuning`, evaluated on {settings.finetune_eval_clips} test clips "
+                "(CIDEr-D, python tokenizer, no METEOR)."
+            )
+        meta = {
+            "command": command,
+            "description": description,
+            "settings": asdict(settings),
+            "seeds": list(seeds),
+            "teacher": assets.teacher_info,
+            # Includes cached runs, so a resumed grid reports only the time it spent itself.
+            "wall_time_s": time.perf_counter() - start,
+            "machine": machine_description(),
+            "quick": args.quick,
+        }
+        written[name] = write_report(grid, summary, reference, meta, output_dir, plot_dir)
+        logger.info("%s written to %s", name, written[name]["md"])
+    logger.info("total wall time %.0f s", time.perf_counter() - total_start)
+    return written
+
+
+if __name__ == "__main__":
+    main()

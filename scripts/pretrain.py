@@ -1,0 +1,20 @@
+#!/usr/bin/env python
+"""ClusterSTM pretraining, unchanged from one CPU process to multi-GPU / multi-node:
+
+    python scripts/pretrain.py --model_name_or_path ckpt --dataset_name synthetic --output_dir out --max_steps 100
+    accelerate launch --config_file accelerate_configs/ddp_gpu.yaml scripts/pretrain.py ...
+
+See `python scripts/pretrain.py --help` for every flag.
+"""
+
+import sys
+
+from clusterstm.pretraining import NonFiniteLossError, main
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, NonFiniteLossError) as error:
+        print(f"pretrain.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
