@@ -94,6 +94,13 @@ def test_retrieval_end_to_end(tiny_checkpoint, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["ClusterSTMForVideoTextRetrieval"]
     assert (tmp_path / "tokenizer.json").exists()
+    # ... as a remote-code checkpoint: the flat files travel with it and AutoModel maps to the retrieval head.
+    assert (tmp_path / "modeling_clusterstm.py").exists() and (tmp_path / "configuration_clusterstm.py").exists()
+    assert config["auto_map"]["AutoModel"] == "modeling_clusterstm.ClusterSTMForVideoTextRetrieval"
+    from transformers import AutoModel
+
+    reloaded = AutoModel.from_pretrained(tmp_path)
+    assert type(reloaded).__name__ == "ClusterSTMForVideoTextRetrieval"
 
 
 def test_qa_end_to_end(tiny_checkpoint, tmp_path):
@@ -108,6 +115,7 @@ def test_qa_end_to_end(tiny_checkpoint, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     # The answer vocabulary is stored in the config.
     assert set(config["label2id"]) <= set(json.loads(json.dumps(config["id2label"])).values())
+    assert config["auto_map"]["AutoModelForVisualQuestionAnswering"].endswith("ClusterSTMForVideoQuestionAnswering")
     answers = json.loads((tmp_path / "predict_answers.json").read_text())
     assert len(answers) == results["predict_samples"]
     assert all(a["prediction"] in config["label2id"] for a in answers)

@@ -2,27 +2,49 @@
 
 import json
 import logging
+import shutil
 
+import numpy as np
 import pytest
 import torch
-from hub_server import HubServer, hub_server_fixture, make_tiny_remote_code_checkpoint, run_hub_subprocess  # noqa: F401
+from hub_server import HubServer, hub_server_fixture, run_hub_subprocess  # noqa: F401
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError
+from transformers import AutoModel, AutoProcessor
 
+from clusterstm.checkpoint import init_checkpoint
 from clusterstm.hub import check_checkpoint_folder, find_missing_checkpoint_files, push_checkpoint
+
+_TEXT = "a red circle moves left"
+
+
+@pytest.fixture(scope="module")
+def _tiny_checkpoint(tmp_path_factory):
+    """One `clusterstm init` folder and the in-process output of its dual encoder on a fixed clip."""
+    folder = init_checkpoint("tiny", tmp_path_factory.mktemp("hub") / "ckpt", seed=0)
+    clip = np.random.default_rng(0).integers(0, 256, size=(8, 64, 64, 3), dtype=np.uint8)
+    model = AutoModel.from_pretrained(folder).eval()
+    inputs = AutoProcessor.from_pretrained(folder)(videos=[clip], text=[_TEXT], return_tensors="pt")
+    with torch.no_grad():
+        output = model(**inputs).logits_per_video
+    return folder, {"text": _TEXT, "input_ids": inputs["input_ids"].tolist(), "output": output.tolist(), "clip": clip}
 
 
 @pytest.fixture
-def checkpoint(tmp_path):
-    folder = tmp_path / "ckpt"
-    reference = make_tiny_remote_code_checkpoint(folder, tmp_path / "src")
-    return folder, reference
+def checkpoint(_tiny_checkpoint, tmp_path):
+    """A private copy per test, so tests may delete files from it."""
+    folder, reference = _tiny_checkpoint
+    copy = tmp_path / "ckpt"
+    shutil.copytree(folder, copy)
+    np.save(tmp_path / "clip.npy", reference["clip"])
+    return copy, reference
 
 
 _LOAD_SCRIPT = """
 import json
+import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoProcessor
 
 try:
     import clusterstm  # noqa: F401
@@ -31,11 +53,11 @@ except ImportError:
     pass
 
 model = AutoModel.from_pretrained({repo!r}, trust_remote_code=True).eval()
-tokenizer = AutoTokenizer.from_pretrained({repo!r}, trust_remote_code=True)
-input_ids = tokenizer([{text!r}], return_tensors="pt")["input_ids"]
+processor = AutoProcessor.from_pretrained({repo!r}, trust_remote_code=True)
+inputs = processor(videos=[np.load("clip.npy")], text=[{text!r}], return_tensors="pt")
 with torch.no_grad():
-    output = model(input_ids)
-print("RESULT=" + json.dumps({{"input_ids": input_ids.tolist(), "output": output.tolist(), "module": type(model).__module__}}))
+    output = model(**inputs).logits_per_video
+print("RESULT=" + json.dumps({{"input_ids": inputs["input_ids"].tolist(), "output": output.tolist(), "module": type(model).__module__}}))
 """
 
 
@@ -44,7 +66,7 @@ def test_push_then_load_by_repo_id_in_clean_subprocess(hub_server, checkpoint, t
     commit = push_checkpoint(folder, "tester/tinyvt", token=hub_server.token, endpoint=hub_server.endpoint)
     assert commit.oid == hub_server.repos["tester/tinyvt"].branches["main"]
     files = hub_server.files("tester/tinyvt")
-    for name in ("config.json", "model.safetensors", "configuration_tinyvt.py", "modeling_tinyvt.py", "README.md"):
+    for name in ("config.json", "model.safetensors", "configuration_clusterstm.py", "modeling_clusterstm.py", "README.md"):
         assert name in files, name
     assert files["config.json"] == (folder / "config.json").read_bytes()
 
@@ -91,12 +113,13 @@ def test_private_repo_needs_the_token(hub_server, checkpoint, tmp_path):
 def test_incomplete_checkpoint_is_refused_before_any_request(hub_server, checkpoint):
     folder, _ = checkpoint
     check_checkpoint_folder(folder)  # complete
-    (folder / "configuration_tinyvt.py").unlink()  # imported relatively by modeling_tinyvt.py
+    (folder / "masking_clusterstm.py").unlink()  # imported relatively by modeling_clusterstm.py
     (folder / "README.md").unlink()
-    (folder / "preprocessor_config.json").unlink()
+    for name in ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json"):
+        (folder / name).unlink(missing_ok=True)
     missing = find_missing_checkpoint_files(folder)
-    assert any("configuration_tinyvt.py" in m for m in missing)
-    with pytest.raises(ValueError, match="configuration_tinyvt.py") as err:
+    assert any("masking_clusterstm.py" in m for m in missing)
+    with pytest.raises(ValueError, match="masking_clusterstm.py") as err:
         push_checkpoint(folder, "tester/tinyvt", token=hub_server.token, endpoint=hub_server.endpoint)
     assert "README.md" in str(err.value) and "processor config" in str(err.value)
     for weights in folder.glob("*.safetensors"):
