@@ -284,3 +284,53 @@ def test_heads_load_pretraining_checkpoint_and_initialise_new_weights(tmp_path):
     for model in (retrieval, caption, qa):
         for name, param in model.named_parameters():
             assert torch.isfinite(param).all(), name
+
+
+_REMOTE_SCRIPT = r"""
+import json, sys
+
+
+class BlockClusterSTM:
+    # The package must not be importable: the checkpoint's own flat files are the only source of the classes.
+    def find_spec(self, name, path=None, target=None):
+        if name == "clusterstm" or name.startswith("clusterstm."):
+            raise ImportError("clusterstm is blocked in this process")
+
+
+sys.meta_path.insert(0, BlockClusterSTM())
+import torch
+from transformers import AutoModelForImageTextToText
+
+model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+pixel_values = torch.randn(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    sequences = model.generate(pixel_values=pixel_values, max_new_tokens=4, num_beams=2)
+print("RESULT=" + json.dumps({"module": type(model).__module__, "sequences": sequences.tolist()}))
+"""
+
+
+def test_captioning_head_generates_as_remote_code(tmp_path):
+    """A saved captioning checkpoint loads through AutoModelForImageTextToText as remote code (package blocked) and
+    beam-searches the same captions."""
+    import json
+    import subprocess
+    import sys
+
+    from clusterstm.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = caption_model()
+    save_checkpoint(model, tmp_path / "ckpt")
+    pixel_values = torch.randn(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.generate(pixel_values=pixel_values, max_new_tokens=4, num_beams=2).tolist()
+    script = tmp_path / "load.py"
+    script.write_text(_REMOTE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT=", 1)[1])
+    assert result["module"].startswith("transformers_modules")
+    assert result["sequences"] == expected

@@ -119,6 +119,13 @@ def test_qa_end_to_end(tiny_checkpoint, tmp_path):
     answers = json.loads((tmp_path / "predict_answers.json").read_text())
     assert len(answers) == results["predict_samples"]
     assert all(a["prediction"] in config["label2id"] for a in answers)
+    # Evaluating the fine-tuned folder again keeps its answer vocabulary (the classifier rows follow it): same score.
+    reeval = run_finetuning(
+        ModelArguments(task="qa", model_name_or_path=str(tmp_path)),
+        synthetic_data_args(),
+        training_args(tmp_path / "reeval", do_eval=True),
+    )
+    assert reeval["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
 
 
 def test_captioning_end_to_end(tiny_checkpoint, tmp_path):

@@ -66,7 +66,13 @@ def test_push_then_load_by_repo_id_in_clean_subprocess(hub_server, checkpoint, t
     commit = push_checkpoint(folder, "tester/tinyvt", token=hub_server.token, endpoint=hub_server.endpoint)
     assert commit.oid == hub_server.repos["tester/tinyvt"].branches["main"]
     files = hub_server.files("tester/tinyvt")
-    for name in ("config.json", "model.safetensors", "configuration_clusterstm.py", "modeling_clusterstm.py", "README.md"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "configuration_clusterstm.py",
+        "modeling_clusterstm.py",
+        "README.md",
+    ):
         assert name in files, name
     assert files["config.json"] == (folder / "config.json").read_bytes()
 

@@ -815,19 +815,28 @@ def init_from_preset(preset: str, output_dir: str | os.PathLike) -> Path:
     return Path(init_checkpoint(preset, output_dir))
 
 
-def load_model_and_processor(
-    model_args: ModelArguments,
-    output_dir: str,
-    answer_vocabulary: list[str] | None = None,
-) -> tuple[Any, Any]:
-    """The task head on top of `--model_name_or_path` (or a fresh `--preset` checkpoint) and its processor."""
-    from .configuration_clusterstm import ClusterSTMConfig
-
+def resolve_checkpoint(model_args: ModelArguments, training_args: TrainingArguments) -> str:
+    """`--model_name_or_path`, or a fresh `--preset` checkpoint written (once, by the main process) under the
+    output directory."""
     path = model_args.model_name_or_path
     if path is None:
-        path = str(init_from_preset(model_args.preset, Path(output_dir) / "init_checkpoint"))
-    if not os.path.isdir(path):
-        raise ValueError(f"--model_name_or_path must be a local checkpoint folder, got {path!r}.")
+        path = os.path.join(training_args.output_dir, "init_checkpoint")
+        with training_args.main_process_first(desc="initialising the checkpoint"):
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                init_from_preset(model_args.preset, path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"--model_name_or_path must be a local checkpoint folder with a config.json, got {path!r}.")
+    return path
+
+
+def load_model_and_processor(
+    model_args: ModelArguments,
+    path: str,
+    answer_vocabulary: list[str] | None = None,
+) -> tuple[Any, Any]:
+    """The task head on top of the checkpoint folder `path` (missing head weights initialised) and its processor."""
+    from .configuration_clusterstm import ClusterSTMConfig
+
     config = ClusterSTMConfig.from_pretrained(path)
     if model_args.mask_strategy:
         config.mask_strategy = model_args.mask_strategy
@@ -891,35 +900,37 @@ def run_finetuning(
 
     register_auto_classes()
 
+    from .configuration_clusterstm import ClusterSTMConfig
+
+    checkpoint = resolve_checkpoint(model_args, training_args)
+    # Synthetic clips are rendered at the model's resolution with the benchmark's 8 frames (the processor samples).
+    image_size = ClusterSTMConfig.from_pretrained(checkpoint).vision_config.image_size
+    synthetic_frames = 8
     train_data = eval_data = predict_data = None
-    synthetic_frames = data_args.num_frames or 8
-    if model_args.model_name_or_path is not None and os.path.isfile(
-        os.path.join(model_args.model_name_or_path, "config.json")
-    ):
-        vision = json.loads(Path(model_args.model_name_or_path, "config.json").read_text()).get("vision_config", {})
-        image_size = int(vision.get("image_size", 64))
-    else:
-        image_size = 64
     needs_train = training_args.do_train or (data_args.compute_baselines and training_args.do_eval) or task == "qa"
     if needs_train and (data_args.dataset_name == "synthetic" or data_args.train_file):
         train_data = _load_split(task, data_args, "train", synthetic_frames, image_size)
         train_data = train_data.subset(data_args.max_train_samples)
     if training_args.do_eval:
-        eval_data = _load_split(task, data_args, "eval", synthetic_frames, image_size).subset(
-            data_args.max_eval_samples
-        )
+        eval_data = _load_split(task, data_args, "eval", synthetic_frames, image_size)
+        eval_data = eval_data.subset(data_args.max_eval_samples)
     if training_args.do_predict:
         predict_data = _load_split(task, data_args, "predict", synthetic_frames, image_size)
         predict_data = predict_data.subset(data_args.max_eval_samples)
 
     answer_vocabulary = None
     if task == "qa":
-        if data_args.answer_list is None and train_data is None:
-            answer_vocabulary = _vocabulary_from_checkpoint(model_args)
+        # Priority: --answer_list, then the vocabulary a fine-tuned QA checkpoint carries (its classifier rows follow
+        # it), then the training answers.
+        if data_args.answer_list is not None:
+            answer_vocabulary = build_answer_vocabulary([], data_args.max_answers, data_args.answer_list)
         else:
-            answers = train_data.answers if train_data is not None else []
-            answer_vocabulary = build_answer_vocabulary(answers, data_args.max_answers, data_args.answer_list)
-    model, processor = load_model_and_processor(model_args, training_args.output_dir, answer_vocabulary)
+            answer_vocabulary = vocabulary_from_checkpoint(checkpoint)
+        if answer_vocabulary is None:
+            if train_data is None:
+                raise ValueError("QA needs --answer_list, training data, or a checkpoint whose config has id2label.")
+            answer_vocabulary = build_answer_vocabulary(train_data.answers, data_args.max_answers)
+    model, processor = load_model_and_processor(model_args, checkpoint, answer_vocabulary)
 
     collator = ClusterSTMDataCollator(
         processor, task, training=True, max_text_length=data_args.max_text_length, num_frames=data_args.num_frames
@@ -1018,16 +1029,14 @@ def _hub_task(task: str) -> str:
     ]
 
 
-def _vocabulary_from_checkpoint(model_args: ModelArguments) -> list[str]:
-    """The answer vocabulary stored in a fine-tuned QA checkpoint's config (evaluation without training data)."""
-    from .configuration_clusterstm import ClusterSTMConfig
-
-    if model_args.model_name_or_path is None:
-        raise ValueError("QA without training data needs --answer_list or a checkpoint with id2label.")
-    config = ClusterSTMConfig.from_pretrained(model_args.model_name_or_path)
-    id2label = {int(k): v for k, v in config.id2label.items()}
+def vocabulary_from_checkpoint(path: str) -> list[str] | None:
+    """The answer vocabulary stored in a fine-tuned QA checkpoint's config (`id2label`), or `None`."""
+    config = json.loads(Path(path, "config.json").read_text())
+    if not any(name.endswith("QuestionAnswering") for name in config.get("architectures") or []):
+        return None
+    id2label = {int(k): v for k, v in (config.get("id2label") or {}).items()}
     if not id2label or all(v.startswith("LABEL_") for v in id2label.values()):
-        raise ValueError("QA without training data needs --answer_list or a checkpoint whose config has id2label.")
+        return None
     return [id2label[i] for i in range(len(id2label))]
 
 
@@ -1071,4 +1080,5 @@ __all__ = [
     "read_annotation_file",
     "run_finetuning",
     "validate_arguments",
+    "vocabulary_from_checkpoint",
 ]

@@ -258,6 +258,7 @@ def run_teacher_training(args: TeacherTrainingArguments) -> dict[str, Any]:
     tokenizer.save_pretrained(output_dir)
     results = {
         "train_loss": float(np.mean(losses)),
+        "initial_loss": float(np.mean(losses[:10])),
         "final_loss": float(np.mean(losses[-20:])),
         "train_runtime": runtime,
         "train_steps_per_second": args.max_steps / runtime,

@@ -85,7 +85,9 @@ def plot_cluster_masks(
         axes[2, t].imshow(shaded.astype(np.uint8))
         kept = ~masks[t].reshape(-1)
         scale_y, scale_x = height / grid, width / grid
-        axes[2, t].scatter((xs[kept] + 0.5) * scale_x - 0.5, (ys[kept] + 0.5) * scale_y - 0.5, marker="+", c="red", s=30)
+        axes[2, t].scatter(
+            (xs[kept] + 0.5) * scale_x - 0.5, (ys[kept] + 0.5) * scale_y - 0.5, marker="+", c="red", s=30
+        )
     for row, name in enumerate(["input", "clusters", "kept (+)"]):
         axes[row, 0].set_ylabel(name, fontsize=9)
     for ax in axes.flat:

@@ -1,0 +1,115 @@
+"""Tests of `benchmarks/ablation.py`: the grid it builds, its statistics, and the `--quick` run that CI executes."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ABLATION = REPO / "benchmarks" / "ablation.py"
+
+
+def _load_ablation():
+    spec = importlib.util.spec_from_file_location("clusterstm_benchmark_ablation", ABLATION)
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the class body is executed.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    return _load_ablation()
+
+
+def test_masking_grid_varies_only_strategy_and_ratio(ablation):
+    settings = ablation.Settings()
+    grid = ablation.build_grid("masking", settings, seeds=[0, 1, 2], quick=False, ratios=[0.75, 0.9])
+    assert len(grid.groups) == 8
+    specs = [spec for runs in grid.groups.values() for spec in runs]
+    assert len(specs) == 24
+    assert {(s.mask_strategy, s.mask_ratio) for s in specs} == {
+        (strategy, ratio) for strategy in ablation.STRATEGIES for ratio in (0.75, 0.9)
+    }
+    # Same objective, window and seeds everywhere: only the masking differs between rows.
+    assert {(s.objective, s.relevance_window_size) for s in specs} == {(specs[0].objective, 3)}
+    for runs in grid.groups.values():
+        assert [s.seed for s in runs] == [0, 1, 2]
+
+
+def test_window_and_objective_grids(ablation):
+    settings = ablation.Settings()
+    window = ablation.build_grid("window", settings, seeds=[0, 1], quick=False, ratios=[0.75])
+    assert list(window.groups) == ["1x1", "3x3", "5x5"]
+    assert [runs[0].relevance_window_size for runs in window.groups.values()] == [1, 3, 5]
+    objective = ablation.build_grid("objective", settings, seeds=[0], quick=False, ratios=[0.75])
+    assert list(objective.groups) == list(ablation.OBJECTIVES)
+    # Runs shared between ablations have the same cache key (they are trained once).
+    shared = window.groups["3x3"][0]
+    assert ablation.run_key(shared, settings) == ablation.run_key(
+        objective.groups["contrastive+relevance (ClusterSTM)"][0], settings
+    )
+    with pytest.raises(ValueError, match="Unknown ablation"):
+        ablation.build_grid("speed", settings, seeds=[0], quick=False, ratios=[0.75])
+
+
+def test_summarise_mean_and_sample_std(ablation):
+    summary = ablation.summarise([{"r1": 1.0, "name": "a"}, {"r1": 3.0, "name": "b"}, {"r1": 5.0, "name": "c"}])
+    assert summary["n"] == 3
+    assert summary["r1"]["mean"] == pytest.approx(3.0)
+    assert summary["r1"]["std"] == pytest.approx(2.0)  # ddof=1
+    assert summary["r1"]["values"] == [1.0, 3.0, 5.0]
+    assert "name" not in summary
+    assert ablation.summarise([{"r1": 2.0}])["r1"]["std"] == 0.0
+
+
+def test_bad_arguments_are_rejected(ablation):
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["masking", "--ratios", "1.0"])
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["masking", "--steps", "0"])
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["everything"])
+
+
+def _finite_numbers(stats: dict) -> list[float]:
+    return [value["mean"] for value in stats.values() if isinstance(value, dict) and "mean" in value]
+
+
+def test_quick_ablation_writes_tables_and_plots(tmp_path):
+    output_dir = tmp_path / "docs" / "benchmarks"
+    command = [
+        sys.executable,
+        str(ABLATION),
+        "all",
+        "--quick",
+        "--output_dir",
+        str(output_dir),
+        "--work_dir",
+        str(tmp_path / "work"),
+    ]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    for name in ("masking", "window", "objective"):
+        payload = json.loads((output_dir / f"ablation_{name}.json").read_text())
+        assert payload["ablation"] == name
+        assert payload["meta"]["quick"] is True
+        assert len(payload["results"]) >= 2
+        for label, stats in payload["results"].items():
+            assert stats["n"] == 1
+            for key in ("test_t2v_r1", "compositional_t2v_r1", "train_loss_final", "train_runtime_s"):
+                assert key in stats, (label, key)
+            numbers = _finite_numbers(stats)
+            assert numbers and all(math.isfinite(v) for v in numbers), label
+            assert 0.0 <= stats["test_t2v_r1"]["mean"] <= 100.0
+        assert all(math.isfinite(v) for v in _finite_numbers(payload["untrained"]))
+        table = (output_dir / f"ablation_{name}.md").read_text()
+        for label in payload["results"]:
+            assert f"| {label} |" in table
+        png = tmp_path / "docs" / f"ablation_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
