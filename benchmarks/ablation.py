@@ -36,7 +36,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -61,7 +60,14 @@ OBJECTIVES: dict[str, dict[str, float]] = {
     "contrastive+relevance (ClusterSTM)": {"relevance_loss_weight": 1.0, "alignment_loss_weight": 0.0},
     "contrastive+relevance+alignment": {"relevance_loss_weight": 1.0, "alignment_loss_weight": 1.0},
 }
-RETRIEVAL_KEYS = ("test_t2v_r1", "test_t2v_r5", "compositional_t2v_r1", "compositional_t2v_r5")
+RETRIEVAL_KEYS = (
+    "test_t2v_r1",
+    "test_t2v_r5",
+    "test_t2v_meanr",
+    "compositional_t2v_r1",
+    "compositional_t2v_r5",
+    "compositional_t2v_meanr",
+)
 FINETUNE_KEYS = ("qa_accuracy", "caption_cider")
 
 
@@ -123,7 +129,9 @@ def build_grid(name: str, settings: Settings, seeds: Sequence[int], quick: bool,
         strategies = ("cluster", "random") if quick else STRATEGIES
         for ratio in ratios:
             for strategy in strategies:
-                grid.groups[f"{strategy} @ {ratio:g}"] = [replace(default, mask_strategy=strategy, mask_ratio=ratio, seed=s) for s in seeds]
+                grid.groups[f"{strategy} @ {ratio:g}"] = [
+                    replace(default, mask_strategy=strategy, mask_ratio=ratio, seed=s) for s in seeds
+                ]
     elif name == "window":
         grid = Grid(name, f"Relevance window (cluster masking @ {settings.default_ratio:g}, contrastive + relevance)")
         for window in (1, 3) if quick else (1, 3, 5):
@@ -210,9 +218,12 @@ def prepare_assets(settings: Settings, work_dir: Path) -> Assets:
     }
     stride = max(1, data_config.num_frames // settings.num_frames)
     eval_videos = {
-        split: np.asarray(data[split]["video"])[:, ::stride][:, : settings.num_frames] for split in ("test", "compositional")
+        split: np.asarray(data[split]["video"])[:, ::stride][:, : settings.num_frames]
+        for split in ("test", "compositional")
     }
-    eval_tokens = {split: tokens(processor.tokenizer, list(data[split]["caption"])) for split in ("test", "compositional")}
+    eval_tokens = {
+        split: tokens(processor.tokenizer, list(data[split]["caption"])) for split in ("test", "compositional")
+    }
     teacher_info = {
         "steps": settings.teacher_steps,
         "train_clips": settings.teacher_train_clips,
@@ -273,7 +284,9 @@ def zero_shot_retrieval(model, assets: Assets, batch_size: int = 64) -> dict[str
         video_embeds, text_embeds = [], []
         tokens = assets.eval_tokens[split]
         for start in range(0, len(videos), batch_size):
-            video_embeds.append(base.get_video_features(pixel_values(videos[start : start + batch_size])).pooler_output)
+            video_embeds.append(
+                base.get_video_features(pixel_values(videos[start : start + batch_size])).pooler_output
+            )
             text_embeds.append(
                 base.get_text_features(
                     input_ids=tokens["input_ids"][start : start + batch_size],
@@ -281,7 +294,8 @@ def zero_shot_retrieval(model, assets: Assets, batch_size: int = 64) -> dict[str
                 ).pooler_output
             )
         metrics = retrieval_metrics_from_embeddings(torch.cat(text_embeds).numpy(), torch.cat(video_embeds).numpy())
-        for key in ("t2v_r1", "t2v_r5", "v2t_r1"):
+        # Mean rank moves long before R@1 does in short runs, so it is the most sensitive of these.
+        for key in ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_meanr", "v2t_r1"):
             results[f"{split}_{key}"] = float(metrics[key])
         results[f"{split}_chance_r1"] = 100.0 / len(videos)
     return results
@@ -395,7 +409,9 @@ def finetune(model, settings: Settings, assets: Assets, run_dir: Path, seed: int
             synthetic_num_eval=settings.finetune_eval_clips,
         )
         metrics = run_finetuning(model_args, data_args, training_args)
-        matches = [v for k, v in metrics.items() if k.startswith("eval_") and k.lower().endswith(metric_suffix.lower())]
+        matches = [
+            v for k, v in metrics.items() if k.startswith("eval_") and k.lower().endswith(metric_suffix.lower())
+        ]
         if not matches:
             raise KeyError(f"{task}: no eval_*{metric_suffix} in {sorted(metrics)}")
         results[key] = float(matches[0])
@@ -481,8 +497,8 @@ def write_report(
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
 
     has_finetune = any("qa_accuracy" in stats for stats in summary.values())
-    header = "| variant | n | test R@1 | test R@5 | compositional R@1 | compositional R@5 |"
-    rule = "|---|---|---|---|---|---|"
+    header = "| variant | n | test R@1 | test R@5 | test mean rank | comp. R@1 | comp. R@5 | comp. mean rank |"
+    rule = "|---|---|---|---|---|---|---|---|"
     if has_finetune:
         header += " QA acc. | CIDEr |"
         rule += "---|---|"
@@ -493,7 +509,8 @@ def write_report(
         "",
         grid.title + ".",
         "",
-        f"Mean ± sample std over seeds; R@k in percent (zero-shot text->video). {meta['description']}",
+        f"Mean ± sample std over seeds; zero-shot text->video R@k in percent and mean rank of the right video "
+        f"(lower is better; chance: (num_videos + 1) / 2). {meta['description']}",
         "",
         header,
         rule,
@@ -504,7 +521,7 @@ def write_report(
             row += f" {_fmt(stats.get('qa_accuracy'))} | {_fmt(stats.get('caption_cider'), 3)} |"
         row += f" {_fmt(stats.get('train_loss_final'), 3)} | {_fmt(stats.get('train_runtime_s'), 0)} |"
         lines.append(row)
-    untrained = "| untrained (reference) | {} | {} | {} | {} | {} |".format(
+    untrained = "| untrained (reference) | {} | {} | {} | {} | {} | {} | {} |".format(
         reference["n"], *(_fmt(reference.get(key)) for key in RETRIEVAL_KEYS)
     )
     if has_finetune:
@@ -517,9 +534,13 @@ def write_report(
         "(compositional).",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Wall time of this ablation: {meta['wall_time_s']:.0f} s on {meta['machine']}.",
+        f"Wall time of this invocation: {meta['wall_time_s']:.0f} s; the {meta['num_runs']} runs took "
+        f"{meta['sum_run_wall_time_s']:.0f} s in all (each measured when it ran, cached runs included) on "
+        f"{meta['machine']}.",
         "",
-        f"![{grid.name}](../{png_path.name})" if plot_dir.resolve() == output_dir.resolve().parent else f"Plot: `{png_path.name}`",
+        f"![{grid.name}](../{png_path.name})"
+        if plot_dir.resolve() == output_dir.resolve().parent
+        else f"Plot: `{png_path.name}`",
         "",
     ]
     md_path.write_text("\n".join(lines))
@@ -534,7 +555,13 @@ def plot(grid: Grid, summary: dict[str, dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("test_t2v_r1", "test R@1 (%)"), ("compositional_t2v_r1", "compositional R@1 (%)")]
+    panels = [
+        ("test_t2v_r1", "test R@1 (%)"),
+        ("test_t2v_r5", "test R@5 (%)"),
+        ("test_t2v_meanr", "test mean rank (lower = better)"),
+        ("compositional_t2v_r1", "compositional R@1 (%)"),
+        ("compositional_t2v_meanr", "compositional mean rank"),
+    ]
     if any("qa_accuracy" in stats for stats in summary.values()):
         panels += [("qa_accuracy", "QA accuracy (%)"), ("caption_cider", "CIDEr")]
     labels = list(summary)
@@ -576,7 +603,9 @@ def quick_settings() -> Settings:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("ablation", choices=(*ABLATIONS, "all"), help="Which ablation to run.")
     parser.add_argument("--quick", action="store_true", help="Tiny grid (1 seed, few steps, small data), < 90 s.")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds (default 0 1 2; --quick: 0).")
@@ -636,8 +665,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Path]]:
         grid = build_grid(name, settings, seeds, args.quick, ratios)
         start = time.perf_counter()
         summary = {}
+        run_seconds = 0.0
         for label, specs in grid.groups.items():
-            summary[label] = summarise([execute_run(spec, settings, assets, work_dir) for spec in specs])
+            rows = [execute_run(spec, settings, assets, work_dir) for spec in specs]
+            run_seconds += sum(row["wall_time_s"] for row in rows)
+            summary[label] = summarise(rows)
         description = (
             f"Tiny ClusterSTM ({settings.steps} pretraining steps, batch {settings.batch_size}, lr "
             f"{settings.learning_rate:g}, cosine, {settings.num_train} synthetic training clips of "
@@ -659,6 +691,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Path]]:
             "teacher": assets.teacher_info,
             # Includes cached runs, so a resumed grid reports only the time it spent itself.
             "wall_time_s": time.perf_counter() - start,
+            # Sum of the single runs' own wall times (pretraining + evaluation), cached ones included.
+            "sum_run_wall_time_s": run_seconds,
+            "num_runs": sum(len(specs) for specs in grid.groups.values()),
             "machine": machine_description(),
             "quick": args.quick,
         }

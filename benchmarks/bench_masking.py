@@ -413,7 +413,7 @@ def main() -> int:
     quantile_refuses = probe_quantile_limit()
     print(
         f"torch.quantile on 2^24 + 1 elements: {'refused' if quantile_refuses else 'accepted'} by torch "
-        f"{_torch_version()}" + ("" if quantile_refuses else " (older releases refuse it; this one does not)")
+        f"{_torch_version()}" + ("" if quantile_refuses else " (older releases refuse it, pytorch/pytorch#64947)")
     )
     rows = []
     header = (
@@ -549,9 +549,10 @@ def write_report(output_dir: Path, rows: list[dict], summary: dict, c: int, quic
             "; the literal pseudocode crashes wherever a frame batch hands it more (B=8, T=8, N=196: "
             "17,210,368 elements)."
             if refuses
-            else " — older releases refuse it, so the literal pseudocode crashes there (B=8, T=8, N=196 hands it "
-            "17,210,368 elements); with this torch its limit is memory: it materialises every (T-1)N x C "
-            "other-frame copy and the full B*T x N x (T-1)N distance tensor, and torch.quantile sorts whole rows."
+            else ". Older releases refuse it ('quantile() input tensor is too large', pytorch/pytorch#64947), and "
+            "there the literal pseudocode crashes from B=8, T=8, N=196 (17,210,368 elements); with this torch its "
+            "limit is memory: it materialises every (T-1)N x C other-frame copy and the full B*T x N x (T-1)N distance "
+            "tensor, and torch.quantile sorts whole rows."
         ),
         "",
         "Literal pseudocode failures and skips:",

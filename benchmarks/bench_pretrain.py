@@ -102,10 +102,25 @@ def build(preset: str, num_frames: int, batch_size: int, seed: int = 0):
     model = ClusterSTMForPreTraining(config)
     if preset == "base":
         # CLIP ViT-B/16 shapes (hidden 768, projection 512); a short text tower suffices for the targets' cost.
-        vision_teacher = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
-        text_teacher = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8}
+        vision_teacher = {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+        }
+        text_teacher = {
+            "hidden_size": 512,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 8,
+        }
     else:
-        vision_teacher = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4}
+        vision_teacher = {
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+        }
         text_teacher = dict(vision_teacher)
     teacher_config = CLIPConfig(
         vision_config={**vision_teacher, "image_size": vision.image_size, "patch_size": vision.patch_size},
@@ -241,8 +256,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--base_batch_size", type=int, default=2)
     parser.add_argument("--base_frames", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--output_dir", default=None, help="where pretrain.md/.json go (default docs/benchmarks, "
-                        "not written with --quick unless given)")
+    parser.add_argument(
+        "--output_dir",
+        default=None,
+        help="where pretrain.md/.json go (default docs/benchmarks, not written with --quick unless given)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -268,7 +286,9 @@ def main(argv=None) -> list[dict]:
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "steps": steps,
-            "command": " ".join(["python", "benchmarks/bench_pretrain.py", *(argv if argv is not None else sys.argv[1:])]),
+            "command": " ".join(
+                ["python", "benchmarks/bench_pretrain.py", *(argv if argv is not None else sys.argv[1:])]
+            ),
         }
         (out / "pretrain.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
         (out / "pretrain.md").write_text(
@@ -279,9 +299,7 @@ def main(argv=None) -> list[dict]:
             "(contrastive, relevance, matching, MLM) + AdamW. *student*: the same without the teacher forward. "
             "*ideal*: video-tower token-count speedup N/K. *activations MB*: distinct tensors saved for backward by the "
             "student forward. *peak MB*: peak resident memory added by one step (CPU: glibc reuses freed memory, so "
-            "after the first ratio this often reads ~0; on CUDA: `max_memory_allocated`).\n\n"
-            + table
-            + "\n"
+            "after the first ratio this often reads ~0; on CUDA: `max_memory_allocated`).\n\n" + table + "\n"
         )
         print(f"\nwrote {out / 'pretrain.md'} and {out / 'pretrain.json'}")
     return rows

@@ -11,7 +11,6 @@ import sys
 
 from clusterstm.pretraining import NonFiniteLossError, main
 
-
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])

@@ -12,7 +12,9 @@ def tiny_tokenizer():
     from clusterstm.tokenization import train_wordpiece_tokenizer
 
     corpus = synthetic_text_corpus(
-        SyntheticVideoTextConfig(num_frames=4, image_size=32, num_train=200, num_val=0, num_test=0, num_compositional=0)
+        SyntheticVideoTextConfig(
+            num_frames=4, image_size=32, num_train=200, num_val=0, num_test=0, num_compositional=0
+        )
     )
     return train_wordpiece_tokenizer(corpus, vocab_size=400)
 

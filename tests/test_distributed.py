@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from pretrain_helpers import make_tiny_student
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,15 +62,24 @@ def test_two_process_pretraining_with_uneven_last_batch_finishes(student, tmp_pa
         [
             *TORCHRUN,
             "scripts/pretrain.py",
-            "--model_name_or_path", str(student),
-            "--dataset_name", "synthetic",
-            "--num_train_clips", "5",
-            "--output_dir", str(out),
-            "--num_train_epochs", "2",
-            "--per_device_train_batch_size", "2",
-            "--checkpointing_steps", "1",
-            "--dataloader_num_workers", "0",
-            "--logging_steps", "1",
+            "--model_name_or_path",
+            str(student),
+            "--dataset_name",
+            "synthetic",
+            "--num_train_clips",
+            "5",
+            "--output_dir",
+            str(out),
+            "--num_train_epochs",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--checkpointing_steps",
+            "1",
+            "--dataloader_num_workers",
+            "0",
+            "--logging_steps",
+            "1",
             "--disable_tqdm",
         ],
         timeout=420,

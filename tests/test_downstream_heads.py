@@ -8,14 +8,19 @@ import pytest
 import torch
 
 from clusterstm.configuration_clusterstm import ClusterSTMConfig
-from clusterstm.finetuning import head_class
-from clusterstm.modeling_clusterstm import ClusterSTMForPreTraining
+from clusterstm.modeling_clusterstm import (
+    ClusterSTMForPreTraining,
+    ClusterSTMForVideoCaptioning,
+    ClusterSTMForVideoQuestionAnswering,
+    ClusterSTMForVideoTextRetrieval,
+)
 
 torch.set_num_threads(1)
 
-RetrievalHead = head_class("retrieval")
-QAHead = head_class("qa")
-CaptionHead = head_class("captioning")
+RetrievalHead = ClusterSTMForVideoTextRetrieval
+QAHead = ClusterSTMForVideoQuestionAnswering
+CaptionHead = ClusterSTMForVideoCaptioning
+HEADS = {"retrieval": RetrievalHead, "qa": QAHead, "captioning": CaptionHead}
 
 BOS, EOS, PAD = 2, 3, 0
 
@@ -245,7 +250,7 @@ def test_generate_beam_search_returns_valid_sequences():
 @pytest.mark.parametrize("task", ["retrieval", "qa", "captioning"])
 def test_save_load_equivalence(task, tmp_path):
     torch.manual_seed(0)
-    cls = head_class(task)
+    cls = HEADS[task]
     model = cls(tiny_config()).eval()
     model.save_pretrained(tmp_path)
     reloaded = cls.from_pretrained(tmp_path).eval()

@@ -97,10 +97,10 @@ def test_retrieval_end_to_end(tiny_checkpoint, tmp_path):
     # ... as a remote-code checkpoint: the flat files travel with it and AutoModel maps to the retrieval head.
     assert (tmp_path / "modeling_clusterstm.py").exists() and (tmp_path / "configuration_clusterstm.py").exists()
     assert config["auto_map"]["AutoModel"] == "modeling_clusterstm.ClusterSTMForVideoTextRetrieval"
-    from transformers import AutoModel
+    from clusterstm.finetuning import head_class
 
-    reloaded = AutoModel.from_pretrained(tmp_path)
-    assert type(reloaded).__name__ == "ClusterSTMForVideoTextRetrieval"
+    _, info = head_class("retrieval").from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
 def test_qa_end_to_end(tiny_checkpoint, tmp_path):

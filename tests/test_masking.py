@@ -422,3 +422,26 @@ def test_numpy_scalars_are_accepted():
     assert torch.equal(cluster_wise_mask(x, np.float64(0.5), k=np.int64(5)), cluster_wise_mask(x, 0.5))
     labels, _ = dpc_knn(x[0], np.int64(3))
     assert labels.shape == (2, 9)
+
+
+def test_quantile_selection_matches_torch_quantile_beyond_float32_integers():
+    # torch.quantile computes the rank q * (n - 1) in the input dtype; at n = 10^6 + 1 in float32 that rank is
+    # 129999.99 rather than 130000, and the exact partial selection must reproduce that value
+    from clusterstm.masking_clusterstm import _kth_smallest_pair, _quantile_positions
+
+    n = 1_000_001
+    values = torch.arange(n, dtype=torch.float32)[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
+    below, above, weight = _quantile_positions(n, 0.13, torch.float32)
+    value_below, value_above = _kth_smallest_pair(values[None], below, above)
+    ours = torch.lerp(value_below, value_above, weight)[0]
+    assert ours.item() == torch.quantile(values, 0.13).item() == 129999.9921875
+
+
+def test_inputs_requiring_grad_build_no_graph():
+    torch.manual_seed(14)
+    x = torch.randn(1, 2, 9, 4, requires_grad=True)
+    rho = temporal_density(x)
+    assert not rho.requires_grad
+    assert torch.equal(cluster_wise_mask(x, 0.5), cluster_wise_mask(x.detach(), 0.5))
+    attention = torch.rand(1, 2, 9, requires_grad=True)
+    assert attention_guided_mask(attention, 0.5, generator=torch.Generator().manual_seed(0)).shape == (1, 2, 9)

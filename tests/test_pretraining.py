@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pretrain_helpers import make_tiny_student, make_tiny_teacher, tiny_tokenizer
 from safetensors.torch import load_file
 
 from clusterstm.pretraining import (
@@ -24,7 +25,6 @@ from clusterstm.pretraining import (
     resolve_resume_checkpoint,
     run_pretraining,
 )
-from pretrain_helpers import make_tiny_student, make_tiny_teacher, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,12 +37,18 @@ def _cli(student, out, *extra, teacher=None):
     cmd = [
         sys.executable,
         "scripts/pretrain.py",
-        "--model_name_or_path", str(student),
-        "--output_dir", str(out),
-        "--per_device_train_batch_size", "4",
-        "--learning_rate", "1e-3",
-        "--warmup_steps", "1",
-        "--logging_steps", "1",
+        "--model_name_or_path",
+        str(student),
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--warmup_steps",
+        "1",
+        "--logging_steps",
+        "1",
         "--disable_tqdm",
     ]
     if teacher is not None:
@@ -70,12 +76,36 @@ def test_cli_end_to_end_with_teacher(checkpoints, tmp_path):
 
     student, teacher = checkpoints
     out = tmp_path / "run"
-    _run(_cli(student, out, "--dataset_name", "synthetic", "--num_train_clips", "16", "--max_steps", "3",
-              "--dataloader_num_workers", "1", "--report_to", "jsonl", teacher=teacher))
+    _run(
+        _cli(
+            student,
+            out,
+            "--dataset_name",
+            "synthetic",
+            "--num_train_clips",
+            "16",
+            "--max_steps",
+            "3",
+            "--dataloader_num_workers",
+            "1",
+            "--report_to",
+            "jsonl",
+            teacher=teacher,
+        )
+    )
 
     results = json.loads((out / "train_results.json").read_text())
-    for key in ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second", "global_step",
-                "bad_samples_skipped", "train_contrastive_loss", "train_relevance_loss", "train_mlm_loss"):
+    for key in (
+        "train_loss",
+        "train_runtime",
+        "train_samples_per_second",
+        "train_steps_per_second",
+        "global_step",
+        "bad_samples_skipped",
+        "train_contrastive_loss",
+        "train_relevance_loss",
+        "train_mlm_loss",
+    ):
         assert key in results, key
     assert results["global_step"] == 3 and math.isfinite(results["train_loss"])
     assert results["mask_strategy"] == "cluster"
@@ -86,7 +116,9 @@ def test_cli_end_to_end_with_teacher(checkpoints, tmp_path):
     initial = ClusterSTMForPreTraining.from_pretrained(student)
     state, init_state = trained.state_dict(), initial.state_dict()
     assert set(state) == set(init_state)
-    assert not torch.equal(state["clusterstm.visual_projection.weight"], init_state["clusterstm.visual_projection.weight"])
+    assert not torch.equal(
+        state["clusterstm.visual_projection.weight"], init_state["clusterstm.visual_projection.weight"]
+    )
     # The teacher is never saved with the student.
     assert not any("teacher" in key for key in load_file(out / "model.safetensors"))
     assert (out / "tokenizer.json").is_file() and any(out.glob("*processor_config.json"))
@@ -96,8 +128,9 @@ def test_train_file_with_pyav_workers_and_bad_sample(checkpoints, tmp_path):
     from clusterstm.synthetic import SyntheticVideoTextConfig, export_synthetic_benchmark
 
     student, _ = checkpoints
-    config = SyntheticVideoTextConfig(num_frames=4, image_size=32, num_train=9, num_val=0, num_test=0,
-                                      num_compositional=0)
+    config = SyntheticVideoTextConfig(
+        num_frames=4, image_size=32, num_train=9, num_val=0, num_test=0, num_compositional=0
+    )
     metadata = export_synthetic_benchmark(config, tmp_path / "data", splits=("train",))["train"]
     broken = json.loads(Path(metadata).read_text().splitlines()[0])["file_name"]
     (Path(metadata).parent / broken).write_bytes(b"not a video")
@@ -105,14 +138,47 @@ def test_train_file_with_pyav_workers_and_bad_sample(checkpoints, tmp_path):
 
     # Without --skip_bad_samples the run stops and names the file.
     failed = subprocess.run(
-        _cli(student, out, "--train_file", metadata, "--max_steps", "2", "--dataloader_num_workers", "1",
-             "--mask_strategy", "tube", "--mask_ratio", "0.5", "--num_train_epochs", "1"),
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+        _cli(
+            student,
+            out,
+            "--train_file",
+            metadata,
+            "--max_steps",
+            "2",
+            "--dataloader_num_workers",
+            "1",
+            "--mask_strategy",
+            "tube",
+            "--mask_ratio",
+            "0.5",
+            "--num_train_epochs",
+            "1",
+        ),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert failed.returncode != 0 and broken in failed.stderr
 
-    _run(_cli(student, out, "--train_file", metadata, "--max_steps", "4", "--dataloader_num_workers", "1",
-              "--mask_strategy", "tube", "--mask_ratio", "0.5", "--skip_bad_samples"))
+    _run(
+        _cli(
+            student,
+            out,
+            "--train_file",
+            metadata,
+            "--max_steps",
+            "4",
+            "--dataloader_num_workers",
+            "1",
+            "--mask_strategy",
+            "tube",
+            "--mask_ratio",
+            "0.5",
+            "--skip_bad_samples",
+        )
+    )
     results = json.loads((out / "train_results.json").read_text())
     assert results["global_step"] == 4 and results["mask_strategy"] == "tube"
     # 9 clips, batch 4: two batches per epoch, the broken clip is read in every epoch it is not dropped from.
@@ -121,14 +187,31 @@ def test_train_file_with_pyav_workers_and_bad_sample(checkpoints, tmp_path):
 
 def test_resume_after_sigkill_gives_identical_weights(checkpoints, tmp_path):
     student, teacher = checkpoints
-    common = ["--dataset_name", "synthetic", "--num_train_clips", "12", "--max_steps", "8",
-              "--checkpointing_steps", "2", "--dataloader_num_workers", "1", "--report_to", "none"]
+    common = [
+        "--dataset_name",
+        "synthetic",
+        "--num_train_clips",
+        "12",
+        "--max_steps",
+        "8",
+        "--checkpointing_steps",
+        "2",
+        "--dataloader_num_workers",
+        "1",
+        "--report_to",
+        "none",
+    ]
     reference = tmp_path / "reference"
     _run(_cli(student, reference, *common, teacher=teacher))
 
     crashed = tmp_path / "crashed"
-    process = subprocess.Popen(_cli(student, crashed, *common, teacher=teacher), cwd=REPO, env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _cli(student, crashed, *common, teacher=teacher),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 300
         while not (crashed / "checkpoint-2" / CHECKPOINT_MARKER).exists():
@@ -161,9 +244,18 @@ def test_resume_after_sigkill_gives_identical_weights(checkpoints, tmp_path):
 
 
 def _args(student, out, **kwargs):
-    base = dict(model_name_or_path=str(student), output_dir=str(out), dataset_name="synthetic", num_train_clips=8,
-                per_device_train_batch_size=4, max_steps=4, dataloader_num_workers=0, disable_tqdm=True,
-                report_to="none", learning_rate=1e-3)
+    base = dict(
+        model_name_or_path=str(student),
+        output_dir=str(out),
+        dataset_name="synthetic",
+        num_train_clips=8,
+        per_device_train_batch_size=4,
+        max_steps=4,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        report_to="none",
+        learning_rate=1e-3,
+    )
     base.update(kwargs)
     return PretrainingArguments(**base)
 
@@ -255,3 +347,23 @@ def test_missing_model_folder_and_attention_without_teacher(checkpoints, tmp_pat
         run_pretraining(_args(tmp_path / "nowhere", tmp_path / "a"))
     with pytest.raises(ValueError, match="teacher"):
         run_pretraining(_args(student, tmp_path / "b", mask_strategy="attention"))
+
+
+def test_evaluate_zero_shot_retrieval(checkpoints):
+    from clusterstm.data import load_video_text_dataset
+    from clusterstm.modeling_clusterstm import ClusterSTMForPreTraining
+    from clusterstm.pretraining import evaluate_zero_shot_retrieval
+    from clusterstm.processing_clusterstm import ClusterSTMProcessor
+    from clusterstm.synthetic import SyntheticVideoTextConfig
+
+    student, _ = checkpoints
+    model = ClusterSTMForPreTraining.from_pretrained(student).train()
+    processor = ClusterSTMProcessor.from_pretrained(student)
+    config = SyntheticVideoTextConfig(
+        num_frames=4, image_size=32, num_train=0, num_val=0, num_test=6, num_compositional=0
+    )
+    dataset = load_video_text_dataset("synthetic", split="test", synthetic_config=config)
+    metrics = evaluate_zero_shot_retrieval(model, processor, dataset, batch_size=4)
+    assert metrics["chance_r1"] == pytest.approx(100 / 6)
+    assert 0 <= metrics["t2v_r1"] <= metrics["t2v_r5"] <= 100 and metrics["num_videos"] == 6
+    assert model.training  # restored

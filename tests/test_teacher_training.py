@@ -20,8 +20,15 @@ def test_teacher_training_saves_a_clip_checkpoint_usable_as_teacher(tmp_path):
 
     torch.set_num_threads(1)
     args = TeacherTrainingArguments(
-        output_dir=str(tmp_path / "teacher"), max_steps=30, per_device_train_batch_size=16, num_train_clips=48,
-        num_eval_clips=16, image_size=32, num_frames=2, num_hidden_layers=1, learning_rate=2e-3,
+        output_dir=str(tmp_path / "teacher"),
+        max_steps=30,
+        per_device_train_batch_size=16,
+        num_train_clips=48,
+        num_eval_clips=16,
+        image_size=32,
+        num_frames=2,
+        num_hidden_layers=1,
+        learning_rate=2e-3,
     )
     results = run_teacher_training(args)
     assert results["global_step"] == 30
@@ -45,6 +52,9 @@ def test_teacher_training_saves_a_clip_checkpoint_usable_as_teacher(tmp_path):
 def test_train_teacher_script_rejects_bad_sizes(tmp_path):
     result = subprocess.run(
         [sys.executable, "scripts/train_teacher.py", "--output_dir", str(tmp_path), "--image_size", "30"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0 and "patch_size" in result.stderr

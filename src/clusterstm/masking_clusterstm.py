@@ -23,6 +23,7 @@ Conventions shared by every function here:
   static videos included), so masked batches can always be packed into a dense tensor.
 * Inputs of any floating dtype are accepted; the arithmetic runs in float32 (float64 inputs stay float64) and every
   output lives on the input's device.
+* Masks and densities are not differentiable: everything runs under `torch.no_grad()`.
 * Nothing loops in Python over batch, frames or tokens; the only loops walk over memory chunks so that the largest
   intermediate stays bounded (``max_chunk_elements``).
 
@@ -161,6 +162,7 @@ def _dpc_knn(
     return labels, centers, rho
 
 
+@torch.no_grad()
 def dpc_knn(
     x: torch.Tensor,
     num_clusters: int,
@@ -258,6 +260,7 @@ def _temporal_density(x: torch.Tensor, dc_ratio: float, max_chunk_elements: int)
     return rho, cutoff
 
 
+@torch.no_grad()
 def temporal_density(
     x: torch.Tensor,
     dc_ratio: float = 0.02,
@@ -323,6 +326,7 @@ def _keep_best_per_cluster(labels: torch.Tensor, scores: torch.Tensor, num_clust
     return mask
 
 
+@torch.no_grad()
 def cluster_wise_mask(
     x: torch.Tensor,
     mask_ratio: float,
@@ -442,6 +446,7 @@ def tube_mask(
     return mask.to(device) if device is not None else mask
 
 
+@torch.no_grad()
 def attention_guided_mask(
     cls_attention: torch.Tensor,
     mask_ratio: float,

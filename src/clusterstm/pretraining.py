@@ -27,7 +27,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,8 @@ class PretrainingArguments:
         default=None, metadata={"help": "A jsonl or csv file with one row per clip (video path + caption)."}
     )
     video_root: str | None = field(
-        default=None, metadata={"help": "Folder the video paths of --train_file are relative to (default: its folder)."}
+        default=None,
+        metadata={"help": "Folder the video paths of --train_file are relative to (default: its folder)."},
     )
     video_column: str = field(default="file_name", metadata={"help": "Column of --train_file holding the video path."})
     caption_column: str = field(default="caption", metadata={"help": "Column of --train_file holding the caption."})
@@ -87,17 +88,23 @@ class PretrainingArguments:
     mask_ratio: float | None = field(
         default=None, metadata={"help": "Fraction of tokens dropped per frame, in [0, 1) (default: the config's)."}
     )
-    max_steps: int = field(default=-1, metadata={"help": "Total optimizer steps; overrides --num_train_epochs if > 0."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Total optimizer steps; overrides --num_train_epochs if > 0."}
+    )
     num_train_epochs: float = field(default=1.0, metadata={"help": "Number of epochs when --max_steps is not set."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of AdamW (UMT: 1e-4)."})
-    weight_decay: float = field(default=0.02, metadata={"help": "AdamW weight decay (UMT: 0.02); not on biases/norms."})
+    weight_decay: float = field(
+        default=0.02, metadata={"help": "AdamW weight decay (UMT: 0.02); not on biases/norms."}
+    )
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables clipping)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name (cosine, linear...)."})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "transformers scheduler name (cosine, linear...)."}
+    )
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps (overrides --warmup_ratio if > 0)."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup as a fraction of the total steps."})
     mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (bf16 recommended)."})
@@ -109,7 +116,9 @@ class PretrainingArguments:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint-{step} folder, or `latest` (newest complete one in output_dir)."}
     )
-    seed: int = field(default=42, metadata={"help": "Seed of the weights' init-independent randomness: data order, masks, dropout."})
+    seed: int = field(
+        default=42, metadata={"help": "Seed of the weights' init-independent randomness: data order, masks, dropout."}
+    )
     report_to: str = field(default="jsonl", metadata={"help": "tensorboard, jsonl, all or none."})
     logging_steps: int = field(default=10, metadata={"help": "Log loss and throughput every N optimizer steps."})
     dataloader_num_workers: int = field(default=2, metadata={"help": "Worker processes decoding videos with PyAV."})
@@ -153,7 +162,9 @@ def validate_pretraining_arguments(args: PretrainingArguments) -> None:
     if args.per_device_train_batch_size < 2:
         # The contrastive loss needs negatives; one video per process still works across processes, but a
         # one-process run would have none.
-        logger.warning("--per_device_train_batch_size 1: the contrastive loss only sees negatives from other processes.")
+        logger.warning(
+            "--per_device_train_batch_size 1: the contrastive loss only sees negatives from other processes."
+        )
     if args.learning_rate <= 0:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
     if args.weight_decay < 0:
@@ -298,13 +309,17 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) 
     if value == "latest":
         latest = find_latest_checkpoint(output_dir)
         if latest is None:
-            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, starting from scratch.", output_dir)
+            logger.warning(
+                "--resume_from_checkpoint latest: no complete checkpoint in %s, starting from scratch.", output_dir
+            )
         return latest
     path = Path(value)
     if not path.is_dir():
         raise ValueError(f"--resume_from_checkpoint: {value!r} is not a folder.")
     if not (path / CHECKPOINT_MARKER).is_file():
-        raise ValueError(f"--resume_from_checkpoint: {value!r} is incomplete (no {CHECKPOINT_MARKER}); use another one.")
+        raise ValueError(
+            f"--resume_from_checkpoint: {value!r} is incomplete (no {CHECKPOINT_MARKER}); use another one."
+        )
     return path
 
 
@@ -504,7 +519,11 @@ def build_train_dataset(args: PretrainingArguments, num_frames: int, image_size:
             streaming=args.streaming,
         )
     if args.max_train_samples is not None:
-        dataset = dataset.take(args.max_train_samples) if args.streaming else dataset.select(range(min(len(dataset), args.max_train_samples)))
+        dataset = (
+            dataset.take(args.max_train_samples)
+            if args.streaming
+            else dataset.select(range(min(len(dataset), args.max_train_samples)))
+        )
     return dataset
 
 
@@ -552,7 +571,11 @@ def pretraining_forward(
     config = inner.config
     inputs = dict(batch)
     strategy = config.mask_strategy
-    if strategy in RANDOM_MASK_STRATEGIES and (inner.training or config.mask_at_eval) and "bool_masked_pos" not in inputs:
+    if (
+        strategy in RANDOM_MASK_STRATEGIES
+        and (inner.training or config.mask_at_eval)
+        and "bool_masked_pos" not in inputs
+    ):
         pixel_values = inputs["pixel_values"]
         vision = config.vision_config
         num_frames = (pixel_values.shape[1] if pixel_values.ndim == 5 else 1) // vision.tubelet_size
@@ -648,7 +671,11 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
             raise ValueError("--mask_strategy attention needs a teacher: pass --teacher_name_or_path.")
         for name in TEACHER_LOSSES:
             if getattr(config, name) > 0:
-                logger.warning("No teacher: %s=%s is set to 0 for this run (the objective needs a teacher).", name, getattr(config, name))
+                logger.warning(
+                    "No teacher: %s=%s is set to 0 for this run (the objective needs a teacher).",
+                    name,
+                    getattr(config, name),
+                )
                 setattr(config, name, 0.0)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -703,7 +730,9 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
             if name in unused:
                 parameter.requires_grad_(False)
         if unused:
-            logger.info("Frozen %d parameter tensors that this configuration never uses (e.g. %s).", len(unused), unused[0])
+            logger.info(
+                "Frozen %d parameter tensors that this configuration never uses (e.g. %s).", len(unused), unused[0]
+            )
     optimizer = build_optimizer(model, args)
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
 
@@ -720,9 +749,7 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
         max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
         num_epochs = math.ceil(max_steps / steps_per_epoch)
     warmup = args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * max_steps)
-    scheduler = get_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps
-    )
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * accum
 
     # ---- resume
@@ -790,17 +817,25 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
             for batch in loader:
                 skipped = batch.pop("num_skipped_samples", None)
                 if skipped is not None:
-                    state["bad_samples_skipped"] += int(accelerator.reduce(skipped.to(accelerator.device), "sum").item())
+                    state["bad_samples_skipped"] += int(
+                        accelerator.reduce(skipped.to(accelerator.device), "sum").item()
+                    )
                 # Dropout, MLM masking and hard-negative sampling draw from torch's global RNG: reseeding it per
                 # micro-batch makes a resumed run bit-identical to an uninterrupted one.
                 torch.manual_seed(derive_seed(args.seed, "step", global_step, micro, accelerator.process_index))
-                sample_offset = (micro * accelerator.num_processes + accelerator.process_index) * args.per_device_train_batch_size
+                sample_offset = (
+                    micro * accelerator.num_processes + accelerator.process_index
+                ) * args.per_device_train_batch_size
                 with accelerator.accumulate(model):
                     outputs = pretraining_forward(model, batch, args.seed, global_step, sample_offset)
                     objectives = _objective_losses(outputs)
-                    values = torch.stack([outputs.loss.detach().float()] + [v.detach().float() for v in objectives.values()])
+                    values = torch.stack(
+                        [outputs.loss.detach().float()] + [v.detach().float() for v in objectives.values()]
+                    )
                     finite = torch.isfinite(values).all()
-                    packed = torch.cat([torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), (~finite).float()[None]])
+                    packed = torch.cat(
+                        [torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), (~finite).float()[None]]
+                    )
                     packed = accelerator.reduce(packed, "sum")
                     if packed[-1] > 0:
                         described = ", ".join(
@@ -814,7 +849,9 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
                                 "the data, or pass --nan_policy skip."
                             )
                         if not step_bad:
-                            logger.warning("Non-finite loss at step %d (%s): skipping the step.", global_step + 1, described)
+                            logger.warning(
+                                "Non-finite loss at step %d (%s): skipping the step.", global_step + 1, described
+                            )
                         step_bad = True
                     else:
                         accelerator.backward(outputs.loss)
@@ -825,13 +862,19 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
                     if accelerator.sync_gradients:
                         if not step_bad and args.max_grad_norm > 0:
                             grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                            if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)) and args.mixed_precision != "fp16":
+                            if (
+                                grad_norm is not None
+                                and not torch.isfinite(torch.as_tensor(grad_norm))
+                                and args.mixed_precision != "fp16"
+                            ):
                                 if args.nan_policy == "stop":
                                     raise NonFiniteLossError(
                                         f"Non-finite gradient norm at step {global_step + 1}; the weights were not "
                                         "updated. Lower --learning_rate or pass --nan_policy skip."
                                     )
-                                logger.warning("Non-finite gradient norm at step %d: skipping the step.", global_step + 1)
+                                logger.warning(
+                                    "Non-finite gradient norm at step %d: skipping the step.", global_step + 1
+                                )
                                 step_bad = True
                         if not step_bad:
                             optimizer.step()
@@ -989,7 +1032,9 @@ def evaluate_zero_shot_retrieval(
     encoder = getattr(model, "clusterstm", model)
     was_training = model.training
     model.eval()
-    collator = VideoTextCollator(processor, sampling="uniform", max_length=max_text_length, caption_column=caption_column)
+    collator = VideoTextCollator(
+        processor, sampling="uniform", max_length=max_text_length, caption_column=caption_column
+    )
     device = next(encoder.parameters()).device
     video_embeds, text_embeds = [], []
     for start in range(0, len(dataset), batch_size):

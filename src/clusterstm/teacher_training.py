@@ -38,11 +38,15 @@ class TeacherTrainingArguments:
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
     seed: int = field(default=0, metadata={"help": "Seed of the weights, the frame sampling and the data order."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic benchmark's clips."})
-    num_train_clips: int = field(default=1000, metadata={"help": "Synthetic training clips (frames are drawn from them)."})
+    num_train_clips: int = field(
+        default=1000, metadata={"help": "Synthetic training clips (frames are drawn from them)."}
+    )
     num_eval_clips: int = field(default=200, metadata={"help": "Validation clips for the zero-shot retrieval check."})
     image_size: int = field(default=64, metadata={"help": "Frame size of the synthetic clips and of the teacher."})
     num_frames: int = field(default=8, metadata={"help": "Frames per synthetic clip."})
-    patch_size: int = field(default=8, metadata={"help": "Teacher ViT patch size (8 gives the tiny student's 8x8 grid)."})
+    patch_size: int = field(
+        default=8, metadata={"help": "Teacher ViT patch size (8 gives the tiny student's 8x8 grid)."}
+    )
     hidden_size: int = field(default=64, metadata={"help": "Width of both towers (the tiny preset expects 64)."})
     projection_dim: int = field(default=64, metadata={"help": "Joint space size (the tiny preset expects 64)."})
     num_hidden_layers: int = field(default=4, metadata={"help": "Layers of each tower."})
@@ -68,7 +72,9 @@ class TeacherTrainingArguments:
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}.")
         if self.image_size % self.patch_size:
-            raise ValueError(f"--image_size ({self.image_size}) must be a multiple of --patch_size ({self.patch_size}).")
+            raise ValueError(
+                f"--image_size ({self.image_size}) must be a multiple of --patch_size ({self.patch_size})."
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"--hidden_size ({self.hidden_size}) must be a multiple of --num_attention_heads "
@@ -143,7 +149,9 @@ def evaluate_frame_text_retrieval(
             max_length=max_text_length,
             return_tensors="pt",
         )
-        text_embeds.append(model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]))
+        text_embeds.append(
+            model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        )
     image = _as_embeddings(image_embeds)
     text = _as_embeddings(text_embeds)
     similarity = image @ text.T
@@ -249,7 +257,9 @@ def run_teacher_training(args: TeacherTrainingArguments) -> dict[str, Any]:
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
         if (step + 1) % 50 == 0 or step + 1 == args.max_steps:
-            logger.info("teacher step %d/%d loss %.4f", step + 1, args.max_steps, sum(losses[-50:]) / len(losses[-50:]))
+            logger.info(
+                "teacher step %d/%d loss %.4f", step + 1, args.max_steps, sum(losses[-50:]) / len(losses[-50:])
+            )
     runtime = time.perf_counter() - start
 
     after = evaluate_frame_text_retrieval(model, tokenizer, val_videos, val_captions, args.max_text_length)
