@@ -390,7 +390,7 @@ def finetune(model, settings: Settings, assets: Assets, run_dir: Path, seed: int
             per_device_train_batch_size=settings.batch_size,
             per_device_eval_batch_size=64,
             learning_rate=settings.learning_rate,
-            warmup_ratio=settings.warmup_ratio,
+            warmup_steps=int(settings.warmup_ratio * settings.finetune_steps),
             lr_scheduler_type="cosine",
             seed=seed,
             report_to="none",
@@ -409,12 +409,12 @@ def finetune(model, settings: Settings, assets: Assets, run_dir: Path, seed: int
             synthetic_num_eval=settings.finetune_eval_clips,
         )
         metrics = run_finetuning(model_args, data_args, training_args)
-        matches = [
-            v for k, v in metrics.items() if k.startswith("eval_") and k.lower().endswith(metric_suffix.lower())
-        ]
-        if not matches:
-            raise KeyError(f"{task}: no eval_*{metric_suffix} in {sorted(metrics)}")
-        results[key] = float(matches[0])
+        # Exact key (per-question-type accuracies such as `eval_accuracy_colour` must not be picked up).
+        by_name = {k.lower(): v for k, v in metrics.items()}
+        name = f"eval_{metric_suffix}".lower()
+        if name not in by_name:
+            raise KeyError(f"{task}: no {name} in {sorted(metrics)}")
+        results[key] = float(by_name[name])
     return results
 
 

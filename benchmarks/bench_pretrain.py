@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -232,6 +233,35 @@ def bench_preset(preset: str, num_frames: int, batch_size: int, steps: int, rati
     return rows
 
 
+def bench_decode(num_clips: int = 32, batch_size: int = 8) -> dict:
+    """PyAV decoding + preprocessing throughput of the training collator on exported tiny-preset mp4 clips, in one
+    process (what one DataLoader worker delivers)."""
+    import tempfile
+
+    from clusterstm.data import VideoTextCollator, load_video_text_dataset
+    from clusterstm.processing_clusterstm import ClusterSTMProcessor
+    from clusterstm.synthetic import SyntheticVideoTextConfig, export_synthetic_benchmark
+    from clusterstm.tokenization import train_wordpiece_tokenizer
+    from clusterstm.video_processing_clusterstm import ClusterSTMVideoProcessor
+
+    config = SyntheticVideoTextConfig(num_train=num_clips, num_val=0, num_test=0, num_compositional=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        metadata = export_synthetic_benchmark(config, tmp, splits=("train",))["train"]
+        dataset = load_video_text_dataset(train_file=metadata)
+        video_processor = ClusterSTMVideoProcessor(
+            num_frames=8, size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}
+        )
+        tokenizer = train_wordpiece_tokenizer(list(dataset["caption"]), vocab_size=200)
+        collator = VideoTextCollator(ClusterSTMProcessor(video_processor=video_processor, tokenizer=tokenizer))
+        rows = [dataset[i] for i in range(len(dataset))]
+        collator(rows[:batch_size])  # warm-up
+        start = time.perf_counter()
+        for i in range(0, len(rows), batch_size):
+            collator(rows[i : i + batch_size])
+        seconds = time.perf_counter() - start
+    return {"clips": len(rows), "clips_per_second_per_worker": len(rows) / seconds}
+
+
 def render(rows: list[dict]) -> str:
     header = (
         "| preset | frames x batch | mask ratio | kept/frame | step (s) | speedup | student step (s) | student speedup "
@@ -275,6 +305,16 @@ def main(argv=None) -> list[dict]:
     table = render(rows)
     print()
     print(table)
+    decode = bench_decode()
+    tiny_08 = next(r for r in rows if r["preset"] == "tiny" and r["mask_ratio"] == 0.8)
+    need = tiny_08["batch_size"] / tiny_08["step_s"]
+    decode["tiny_step_need_clips_per_second"] = need
+    decode_line = (
+        f"PyAV decode + preprocessing (8 frames of 64x64 mp4, collator in one process): "
+        f"{decode['clips_per_second_per_worker']:.1f} clips/s per worker; the tiny step at mask ratio 0.8 consumes "
+        f"{need:.1f} clips/s -> {max(1, math.ceil(need / decode['clips_per_second_per_worker']))} worker(s) keep up."
+    )
+    print(decode_line)
     output_dir = args.output_dir or (None if args.quick else str(REPO_ROOT / "docs" / "benchmarks"))
     if output_dir:
         out = Path(output_dir)
@@ -290,7 +330,7 @@ def main(argv=None) -> list[dict]:
                 ["python", "benchmarks/bench_pretrain.py", *(argv if argv is not None else sys.argv[1:])]
             ),
         }
-        (out / "pretrain.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        (out / "pretrain.json").write_text(json.dumps({"meta": meta, "rows": rows, "decode": decode}, indent=2) + "\n")
         (out / "pretrain.md").write_text(
             "# Pretraining step vs. mask ratio\n\n"
             f"`{meta['command']}` on {meta['device']} ({meta['torch_threads']} torch threads, torch {meta['torch']}), "

@@ -21,8 +21,8 @@ Conventions shared by every function here:
 * Masks follow VideoMAE: ``True`` means *masked* (dropped), ``False`` means *kept*.
 * Every frame keeps exactly ``K = N - int(N * mask_ratio)`` tokens, whatever the input (ties, duplicated tokens and
   static videos included), so masked batches can always be packed into a dense tensor.
-* Inputs of any floating dtype are accepted; the arithmetic runs in float32 (float64 inputs stay float64) and every
-  output lives on the input's device.
+* Inputs of any floating dtype are accepted; the arithmetic runs in float32 (float64 inputs stay float64), also under
+  `torch.autocast` (switched off locally), and every output lives on the input's device.
 * Masks and densities are not differentiable: everything runs under `torch.no_grad()`.
 * Nothing loops in Python over batch, frames or tokens; the only loops walk over memory chunks so that the largest
   intermediate stays bounded (``max_chunk_elements``).
@@ -32,6 +32,7 @@ The file is Hub remote code: it only imports torch and never the ``clusterstm`` 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -93,6 +94,15 @@ def _check_tokens(x: torch.Tensor, name: str, ndim: int, layout: str) -> None:
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # float64 stays float64; every other floating dtype (fp16, bf16, fp32, ...) is computed in float32.
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _autocast_disabled(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Context that switches autocast off on `x`'s device: under bf16/fp16 autocast, `bmm` / `baddbmm` would run in
+    low precision again after the float32 up-cast, and near-ties of densities and distances would flip masks."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +207,8 @@ def dpc_knn(
     n = x.shape[1]
     if isinstance(num_clusters, bool) or not isinstance(num_clusters, numbers.Integral) or not 1 <= num_clusters <= n:
         raise ValueError(f"`num_clusters` must be an integer in [1, num_tokens={n}], got {num_clusters!r}.")
-    labels, centers, _ = _dpc_knn(_normalize(x), int(num_clusters), int(k), int(max_chunk_elements))
+    with _autocast_disabled(x):
+        labels, centers, _ = _dpc_knn(_normalize(x), int(num_clusters), int(k), int(max_chunk_elements))
     return labels, centers
 
 
@@ -294,12 +305,13 @@ def temporal_density(
     _check_positive_int(k, "k")
     _check_positive_int(max_chunk_elements, "max_chunk_elements")
     dc_ratio, k, max_chunk_elements = float(dc_ratio), int(k), int(max_chunk_elements)
-    x = _normalize(x)
-    b, t, n, c = x.shape
-    if t == 1:
-        _, _, rho = _dpc_knn(x.reshape(b, n, c), 1, k, max_chunk_elements)
-        return rho.reshape(b, 1, n)
-    return _temporal_density(x, dc_ratio, max_chunk_elements)[0]
+    with _autocast_disabled(x):
+        x = _normalize(x)
+        b, t, n, c = x.shape
+        if t == 1:
+            _, _, rho = _dpc_knn(x.reshape(b, n, c), 1, k, max_chunk_elements)
+            return rho.reshape(b, 1, n)
+        return _temporal_density(x, dc_ratio, max_chunk_elements)[0]
 
 
 def _check_dc_ratio(dc_ratio: float) -> None:
@@ -360,14 +372,14 @@ def cluster_wise_mask(
     dc_ratio, k, max_chunk_elements = float(dc_ratio), int(k), int(max_chunk_elements)
     b, t, n, c = x.shape
     num_keep = num_visible_tokens(n, mask_ratio)
-    x = _normalize(x)
-
-    labels, _, local_rho = _dpc_knn(x.reshape(b * t, n, c), num_keep, k, max_chunk_elements)
-    if t == 1:
-        rho = local_rho
-    else:
-        rho = _temporal_density(x, dc_ratio, max_chunk_elements)[0].reshape(b * t, n)
-    return _keep_best_per_cluster(labels, rho, num_keep).reshape(b, t, n)
+    with _autocast_disabled(x):
+        x = _normalize(x)
+        labels, _, local_rho = _dpc_knn(x.reshape(b * t, n, c), num_keep, k, max_chunk_elements)
+        if t == 1:
+            rho = local_rho
+        else:
+            rho = _temporal_density(x, dc_ratio, max_chunk_elements)[0].reshape(b * t, n)
+        return _keep_best_per_cluster(labels, rho, num_keep).reshape(b, t, n)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -475,12 +487,15 @@ def attention_guided_mask(
         raise ValueError("`cls_attention` must be non-negative.")
     num_keep = num_visible_tokens(cls_attention.shape[-1], mask_ratio)
 
-    weights = cls_attention.to(_compute_dtype(cls_attention.dtype))
-    # all-zero frames fall back to uniform sampling
-    weights = torch.where(weights.sum(dim=-1, keepdim=True) > 0, weights, torch.ones_like(weights))
-    log_probs = torch.log(weights / weights.sum(dim=-1, keepdim=True))
+    with _autocast_disabled(cls_attention):
+        weights = cls_attention.to(_compute_dtype(cls_attention.dtype))
+        # all-zero frames fall back to uniform sampling
+        weights = torch.where(weights.sum(dim=-1, keepdim=True) > 0, weights, torch.ones_like(weights))
+        log_probs = torch.log(weights / weights.sum(dim=-1, keepdim=True))
 
-    uniform = _uniform(tuple(weights.shape), generator, weights.device).to(device=weights.device, dtype=weights.dtype)
-    tiny = torch.finfo(weights.dtype).tiny
-    gumbel = -torch.log(-torch.log(uniform.clamp(min=tiny, max=1.0 - torch.finfo(weights.dtype).eps)))
-    return _mask_from_keys(log_probs + gumbel, num_keep)
+        uniform = _uniform(tuple(weights.shape), generator, weights.device).to(
+            device=weights.device, dtype=weights.dtype
+        )
+        tiny = torch.finfo(weights.dtype).tiny
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=tiny, max=1.0 - torch.finfo(weights.dtype).eps)))
+        return _mask_from_keys(log_probs + gumbel, num_keep)

@@ -22,6 +22,7 @@ The file is Hub remote code: it only imports torch and never the ``clusterstm`` 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -163,7 +164,8 @@ def generate_relevance(
 
     Returns:
         `torch.Tensor` of shape `(batch_size, num_frames, num_tokens)`, cosine similarities in float32 (float64 for
-        float64 inputs), on the input's device. Gradients flow when the inputs and pooler require them.
+        float64 inputs), on the input's device, also under `torch.autocast` (switched off inside, pooler included).
+        Gradients flow when the inputs and pooler require them.
     """
     _check_tensor(vision_tokens, "vision_tokens", 4, "(batch_size, num_frames, num_tokens, hidden_size)")
     _check_tensor(text_embeds, "text_embeds", 2, "(batch_size, projection_dim)")
@@ -181,6 +183,28 @@ def generate_relevance(
         raise ValueError(f"`num_tokens` must be a perfect square (an L x L patch grid), got {n}.")
     pooler = build_window_pooler(pooler)
 
+    # Autocast is switched off for the whole computation, pooler included: under bf16/fp16 autocast its projection and
+    # the cosine would run in low precision again after the float32 up-cast (a low-precision pooler keeps its dtype).
+    with _autocast_disabled(vision_tokens):
+        return _generate_relevance(vision_tokens, text_embeds, pooler, window_size, max_chunk_elements, grid_size)
+
+
+def _autocast_disabled(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _generate_relevance(
+    vision_tokens: torch.Tensor,
+    text_embeds: torch.Tensor,
+    pooler: Callable[[torch.Tensor], torch.Tensor],
+    window_size: int,
+    max_chunk_elements: int,
+    grid_size: int,
+) -> torch.Tensor:
+    b, t, n, c = vision_tokens.shape
     compute_dtype = _compute_dtype(torch.promote_types(vision_tokens.dtype, text_embeds.dtype))
     dim = text_embeds.shape[-1]
     text = F.normalize(text_embeds.to(compute_dtype), dim=-1)
@@ -195,7 +219,11 @@ def generate_relevance(
         end = min(start + frames_per_chunk, b * t)
         windows = frames[start:end, index]  # (f, N, w*w, C)
         num_windows = (end - start) * n
-        pooled = pooler(windows.reshape(num_windows, window_area, c))
+        windows = windows.reshape(num_windows, window_area, c)
+        if isinstance(pooler, nn.Module) and not isinstance(pooler, (CLIPWindowPooler, SiglipWindowPooler)):
+            # with autocast off, a module pooler needs its own dtype (autocast used to reconcile the two)
+            windows = windows.to(_module_dtype(pooler, windows.dtype))
+        pooled = pooler(windows)
         if not isinstance(pooled, torch.Tensor) or tuple(pooled.shape) != (num_windows, dim):
             shape = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
             raise ValueError(

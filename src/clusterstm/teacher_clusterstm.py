@@ -27,6 +27,7 @@ The file is Hub remote code: it only imports torch / transformers and its siblin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -238,8 +239,16 @@ def _cls_attention(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tenso
     m, length, _ = normed.shape
     query = attn.q_proj(normed[:, :1]).view(m, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
     key = attn.k_proj(normed).view(m, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # (M, heads, 1, 1 + N)
-    weights = scores.softmax(dim=-1)
+    # in float32 even under autocast: the attention weights drive attention-guided masking
+    device_type = query.device.type
+    no_autocast = (
+        torch.autocast(device_type=device_type, enabled=False)
+        if torch.amp.is_autocast_available(device_type)
+        else contextlib.nullcontext()
+    )
+    with no_autocast:
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # (M, heads, 1, 1 + N)
+        weights = scores.softmax(dim=-1)
     return weights[:, :, 0, 1:].mean(dim=1)
 
 
