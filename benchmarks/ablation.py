@@ -69,6 +69,8 @@ RETRIEVAL_KEYS = (
     "compositional_t2v_meanr",
 )
 FINETUNE_KEYS = ("qa_accuracy", "caption_cider")
+# Frames (with captions) per teacher training step.
+TEACHER_BATCH_SIZE = 64
 
 
 @dataclass
@@ -121,12 +123,20 @@ class Grid:
     groups: dict[str, list[RunSpec]] = field(default_factory=dict)
 
 
-def build_grid(name: str, settings: Settings, seeds: Sequence[int], quick: bool, ratios: Sequence[float]) -> Grid:
+def build_grid(
+    name: str,
+    settings: Settings,
+    seeds: Sequence[int],
+    quick: bool,
+    ratios: Sequence[float],
+    strategies: Sequence[str] | None = None,
+) -> Grid:
     """The runs of ablation `name` (`masking`, `window` or `objective`)."""
     default = RunSpec(settings.default_strategy, settings.default_ratio)
     if name == "masking":
         grid = Grid(name, "Masking strategy x mask ratio (objective: contrastive + relevance, 3x3 window)")
-        strategies = ("cluster", "random") if quick else STRATEGIES
+        if strategies is None:
+            strategies = ("cluster", "random") if quick else STRATEGIES
         for ratio in ratios:
             for strategy in strategies:
                 grid.groups[f"{strategy} @ {ratio:g}"] = [
@@ -174,9 +184,22 @@ def prepare_assets(settings: Settings, work_dir: Path) -> Assets:
     from clusterstm.teacher_training import TeacherTrainingArguments, run_teacher_training
 
     work_dir.mkdir(parents=True, exist_ok=True)
+    # Every setting is pinned here (not left to the library defaults) so the cached teacher stays the same one.
     teacher_args = TeacherTrainingArguments(
         output_dir="",
         max_steps=settings.teacher_steps,
+        per_device_train_batch_size=TEACHER_BATCH_SIZE,
+        learning_rate=1e-3,
+        weight_decay=0.05,
+        seed=0,
+        image_size=64,
+        num_frames=8,
+        patch_size=8,
+        hidden_size=64,
+        projection_dim=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_text_length=32,
         num_train_clips=settings.teacher_train_clips,
         num_eval_clips=settings.teacher_eval_clips,
         synthetic_seed=settings.synthetic_seed,
@@ -486,13 +509,15 @@ def write_report(
     meta: dict[str, Any],
     output_dir: Path,
     plot_dir: Path,
+    tag: str | None = None,
 ) -> dict[str, Path]:
     """`ablation_<name>.json`, `ablation_<name>.md` and `ablation_<name>.png`."""
     output_dir.mkdir(parents=True, exist_ok=True)
     plot_dir.mkdir(parents=True, exist_ok=True)
-    json_path = output_dir / f"ablation_{grid.name}.json"
-    md_path = output_dir / f"ablation_{grid.name}.md"
-    png_path = plot_dir / f"ablation_{grid.name}.png"
+    stem = f"ablation_{grid.name}" + (f"_{tag}" if tag else "")
+    json_path = output_dir / f"{stem}.json"
+    md_path = output_dir / f"{stem}.md"
+    png_path = plot_dir / f"{stem}.png"
     payload = {"ablation": grid.name, "title": grid.title, "meta": meta, "untrained": reference, "results": summary}
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
 
@@ -611,6 +636,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds (default 0 1 2; --quick: 0).")
     parser.add_argument("--steps", type=int, default=None, help="Pretraining steps per run.")
     parser.add_argument("--ratios", type=float, nargs="+", default=None, help="Mask ratios of the masking ablation.")
+    parser.add_argument(
+        "--strategies", nargs="+", choices=STRATEGIES, default=None, help="Masking ablation: strategies to compare."
+    )
+    parser.add_argument(
+        "--tag", default=None, help="Suffix of the output names (ablation_<name>_<tag>.*), for extra grids."
+    )
     parser.add_argument("--finetune_steps", type=int, default=None, help="QA/captioning fine-tuning steps (0: off).")
     parser.add_argument("--batch_size", type=int, default=None, help="Pretraining batch size.")
     parser.add_argument("--num_train", type=int, default=None, help="Synthetic training clips.")
@@ -662,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Path]]:
     reference = untrained_reference(settings, assets, seeds)
     written = {}
     for name in names:
-        grid = build_grid(name, settings, seeds, args.quick, ratios)
+        grid = build_grid(name, settings, seeds, args.quick, ratios, args.strategies)
         start = time.perf_counter()
         summary = {}
         run_seconds = 0.0
@@ -697,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Path]]:
             "machine": machine_description(),
             "quick": args.quick,
         }
-        written[name] = write_report(grid, summary, reference, meta, output_dir, plot_dir)
+        written[name] = write_report(grid, summary, reference, meta, output_dir, plot_dir, args.tag)
         logger.info("%s written to %s", name, written[name]["md"])
     logger.info("total wall time %.0f s", time.perf_counter() - total_start)
     return written

@@ -169,41 +169,55 @@ def bench_preset(preset: str, num_frames: int, batch_size: int, steps: int, rati
     original_mask = modeling.cluster_wise_mask
     modeling.cluster_wise_mask = mask_timer.wrap(original_mask)
     num_tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    samples = {
+        ratio: {key: [] for key in ("full", "student", "teacher", "mask", "peak", "activations")} for ratio in ratios
+    }
+
+    def one_step(ratio: float, record: bool) -> None:
+        config.mask_strategy = "cluster" if ratio > 0 else "none"
+        config.mask_ratio = ratio
+        mask_timer.seconds = 0.0
+        before = _rss_kb("VmRSS:")
+        reset = _reset_peak()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        with torch.no_grad():
+            targets = teacher_targets(teacher, batch, config.relevance_window_size)
+        teacher_done = time.perf_counter()
+        saved = _SavedTensors()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            outputs = model(**batch, **targets)
+        outputs.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        end = time.perf_counter()
+        if not record:
+            return
+        row = samples[ratio]
+        row["full"].append(end - start)
+        row["teacher"].append(teacher_done - start)
+        row["student"].append(end - teacher_done)
+        row["mask"].append(mask_timer.seconds)
+        if torch.cuda.is_available():
+            row["peak"].append(torch.cuda.max_memory_allocated() / 2**20)
+        else:
+            row["peak"].append((_rss_kb("VmHWM:") - before) / 1024 if reset else float("nan"))
+        row["activations"].append(saved.bytes / 2**20)
+
     rows = []
     try:
+        for ratio in ratios:  # warm-up, not counted
+            one_step(ratio, record=False)
+        # Ratios are interleaved so that a change of load on a shared machine affects all of them alike.
+        for _ in range(steps):
+            for ratio in ratios:
+                one_step(ratio, record=True)
         for ratio in ratios:
-            config.mask_strategy = "cluster" if ratio > 0 else "none"
-            config.mask_ratio = ratio
-            full_times, student_times, teacher_times, mask_times, peaks, activations = [], [], [], [], [], []
-            for step in range(steps + 1):  # the first step warms up and is not counted
-                mask_timer.seconds = 0.0
-                before = _rss_kb("VmRSS:")
-                reset = _reset_peak()
-                if torch.cuda.is_available():
-                    torch.cuda.reset_peak_memory_stats()
-                start = time.perf_counter()
-                with torch.no_grad():
-                    targets = teacher_targets(teacher, batch, config.relevance_window_size)
-                teacher_done = time.perf_counter()
-                saved = _SavedTensors()
-                with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-                    outputs = model(**batch, **targets)
-                outputs.loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                end = time.perf_counter()
-                if step == 0:
-                    continue
-                full_times.append(end - start)
-                teacher_times.append(teacher_done - start)
-                student_times.append(end - teacher_done)
-                mask_times.append(mask_timer.seconds)
-                if torch.cuda.is_available():
-                    peaks.append(torch.cuda.max_memory_allocated() / 2**20)
-                else:
-                    peaks.append((_rss_kb("VmHWM:") - before) / 1024 if reset else float("nan"))
-                activations.append(saved.bytes / 2**20)
             kept = num_visible_tokens(num_tokens, ratio)
+            measured = samples[ratio]
             rows.append(
                 {
                     "preset": preset,
@@ -212,12 +226,12 @@ def bench_preset(preset: str, num_frames: int, batch_size: int, steps: int, rati
                     "mask_ratio": ratio,
                     "tokens_per_frame": num_tokens,
                     "kept_per_frame": kept,
-                    "step_s": statistics.median(full_times),
-                    "student_step_s": statistics.median(student_times),
-                    "teacher_s": statistics.median(teacher_times),
-                    "mask_s": statistics.median(mask_times),
-                    "peak_mb": statistics.median(peaks),
-                    "activation_mb": statistics.median(activations),
+                    "step_s": statistics.median(measured["full"]),
+                    "student_step_s": statistics.median(measured["student"]),
+                    "teacher_s": statistics.median(measured["teacher"]),
+                    "mask_s": statistics.median(measured["mask"]),
+                    "peak_mb": statistics.median(measured["peak"]),
+                    "activation_mb": statistics.median(measured["activations"]),
                     "ideal_speedup": num_tokens / kept,
                 }
             )
@@ -334,7 +348,7 @@ def main(argv=None) -> list[dict]:
         (out / "pretrain.md").write_text(
             "# Pretraining step vs. mask ratio\n\n"
             f"`{meta['command']}` on {meta['device']} ({meta['torch_threads']} torch threads, torch {meta['torch']}), "
-            f"median of {steps} step(s) after one warm-up, random weights.\n\n"
+            f"median of {steps} step(s) per ratio after one warm-up each, ratios interleaved, random weights.\n\n"
             "*step*: teacher forward + cluster-wise masking + student forward/backward over all objectives "
             "(contrastive, relevance, matching, MLM) + AdamW. *student*: the same without the teacher forward. "
             "*ideal*: video-tower token-count speedup N/K. *activations MB*: distinct tensors saved for backward by the "

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the small CLIP teacher of the synthetic benchmark and save it as an ordinary CLIP checkpoint folder.
 
-python scripts/train_teacher.py --output_dir outputs/teacher --max_steps 400
+python scripts/train_teacher.py --output_dir outputs/teacher --max_steps 300
 """
 
 import sys

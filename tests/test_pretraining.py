@@ -367,3 +367,20 @@ def test_evaluate_zero_shot_retrieval(checkpoints):
     assert metrics["chance_r1"] == pytest.approx(100 / 6)
     assert 0 <= metrics["t2v_r1"] <= metrics["t2v_r5"] <= 100 and metrics["num_videos"] == 6
     assert model.training  # restored
+
+
+def test_bench_pretrain_masking_shrinks_activations():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_pretrain", REPO / "benchmarks" / "bench_pretrain.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.set_num_threads(1)
+    rows = bench.bench_preset("tiny", 2, 4, steps=1, ratios=(0.0, 0.8))
+    unmasked, masked = rows
+    assert unmasked["kept_per_frame"] == 64 and masked["kept_per_frame"] == 13
+    assert masked["ideal_speedup"] == pytest.approx(64 / 13)
+    # Deterministic (unlike wall time on a shared machine): the student saves far fewer activations when masked.
+    assert masked["activation_mb"] < 0.8 * unmasked["activation_mb"]
+    assert 0 < masked["mask_share"] < 1 and unmasked["mask_share"] == 0
+    assert "| tiny |" in bench.render(rows)

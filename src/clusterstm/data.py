@@ -73,6 +73,7 @@ def load_video_text_dataset(
     split: str = "train",
     streaming: bool = False,
     synthetic_config: Any = None,
+    verify_files: bool = False,
 ):
     """
     Load a video-text corpus as a `datasets.Dataset` (or `IterableDataset` when `streaming`).
@@ -89,7 +90,9 @@ def load_video_text_dataset(
 
     Rows from files get a `video_path` column (resolved path) and keep `caption_column`; rows with a missing/empty
     video or caption field, or a path escaping `video_root`, raise a `ValueError` naming the row and the field (for
-    streaming datasets, when the row is read).
+    streaming datasets, when the row is read). With `verify_files=True` every resolved file is also checked to exist
+    and be non-empty (one `stat` per row, no decoding), raising [`VideoDecodingError`] naming the row and the file;
+    corrupt content is only found when decoding (the collator names the file, or skips it with `skip_bad_samples`).
     """
     from datasets import load_dataset
 
@@ -130,7 +133,10 @@ def load_video_text_dataset(
 
     def add_path(row: dict[str, Any], index: int) -> dict[str, Any]:
         _check_caption(row.get(caption_column), index, caption_column)
-        return {VIDEO_PATH_COLUMN: resolve_video_path(root, row.get(video_column), index, video_column)}
+        path = resolve_video_path(root, row.get(video_column), index, video_column)
+        if verify_files:
+            _check_video_file(path, index, video_column)
+        return {VIDEO_PATH_COLUMN: path}
 
     if streaming:
         return dataset.map(add_path, with_indices=True)
@@ -140,7 +146,16 @@ def load_video_text_dataset(
     for index, (video, caption) in enumerate(zip(videos, captions)):
         _check_caption(caption, index, caption_column)
         paths.append(resolve_video_path(root, video, index, video_column))
+        if verify_files:
+            _check_video_file(paths[-1], index, video_column)
     return dataset.add_column(VIDEO_PATH_COLUMN, paths)
+
+
+def _check_video_file(path: str, row: int | str, field: str) -> None:
+    if not os.path.isfile(path):
+        raise VideoDecodingError(f"Row {row}: field {field!r}: video file not found: {path!r}")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodingError(f"Row {row}: field {field!r}: video file is empty (0 bytes): {path!r}")
 
 
 class VideoTextCollator:

@@ -1948,11 +1948,12 @@ class ClusterSTMForVideoCaptioning(ClusterSTMPreTrainedModel, GenerationMixin):
     config: ClusterSTMConfig
     # Generation starts from text (a [CLS] prompt); the video is a conditioning input.
     main_input_name = "input_ids"
-    loss_type = "ForCausalLM"
     _tied_weights_keys = {"mlm_head.decoder.weight": "clusterstm.text_model.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: ClusterSTMConfig):
         super().__init__(config)
+        # The class name names no loss of `LOSS_MAPPING`; the decoder is trained as a causal LM.
+        self.loss_type = "ForCausalLM"
         self.clusterstm = ClusterSTMModel(config)
         # Named as in `ClusterSTMForPreTraining`: the pretrained MLM head initialises the language-modelling head.
         self.mlm_head = ClusterSTMMLMHead(config.text_config)

@@ -117,7 +117,8 @@ class PretrainingArguments:
         default=None, metadata={"help": "A checkpoint-{step} folder, or `latest` (newest complete one in output_dir)."}
     )
     seed: int = field(
-        default=42, metadata={"help": "Seed of the weights' init-independent randomness: data order, masks, dropout."}
+        default=42,
+        metadata={"help": "Seed of the data order, the masks and dropout (the weights come from the checkpoint)."},
     )
     report_to: str = field(default="jsonl", metadata={"help": "tensorboard, jsonl, all or none."})
     logging_steps: int = field(default=10, metadata={"help": "Log loss and throughput every N optimizer steps."})

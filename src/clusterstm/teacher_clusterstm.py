@@ -112,7 +112,15 @@ class ClusterSTMTeacher(nn.Module):
                 raise ValueError(
                     f"Teacher checkpoint folder not found: {path!r} (the teacher loads local files only)."
                 )
-            kwargs = {"local_files_only": True}
+            if not any(
+                name.endswith(".safetensors") or name.endswith(".safetensors.index.json") for name in os.listdir(path)
+            ):
+                # `.bin` weights are pickles: loading them can run code, so a teacher is only read from safetensors
+                raise ValueError(
+                    f"Teacher checkpoint folder {path!r} has no safetensors weights (model.safetensors); pickle-based "
+                    "weights (.bin, .pt) are refused. Convert them once with `save_pretrained` on a trusted machine."
+                )
+            kwargs = {"local_files_only": True, "use_safetensors": True}
             if dtype is not None:
                 kwargs["dtype"] = dtype
             model = AutoModel.from_pretrained(path, **kwargs)
