@@ -15,6 +15,7 @@
 pretraining objectives of cluster-wise spatio-temporal masking (relevance reconstruction, contrastive, matching,
 masked language modelling and unmasked-token alignment)."""
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,6 +196,13 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return gather(tensor.contiguous(), 0, dist.group.WORLD)
 
 
+def _autocast_disabled(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Switches autocast off on `tensor`'s device (for the few fp32-critical products)."""
+    if torch.amp.is_autocast_available(tensor.device.type):
+        return torch.autocast(device_type=tensor.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def video_text_contrastive_loss(
     video_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
 ) -> torch.Tensor:
@@ -213,9 +221,12 @@ def video_text_contrastive_loss(
     all_video_embeds = gather_with_grad(video_embeds)
     all_text_embeds = gather_with_grad(text_embeds)
     labels = torch.arange(batch_size, device=video_embeds.device) + rank * batch_size
-    # Reductions in fp32: mixed precision logits with a scale up to 100 overflow half-precision softmax sums.
-    logits_video_to_text = logit_scale * torch.matmul(video_embeds, all_text_embeds.t()).float()
-    logits_text_to_video = logit_scale * torch.matmul(text_embeds, all_video_embeds.t()).float()
+    # Reductions in fp32: mixed precision logits with a scale up to 100 overflow half-precision softmax sums. The
+    # matmul too: under autocast it would run in half precision before any up-cast (errors of ~0.4 in the logits).
+    with _autocast_disabled(video_embeds):
+        scale = logit_scale.float()
+        logits_video_to_text = scale * torch.matmul(video_embeds.float(), all_text_embeds.float().t())
+        logits_text_to_video = scale * torch.matmul(text_embeds.float(), all_video_embeds.float().t())
     video_loss = nn.functional.cross_entropy(logits_video_to_text, labels)
     text_loss = nn.functional.cross_entropy(logits_text_to_video, labels)
     return (video_loss + text_loss) / 2.0
@@ -684,6 +695,8 @@ class ClusterSTMVisionModel(ClusterSTMPreTrainedModel):
         return self.embeddings.patch_embedding
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
         if pixel_values.ndim == 4:
             # A batch of images (B, C, H, W) is a batch of one-frame videos.
             pixel_values = pixel_values[:, None]
@@ -705,6 +718,17 @@ class ClusterSTMVisionModel(ClusterSTMPreTrainedModel):
         if num_frames % self.config.tubelet_size:
             raise ValueError(
                 f"num_frames ({num_frames}) is not divisible by tubelet_size ({self.config.tubelet_size})."
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be a floating point tensor of normalised frames (the output of "
+                f"ClusterSTMVideoProcessor), got dtype {pixel_values.dtype}."
+            )
+        # One host sync, at the entry point only: a NaN/inf frame would otherwise surface as a NaN loss many layers
+        # later (CLIP4Clip#4). Skipped while compiling, where it would break the graph.
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError(
+                "pixel_values contains non-finite values (NaN or inf); check the video decoding / normalisation."
             )
         return pixel_values
 
@@ -911,6 +935,13 @@ class ClusterSTMTextModel(ClusterSTMPreTrainedModel):
         else:
             if (input_ids is None) == (inputs_embeds is None):
                 raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
+            if input_ids is not None and (
+                input_ids.ndim != 2 or input_ids.is_floating_point() or input_ids.is_complex()
+            ):
+                raise ValueError(
+                    "input_ids must be an integer tensor of shape (batch_size, sequence_length), got shape "
+                    f"{tuple(input_ids.shape)} and dtype {input_ids.dtype}."
+                )
             hidden_states = self.embeddings(
                 input_ids=input_ids,
                 token_type_ids=token_type_ids,
@@ -1094,6 +1125,7 @@ class ClusterSTMModel(ClusterSTMPreTrainedModel):
 
         loss = None
         if return_loss:
+            _check_video_text_batch(pixel_values, input_ids)  # the loss needs (video, text) pairs
             loss = video_text_contrastive_loss(video_embeds, text_embeds, logit_scale)
 
         return ClusterSTMOutput(
@@ -1399,6 +1431,7 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pixel_values = self.clusterstm.vision_model._check_pixel_values(pixel_values)
+        _check_video_text_batch(pixel_values, input_ids)
         vision_config = config.vision_config
         grid = (
             pixel_values.shape[1] // vision_config.tubelet_size,
@@ -1432,6 +1465,11 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
             ("teacher_cls_attention", teacher_cls_attention),
             ("teacher_relevance", teacher_relevance),
         ):
+            if tensor is not None and (tensor.shape[0] != pixel_values.shape[0] or not tensor.is_floating_point()):
+                raise ValueError(
+                    f"{name} must be a floating point tensor with the batch size of pixel_values "
+                    f"({pixel_values.shape[0]}), got shape {tuple(tensor.shape)} and dtype {tensor.dtype}."
+                )
             if tensor is not None and tuple(tensor.shape[1:3]) != token_grid:
                 raise ValueError(
                     f"{name} has the token grid (frames, patches) = {tuple(tensor.shape[1:3])} but the student's "
@@ -1471,8 +1509,9 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
                     "teacher (set_teacher); set relevance_loss_weight=0 to train without it."
                 )
             decoded = self.relevance_decoder(video_tokens, vision_outputs.kept_indices, grid)
-            decoded = nn.functional.normalize(decoded, dim=-1)
-            predicted = torch.matmul(decoded, text_embeds[:, :, None]).squeeze(-1)  # cosine per token, (B, L)
+            # cosine per token (B, L) in fp32: elementwise ops are not autocast, a bf16 matmul would quantise it
+            decoded = nn.functional.normalize(decoded.float(), dim=-1)
+            predicted = (decoded * text_embeds.float()[:, None, :]).sum(-1)
             predicted_relevance = predicted.reshape(-1, *token_grid)
             token_mask = None
             mask = vision_outputs.bool_masked_pos
