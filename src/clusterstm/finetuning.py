@@ -857,7 +857,7 @@ def load_model_and_processor(
         config.bos_token_id = tokenizer.cls_token_id
         config.eos_token_id = tokenizer.sep_token_id
         config.pad_token_id = tokenizer.pad_token_id
-    model = head_class(model_args.task).from_pretrained(path, config=config, **extra)
+    model = head_class(model_args.task).from_pretrained(path, config=config, use_safetensors=True, **extra)
     if model_args.task == "captioning":
         model.generation_config.bos_token_id = tokenizer.cls_token_id
         model.generation_config.eos_token_id = tokenizer.sep_token_id
