@@ -16,7 +16,7 @@ right before the call) minus the resident size just before the call. This sees e
 Usage:
 
     python benchmarks/bench_masking.py            # full grid, writes docs/benchmarks/masking.{md,json} (~10 min)
-    python benchmarks/bench_masking.py --quick    # tiny grid in < 60 s (CI), prints only unless --output-dir is given
+    python benchmarks/bench_masking.py --quick    # tiny grid in < 60 s (CI), prints only unless --output_dir is given
 """
 
 from __future__ import annotations
@@ -375,7 +375,7 @@ def fmt_mem(entry: dict | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny grid (< 60 s), for CI")
-    parser.add_argument("--output-dir", type=Path, default=None, help="where masking.md / masking.json go")
+    parser.add_argument("--output_dir", type=Path, default=None, help="where masking.md / masking.json go")
     parser.add_argument(
         "--threads",
         type=int,

@@ -45,11 +45,11 @@ class DemoSettings:
         return cls(
             teacher_steps=300,
             teacher_clips=1000,
-            pretrain_steps=300,
+            pretrain_steps=200,
             pretrain_clips=1000,
             batch_size=32,
             eval_clips=200,
-            finetune_steps=150,
+            finetune_steps=100,
         )
 
 
@@ -203,7 +203,7 @@ def run_demo(output_dir: str | Path = "demo_output", seed: int = 0, quick: bool 
             output_dir=str(pretrain_dir),
             max_steps=settings.pretrain_steps,
             per_device_train_batch_size=settings.batch_size,
-            learning_rate=3e-4,
+            learning_rate=5e-4,
             warmup_ratio=0.1,
             seed=seed,
             logging_steps=5,

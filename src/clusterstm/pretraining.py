@@ -459,7 +459,7 @@ def load_student(model_name_or_path: str, mask_strategy: str | None = None, mask
             f"--model_name_or_path {model_name_or_path!r} is not a ClusterSTM checkpoint folder (no config.json); "
             "create one with `clusterstm init --preset tiny --output_dir DIR`."
         )
-    model = ClusterSTMForPreTraining.from_pretrained(path)
+    model = ClusterSTMForPreTraining.from_pretrained(path, use_safetensors=True)
     if mask_strategy is not None:
         model.config.mask_strategy = mask_strategy
     if mask_ratio is not None:

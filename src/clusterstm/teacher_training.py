@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, HfArgumentParser, get_scheduler
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -52,6 +53,7 @@ class TeacherTrainingArguments:
     num_hidden_layers: int = field(default=4, metadata={"help": "Layers of each tower."})
     num_attention_heads: int = field(default=4, metadata={"help": "Attention heads of each tower."})
     max_text_length: int = field(default=32, metadata={"help": "Maximum caption length in tokens."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
 
     def __post_init__(self) -> None:
         for name in (
@@ -229,7 +231,8 @@ def run_teacher_training(args: TeacherTrainingArguments) -> dict[str, Any]:
     losses = []
     order = torch.randperm(num_clips, generator=generator)
     cursor = 0
-    for step in range(args.max_steps):
+    progress = tqdm(range(args.max_steps), desc="teacher training", unit="step", disable=args.disable_tqdm)
+    for step in progress:
         if cursor + batch_size > num_clips:
             order = torch.randperm(num_clips, generator=generator)
             cursor = 0
@@ -256,6 +259,7 @@ def run_teacher_training(args: TeacherTrainingArguments) -> dict[str, Any]:
             # CLIP clamps the temperature at 100.
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
+        progress.set_postfix(loss=f"{losses[-1]:.3f}")
         if (step + 1) % 50 == 0 or step + 1 == args.max_steps:
             logger.info(
                 "teacher step %d/%d loss %.4f", step + 1, args.max_steps, sum(losses[-50:]) / len(losses[-50:])
