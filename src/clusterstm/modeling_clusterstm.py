@@ -237,6 +237,43 @@ def video_text_contrastive_loss(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def video_text_matching_loss(
+    text_model: nn.Module,
+    itm_head: nn.Module,
+    text_hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor,
+    video_tokens: torch.Tensor,
+    logits_per_text: torch.Tensor,
+) -> torch.Tensor:
+    """
+    Video-text matching (binary) loss on the positive pairs plus one hard negative video per text and one hard negative
+    text per video, drawn in proportion to their contrastive similarity (the positive is never drawn).
+
+    Args:
+        text_model: the text tower; its fusion layers cross-attend to `video_tokens`.
+        itm_head: maps the fused `[CLS]` state to two logits (no match / match).
+        text_hidden_states: output of the text tower's text-only layers, `(B, L, H)`.
+        attention_mask: text attention mask, `(B, L)`.
+        video_tokens: video tower tokens, `(B, M, H_v)`.
+        logits_per_text: contrastive logits, `(B, B)`, row `i` = text `i`.
+    """
+    batch_size = text_hidden_states.shape[0]
+    with torch.no_grad():
+        eye = torch.eye(batch_size, dtype=torch.bool, device=logits_per_text.device)
+        weights_text_to_video = logits_per_text.float().softmax(dim=1).add(1e-8).masked_fill(eye, 0.0)
+        weights_video_to_text = logits_per_text.t().float().softmax(dim=1).add(1e-8).masked_fill(eye, 0.0)
+        negative_videos = torch.multinomial(weights_text_to_video, 1).squeeze(1)
+        negative_texts = torch.multinomial(weights_video_to_text, 1).squeeze(1)
+    texts = torch.cat([text_hidden_states, text_hidden_states, text_hidden_states[negative_texts]], dim=0)
+    masks = torch.cat([attention_mask, attention_mask, attention_mask[negative_texts]], dim=0)
+    videos = torch.cat([video_tokens, video_tokens[negative_videos], video_tokens], dim=0)
+    fused = text_model(attention_mask=masks, text_hidden_states=texts, encoder_hidden_states=videos, mode="fusion")
+    logits = itm_head(fused.last_hidden_state[:, 0]).float()
+    labels = torch.zeros(3 * batch_size, dtype=torch.long, device=logits.device)
+    labels[:batch_size] = 1
+    return nn.functional.cross_entropy(logits, labels)
+
+
 def interpolate_spatiotemporal_positions(
     spatial: torch.Tensor, temporal: torch.Tensor, num_frames: int, height: int, width: int
 ) -> torch.Tensor:
@@ -1355,41 +1392,6 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
         masked_ids = torch.where(randomised, random_words, masked_ids)
         return masked_ids, labels
 
-    def _matching_loss(
-        self,
-        text_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor,
-        video_tokens: torch.Tensor,
-        logits_per_video: torch.Tensor,
-        logits_per_text: torch.Tensor,
-    ) -> torch.Tensor:
-        """Video-text matching: positives, and one hard negative video per text and text per video."""
-        batch_size = text_hidden_states.shape[0]
-        with torch.no_grad():
-            # Hard negatives are sampled in proportion to their similarity; the positive is excluded.
-            eye = torch.eye(batch_size, dtype=torch.bool, device=logits_per_text.device)
-            weights_text_to_video = logits_per_text.float().softmax(dim=1).masked_fill(eye, 0.0) + 1e-8
-            weights_video_to_text = logits_per_video.float().softmax(dim=1).masked_fill(eye, 0.0) + 1e-8
-            weights_text_to_video = weights_text_to_video.masked_fill(eye, 0.0)
-            weights_video_to_text = weights_video_to_text.masked_fill(eye, 0.0)
-            negative_videos = torch.multinomial(weights_text_to_video, 1).squeeze(1)
-            negative_texts = torch.multinomial(weights_video_to_text, 1).squeeze(1)
-
-        texts = torch.cat([text_hidden_states, text_hidden_states, text_hidden_states[negative_texts]], dim=0)
-        masks = torch.cat([attention_mask, attention_mask, attention_mask[negative_texts]], dim=0)
-        videos = torch.cat([video_tokens, video_tokens[negative_videos], video_tokens], dim=0)
-        fused = self.clusterstm.text_model(
-            attention_mask=masks, text_hidden_states=texts, encoder_hidden_states=videos, mode="fusion"
-        )
-        logits = self.itm_head(fused.last_hidden_state[:, 0])
-        labels = torch.cat(
-            [
-                torch.ones(batch_size, dtype=torch.long, device=logits.device),
-                torch.zeros(2 * batch_size, dtype=torch.long, device=logits.device),
-            ]
-        )
-        return nn.functional.cross_entropy(logits.float(), labels)
-
     @can_return_tuple
     @auto_docstring
     def forward(
@@ -1530,8 +1532,13 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
 
         # CODEPATH: loss weight (training setting); 0 skips video-text matching.
         if config.matching_loss_weight > 0 and input_ids.shape[0] > 1:
-            losses["matching_loss"] = self._matching_loss(
-                text_outputs.last_hidden_state, attention_mask, video_tokens, logits_per_video, logits_per_text
+            losses["matching_loss"] = video_text_matching_loss(
+                self.clusterstm.text_model,
+                self.itm_head,
+                text_outputs.last_hidden_state,
+                attention_mask,
+                video_tokens,
+                logits_per_text,
             )
 
         # CODEPATH: loss weight (training setting); 0 skips masked language modelling.
@@ -1814,33 +1821,6 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
         reranked.scatter_(1, topk_idx, offset + probs)
         return reranked
 
-    def _matching_loss(
-        self,
-        text_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor,
-        video_tokens: torch.Tensor,
-        logits_per_text: torch.Tensor,
-    ) -> torch.Tensor:
-        """Matching loss on the positives plus one hard negative video per text and one hard negative text per video."""
-        batch_size = text_hidden_states.shape[0]
-        with torch.no_grad():
-            eye = torch.eye(batch_size, dtype=torch.bool, device=logits_per_text.device)
-            # Hard negatives in proportion to their similarity; the positive is never drawn.
-            weights_text_to_video = logits_per_text.float().softmax(dim=1).add(1e-8).masked_fill(eye, 0.0)
-            weights_video_to_text = logits_per_text.t().float().softmax(dim=1).add(1e-8).masked_fill(eye, 0.0)
-            negative_videos = torch.multinomial(weights_text_to_video, 1).squeeze(1)
-            negative_texts = torch.multinomial(weights_video_to_text, 1).squeeze(1)
-        texts = torch.cat([text_hidden_states, text_hidden_states, text_hidden_states[negative_texts]], dim=0)
-        masks = torch.cat([attention_mask, attention_mask, attention_mask[negative_texts]], dim=0)
-        videos = torch.cat([video_tokens, video_tokens[negative_videos], video_tokens], dim=0)
-        fused = self.clusterstm.text_model(
-            attention_mask=masks, text_hidden_states=texts, encoder_hidden_states=videos, mode="fusion"
-        )
-        logits = self.itm_head(fused.last_hidden_state[:, 0]).float()
-        labels = torch.zeros(3 * batch_size, dtype=torch.long, device=logits.device)
-        labels[:batch_size] = 1
-        return nn.functional.cross_entropy(logits, labels)
-
     @can_return_tuple
     @auto_docstring
     def forward(
@@ -1881,8 +1861,13 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
             loss = contrastive_loss
             # CODEPATH: loss weight (fine-tuning setting); 0 trains the dual encoder alone.
             if self.config.matching_loss_weight > 0 and input_ids.shape[0] > 1:
-                matching_loss = self._matching_loss(
-                    text_outputs.last_hidden_state, attention_mask, vision_outputs.last_hidden_state, logits_per_text
+                matching_loss = video_text_matching_loss(
+                    self.clusterstm.text_model,
+                    self.itm_head,
+                    text_outputs.last_hidden_state,
+                    attention_mask,
+                    vision_outputs.last_hidden_state,
+                    logits_per_text,
                 )
                 loss = loss + self.config.matching_loss_weight * matching_loss
 
