@@ -184,30 +184,30 @@ def prepare_assets(settings: Settings, work_dir: Path) -> Assets:
     from clusterstm.teacher_training import TeacherTrainingArguments, run_teacher_training
 
     work_dir.mkdir(parents=True, exist_ok=True)
-    # Every setting is pinned here (not left to the library defaults) so the cached teacher stays the same one.
-    teacher_args = TeacherTrainingArguments(
-        output_dir="",
-        max_steps=settings.teacher_steps,
-        per_device_train_batch_size=TEACHER_BATCH_SIZE,
-        learning_rate=1e-3,
-        weight_decay=0.05,
-        seed=0,
-        image_size=64,
-        num_frames=8,
-        patch_size=8,
-        hidden_size=64,
-        projection_dim=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_text_length=32,
-        num_train_clips=settings.teacher_train_clips,
-        num_eval_clips=settings.teacher_eval_clips,
-        synthetic_seed=settings.synthetic_seed,
-    )
-    teacher_dir = work_dir / f"teacher-{_digest(asdict(teacher_args))}"
+    # Every setting that shapes the teacher is pinned here (not left to the library defaults), and only these key
+    # the cache, so options added to `TeacherTrainingArguments` later (a progress bar...) keep the same teacher.
+    teacher_settings = {
+        "max_steps": settings.teacher_steps,
+        "per_device_train_batch_size": TEACHER_BATCH_SIZE,
+        "learning_rate": 1e-3,
+        "weight_decay": 0.05,
+        "seed": 0,
+        "image_size": 64,
+        "num_frames": 8,
+        "patch_size": 8,
+        "hidden_size": 64,
+        "projection_dim": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "max_text_length": 32,
+        "num_train_clips": settings.teacher_train_clips,
+        "num_eval_clips": settings.teacher_eval_clips,
+        "synthetic_seed": settings.synthetic_seed,
+    }
+    teacher_dir = work_dir / f"teacher-{_digest(teacher_settings)}"
     if not (teacher_dir / "teacher_results.json").is_file():
         logger.info("training the shared teacher (%d steps) into %s", settings.teacher_steps, teacher_dir)
-        run_teacher_training(replace(teacher_args, output_dir=str(teacher_dir)))
+        run_teacher_training(TeacherTrainingArguments(output_dir=str(teacher_dir), **teacher_settings))
     teacher_results = json.loads((teacher_dir / "teacher_results.json").read_text())
     teacher = ClusterSTMTeacher.from_pretrained(teacher_dir)
 
