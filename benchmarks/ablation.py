@@ -177,7 +177,7 @@ def _digest(payload: Any) -> str:
 
 def prepare_assets(settings: Settings, work_dir: Path) -> Assets:
     """Trains (or loads the cached) teacher, writes the student's init folder, generates and tokenises the data."""
-    from clusterstm.finetuning import init_from_preset
+    from clusterstm.checkpoint import init_checkpoint
     from clusterstm.processing_clusterstm import ClusterSTMProcessor
     from clusterstm.synthetic import SyntheticVideoTextConfig, generate_synthetic_benchmark
     from clusterstm.teacher_clusterstm import ClusterSTMTeacher
@@ -214,7 +214,7 @@ def prepare_assets(settings: Settings, work_dir: Path) -> Assets:
     init_dir = work_dir / "student-init"
     if not (init_dir / "config.json").is_file():
         # `clusterstm init` (falls back to a plain config + processor folder while the heads are being merged).
-        init_from_preset("tiny", init_dir)
+        init_checkpoint("tiny", init_dir)
     processor = ClusterSTMProcessor.from_pretrained(init_dir)
 
     data_config = SyntheticVideoTextConfig(
@@ -392,16 +392,10 @@ def finetune(model, settings: Settings, assets: Assets, run_dir: Path, seed: int
     """Identical short fine-tuning on QA and captioning with `run_finetuning`; test-split accuracy and CIDEr."""
     from transformers import TrainingArguments
 
+    from clusterstm.checkpoint import save_checkpoint
     from clusterstm.finetuning import DataArguments, ModelArguments, run_finetuning
 
-    checkpoint = run_dir / "pretrained"
-    try:
-        from clusterstm.checkpoint import save_checkpoint
-
-        save_checkpoint(model, checkpoint, assets.processor)
-    except ImportError:  # the checkpoint helpers import the task heads, which may not be merged yet
-        model.save_pretrained(checkpoint)
-        assets.processor.save_pretrained(checkpoint)
+    checkpoint = save_checkpoint(model, run_dir / "pretrained", assets.processor)
     results = {}
     for task, key, metric_suffix in (("qa", "qa_accuracy", "accuracy"), ("captioning", "caption_cider", "CIDEr")):
         output_dir = run_dir / task

@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
+from clusterstm.checkpoint import init_checkpoint
 from clusterstm.finetuning import (
     ClusterSTMDataCollator,
     ClusterSTMTrainer,
@@ -24,7 +25,6 @@ from clusterstm.finetuning import (
     baseline_metrics,
     build_answer_vocabulary,
     chance_retrieval_metrics,
-    init_from_preset,
     load_video_captions,
     load_video_questions,
     nearest_neighbour_captions,
@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A from-scratch tiny checkpoint folder (random weights, processor, synthetic-vocabulary tokenizer)."""
-    return init_from_preset("tiny", tmp_path_factory.mktemp("tiny_init"))
+    return init_checkpoint("tiny", tmp_path_factory.mktemp("tiny_init"))
 
 
 def training_args(output_dir, **kwargs) -> TrainingArguments:

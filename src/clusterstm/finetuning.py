@@ -808,13 +808,6 @@ def head_class(task: str):
     return getattr(modeling_clusterstm, _HEADS[task])
 
 
-def init_from_preset(preset: str, output_dir: str | os.PathLike) -> Path:
-    """A complete from-scratch checkpoint folder (`clusterstm init`: random weights, processor, tokenizer)."""
-    from .checkpoint import init_checkpoint
-
-    return Path(init_checkpoint(preset, output_dir))
-
-
 def resolve_checkpoint(model_args: ModelArguments, training_args: TrainingArguments) -> str:
     """`--model_name_or_path`, or a fresh `--preset` checkpoint written (once, by the main process) under the
     output directory."""
@@ -823,7 +816,9 @@ def resolve_checkpoint(model_args: ModelArguments, training_args: TrainingArgume
         path = os.path.join(training_args.output_dir, "init_checkpoint")
         with training_args.main_process_first(desc="initialising the checkpoint"):
             if not os.path.isfile(os.path.join(path, "config.json")):
-                init_from_preset(model_args.preset, path)
+                from .checkpoint import init_checkpoint
+
+                init_checkpoint(model_args.preset, path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"--model_name_or_path must be a local checkpoint folder with a config.json, got {path!r}.")
     return path
