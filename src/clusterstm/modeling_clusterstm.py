@@ -1843,42 +1843,36 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
         _check_video_text_batch(pixel_values, input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        vision_outputs = self.clusterstm.vision_model(
-            pixel_values=pixel_values, bool_masked_pos=bool_masked_pos, return_dict=True
+        outputs = self.clusterstm(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            bool_masked_pos=bool_masked_pos,
+            return_loss=return_loss,
         )
-        text_outputs = self.clusterstm.text_model(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, mode="text"
-        )
-        video_embeds = nn.functional.normalize(self.clusterstm.visual_projection(vision_outputs.pooler_output), dim=-1)
-        text_embeds = nn.functional.normalize(self.clusterstm.text_projection(text_outputs.pooler_output), dim=-1)
-        logit_scale = self.clusterstm.scaled_logit_scale()
-        logits_per_text = torch.matmul(text_embeds, video_embeds.t()) * logit_scale
-        logits_per_video = logits_per_text.t()
-
-        loss = contrastive_loss = matching_loss = None
-        if return_loss:
-            contrastive_loss = video_text_contrastive_loss(video_embeds, text_embeds, logit_scale)
-            loss = contrastive_loss
-            # CODEPATH: loss weight (fine-tuning setting); 0 trains the dual encoder alone.
-            if self.config.matching_loss_weight > 0 and input_ids.shape[0] > 1:
-                matching_loss = video_text_matching_loss(
-                    self.clusterstm.text_model,
-                    self.itm_head,
-                    text_outputs.last_hidden_state,
-                    attention_mask,
-                    vision_outputs.last_hidden_state,
-                    logits_per_text,
-                )
-                loss = loss + self.config.matching_loss_weight * matching_loss
+        loss = contrastive_loss = outputs.loss
+        matching_loss = None
+        # CODEPATH: loss weight (fine-tuning setting); 0 trains the dual encoder alone.
+        if return_loss and self.config.matching_loss_weight > 0 and input_ids.shape[0] > 1:
+            matching_loss = video_text_matching_loss(
+                self.clusterstm.text_model,
+                self.itm_head,
+                outputs.text_model_output.last_hidden_state,
+                attention_mask,
+                outputs.vision_model_output.last_hidden_state,
+                outputs.logits_per_text,
+            )
+            loss = loss + self.config.matching_loss_weight * matching_loss
 
         return ClusterSTMVideoTextRetrievalOutput(
             loss=loss,
             contrastive_loss=contrastive_loss,
             matching_loss=matching_loss,
-            logits_per_video=logits_per_video,
-            logits_per_text=logits_per_text,
-            text_embeds=text_embeds,
-            video_embeds=video_embeds,
+            logits_per_video=outputs.logits_per_video,
+            logits_per_text=outputs.logits_per_text,
+            text_embeds=outputs.text_embeds,
+            video_embeds=outputs.video_embeds,
         )
 
 
