@@ -22,13 +22,14 @@ The file is Hub remote code: it only imports torch and never the ``clusterstm`` 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .masking_clusterstm import _autocast_disabled, _check_tokens, _compute_dtype
 
 DEFAULT_MAX_CHUNK_ELEMENTS = 2**25
 
@@ -80,10 +81,6 @@ def _module_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
         if parameter.is_floating_point():
             return parameter.dtype
     return default
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def build_window_pooler(
@@ -167,8 +164,8 @@ def generate_relevance(
         float64 inputs), on the input's device, also under `torch.autocast` (switched off inside, pooler included).
         Gradients flow when the inputs and pooler require them.
     """
-    _check_tensor(vision_tokens, "vision_tokens", 4, "(batch_size, num_frames, num_tokens, hidden_size)")
-    _check_tensor(text_embeds, "text_embeds", 2, "(batch_size, projection_dim)")
+    _check_tokens(vision_tokens, "vision_tokens", 4, "(batch_size, num_frames, num_tokens, hidden_size)")
+    _check_tokens(text_embeds, "text_embeds", 2, "(batch_size, projection_dim)")
     b, t, n, c = vision_tokens.shape
     if text_embeds.shape[0] != b:
         raise ValueError(
@@ -187,13 +184,6 @@ def generate_relevance(
     # the cosine would run in low precision again after the float32 up-cast (a low-precision pooler keeps its dtype).
     with _autocast_disabled(vision_tokens):
         return _generate_relevance(vision_tokens, text_embeds, pooler, window_size, max_chunk_elements, grid_size)
-
-
-def _autocast_disabled(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _generate_relevance(
@@ -233,16 +223,3 @@ def _generate_relevance(
         pooled = F.normalize(pooled.to(compute_dtype).reshape(end - start, n, dim), dim=-1)
         relevance.append(torch.einsum("fnd,fd->fn", pooled, frame_text[start:end]))
     return torch.cat(relevance, dim=0).reshape(b, t, n)
-
-
-def _check_tensor(x: torch.Tensor, name: str, ndim: int, layout: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"`{name}` must be a torch.Tensor of shape {layout}, got {type(x).__name__}.")
-    if x.ndim != ndim:
-        raise ValueError(f"`{name}` must have rank {ndim} {layout}, got shape {tuple(x.shape)}.")
-    if not x.is_floating_point():
-        raise ValueError(f"`{name}` must be a floating point tensor, got dtype {x.dtype}.")
-    if x.numel() == 0:
-        raise ValueError(f"`{name}` must not be empty, got shape {tuple(x.shape)}.")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"`{name}` contains non-finite values (NaN or inf).")
