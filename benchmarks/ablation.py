@@ -8,10 +8,10 @@ One command, three ablations, each with seeds and spreads:
 - `objective`: contrastive only; + teacher token alignment (UMT); + relevance reconstruction (ClusterSTM); both.
 
 Every run pretrains a tiny `ClusterSTMForPreTraining` from scratch (same initialisation per seed) against one shared
-frozen CLIP teacher (trained once with `clusterstm.teacher_training.run_teacher_training` and cached), then measures
-zero-shot text->video retrieval (R@1/R@5 on the `test` and `compositional` splits, via `clusterstm.metrics`). With
+frozen CLIP teacher (trained once with `clusterstm.training.teacher_training.run_teacher_training` and cached), then measures
+zero-shot text->video retrieval (R@1/R@5 on the `test` and `compositional` splits, via `clusterstm.tasks.metrics`). With
 `--finetune_steps > 0` the pretrained checkpoint is also fine-tuned for the same number of steps on video QA and
-captioning with `clusterstm.finetuning.run_finetuning` (the product's Trainer path) and evaluated on the test split
+captioning with `clusterstm.training.finetuning.run_finetuning` (the product's Trainer path) and evaluated on the test split
 (QA accuracy, CIDEr with the offline Python tokenizer, no METEOR).
 
 Usage (from the repository root):
@@ -25,7 +25,7 @@ Single runs are cached as JSON under `--work_dir` (keyed by every setting that a
 resumes and runs shared between ablations (e.g. cluster masking at 0.75 with a 3x3 window) are trained once.
 
 The pretraining loop here is a minimal in-memory loop on the model API (`ClusterSTMForPreTraining.forward` with an
-attached teacher, the product's `build_optimizer` and a cosine schedule): `clusterstm.pretraining.run_pretraining`
+attached teacher, the product's `build_optimizer` and a cosine schedule): `clusterstm.training.pretraining.run_pretraining`
 was not available when this benchmark was written, and the in-memory loop avoids re-decoding the same clips for every
 one of the dozens of runs.
 """
@@ -177,11 +177,11 @@ def _digest(payload: Any) -> str:
 
 def prepare_assets(settings: Settings, work_dir: Path) -> Assets:
     """Trains (or loads the cached) teacher, writes the student's init folder, generates and tokenises the data."""
-    from clusterstm.checkpoint import init_checkpoint
-    from clusterstm.processing_clusterstm import ClusterSTMProcessor
-    from clusterstm.synthetic import SyntheticVideoTextConfig, generate_synthetic_benchmark
-    from clusterstm.teacher_clusterstm import ClusterSTMTeacher
-    from clusterstm.teacher_training import TeacherTrainingArguments, run_teacher_training
+    from clusterstm.hub.export import init_checkpoint
+    from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
+    from clusterstm.data.synthetic import SyntheticVideoTextConfig, generate_synthetic_benchmark
+    from clusterstm.teacher.teacher import ClusterSTMTeacher
+    from clusterstm.training.teacher_training import TeacherTrainingArguments, run_teacher_training
 
     work_dir.mkdir(parents=True, exist_ok=True)
     # Every setting that shapes the teacher is pinned here (not left to the library defaults), and only these key
@@ -269,7 +269,7 @@ def prepare_assets(settings: Settings, work_dir: Path) -> Assets:
 def pixel_values(videos: np.ndarray) -> torch.Tensor:
     """uint8 `(B, T, H, W, 3)` -> `(B, T, 3, H, W)` normalised with the CLIP mean/std, which is what both the
     student's `ClusterSTMVideoProcessor` and the teacher's `CLIPImageProcessor` produce for 64x64 frames (no resize)."""
-    from clusterstm.teacher_training import normalize_frames
+    from clusterstm.training.teacher_training import normalize_frames
 
     return normalize_frames(videos)
 
@@ -277,8 +277,8 @@ def pixel_values(videos: np.ndarray) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------------ runs
 def build_student(spec: RunSpec, settings: Settings, assets: Assets):
     """A freshly initialised tiny `ClusterSTMForPreTraining` (seeded by `spec.seed`) with the run's settings."""
-    from clusterstm.configuration_clusterstm import ClusterSTMConfig
-    from clusterstm.modeling_clusterstm import ClusterSTMForPreTraining
+    from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
+    from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining
 
     config = ClusterSTMConfig.from_pretrained(assets.init_dir)
     config.mask_strategy = spec.mask_strategy
@@ -298,7 +298,7 @@ def build_student(spec: RunSpec, settings: Settings, assets: Assets):
 @torch.no_grad()
 def zero_shot_retrieval(model, assets: Assets, batch_size: int = 64) -> dict[str, float]:
     """Zero-shot text->video (and video->text) R@1/R@5 in percent on the test and compositional splits."""
-    from clusterstm.metrics import retrieval_metrics_from_embeddings
+    from clusterstm.tasks.metrics import retrieval_metrics_from_embeddings
 
     model.eval()
     base = model.clusterstm if hasattr(model, "clusterstm") else model
@@ -328,7 +328,7 @@ def pretrain(spec: RunSpec, settings: Settings, assets: Assets) -> tuple[Any, di
     """Pretrains one student; returns it and its training statistics."""
     from transformers import get_scheduler
 
-    from clusterstm.pretraining import PretrainingArguments, build_optimizer, derive_seed
+    from clusterstm.training.pretraining import PretrainingArguments, build_optimizer, derive_seed
 
     model = build_student(spec, settings, assets)
     args = PretrainingArguments(
@@ -392,8 +392,8 @@ def finetune(model, settings: Settings, assets: Assets, run_dir: Path, seed: int
     """Identical short fine-tuning on QA and captioning with `run_finetuning`; test-split accuracy and CIDEr."""
     from transformers import TrainingArguments
 
-    from clusterstm.checkpoint import save_checkpoint
-    from clusterstm.finetuning import DataArguments, ModelArguments, run_finetuning
+    from clusterstm.hub.export import save_checkpoint
+    from clusterstm.training.finetuning import DataArguments, ModelArguments, run_finetuning
 
     checkpoint = save_checkpoint(model, run_dir / "pretrained", assets.processor)
     results = {}

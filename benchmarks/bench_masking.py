@@ -214,11 +214,11 @@ def _measure(run, repeats: int) -> tuple[dict, object]:
 
 
 def _load_masking_module():
-    """`clusterstm/masking_clusterstm.py` loaded as a standalone file (it is self-contained remote code), so that the
+    """`clusterstm/models/masking_clusterstm.py` loaded as a standalone file (it is self-contained remote code), so that the
     benchmark measures exactly the repository's version and does not depend on the rest of the package importing."""
     import importlib.util
 
-    path = REPO_ROOT / "src" / "clusterstm" / "masking_clusterstm.py"
+    path = REPO_ROOT / "src" / "clusterstm" / "models" / "masking_clusterstm.py"
     spec = importlib.util.spec_from_file_location("masking_clusterstm", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -93,9 +93,9 @@ def build(preset: str, num_frames: int, batch_size: int, seed: int = 0):
     import torch
     from transformers import CLIPConfig, CLIPModel
 
-    from clusterstm.configuration_clusterstm import ClusterSTMConfig
-    from clusterstm.modeling_clusterstm import ClusterSTMForPreTraining
-    from clusterstm.teacher_clusterstm import ClusterSTMTeacher
+    from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
+    from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining
+    from clusterstm.teacher.teacher import ClusterSTMTeacher
 
     torch.manual_seed(seed)
     config = ClusterSTMConfig.from_preset(preset, vision_config={"num_frames": num_frames})
@@ -158,8 +158,8 @@ def teacher_targets(teacher, batch, window_size: int) -> dict:
 def bench_preset(preset: str, num_frames: int, batch_size: int, steps: int, ratios=RATIOS) -> list[dict]:
     import torch
 
-    import clusterstm.modeling_clusterstm as modeling
-    from clusterstm.masking_clusterstm import num_visible_tokens
+    import clusterstm.models.modeling_clusterstm as modeling
+    from clusterstm.models.masking_clusterstm import num_visible_tokens
 
     model, teacher, batch = build(preset, num_frames, batch_size)
     config = model.config
@@ -252,11 +252,11 @@ def bench_decode(num_clips: int = 32, batch_size: int = 8) -> dict:
     process (what one DataLoader worker delivers)."""
     import tempfile
 
-    from clusterstm.data import VideoTextCollator, load_video_text_dataset
-    from clusterstm.processing_clusterstm import ClusterSTMProcessor
-    from clusterstm.synthetic import SyntheticVideoTextConfig, export_synthetic_benchmark
-    from clusterstm.tokenization import train_wordpiece_tokenizer
-    from clusterstm.video_processing_clusterstm import ClusterSTMVideoProcessor
+    from clusterstm.data.readers import VideoTextCollator, load_video_text_dataset
+    from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
+    from clusterstm.data.synthetic import SyntheticVideoTextConfig, export_synthetic_benchmark
+    from clusterstm.data.tokenization import train_wordpiece_tokenizer
+    from clusterstm.models.video_processing_clusterstm import ClusterSTMVideoProcessor
 
     config = SyntheticVideoTextConfig(num_train=num_clips, num_val=0, num_test=0, num_compositional=0)
     with tempfile.TemporaryDirectory() as tmp:

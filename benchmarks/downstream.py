@@ -32,7 +32,7 @@ def finetune(task: str, checkpoint: Path, output_dir: Path, steps: int, num_trai
     """One Trainer fine-tune + evaluation on the synthetic test split; returns the eval metrics."""
     from transformers import TrainingArguments
 
-    from clusterstm.finetuning import DataArguments, ModelArguments, run_finetuning
+    from clusterstm.training.finetuning import DataArguments, ModelArguments, run_finetuning
 
     metrics = run_finetuning(
         ModelArguments(task=task, model_name_or_path=str(checkpoint), caption_tokenizer="python"),
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.steps, args.num_train, args.num_eval = 2, 32, 16
 
-    from clusterstm.checkpoint import init_checkpoint
+    from clusterstm.hub.export import init_checkpoint
 
     start = time.perf_counter()
     pretrained = Path(args.pretrained)

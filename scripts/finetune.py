@@ -3,7 +3,7 @@
 
 Every `TrainingArguments` flag works (`--do_train`, `--do_eval`, `--do_predict`, `--max_steps`,
 `--per_device_train_batch_size`, `--report_to`, `--push_to_hub`, `--hub_model_id`, ...), plus the model and data
-arguments of `clusterstm.finetuning` (`--task`, `--model_name_or_path`, `--dataset_name synthetic`,
+arguments of `clusterstm.training.finetuning` (`--task`, `--model_name_or_path`, `--dataset_name synthetic`,
 `--train_file`, `--validation_file`, `--video_root`, `--rerank_top_k`, `--dual_softmax`, `--num_beams` ...).
 Data formats: docs/DATA_FORMATS.md.
 
@@ -20,7 +20,7 @@ Examples:
 A single `.json` argument is read as a file of all arguments (as in the transformers examples).
 """
 
-from clusterstm.finetuning import main
+from clusterstm.training.finetuning import main
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ See `python scripts/pretrain.py --help` for every flag.
 
 import sys
 
-from clusterstm.pretraining import NonFiniteLossError, main
+from clusterstm.training.pretraining import NonFiniteLossError, main
 
 if __name__ == "__main__":
     try:

@@ -6,7 +6,7 @@ python scripts/train_teacher.py --output_dir outputs/teacher --max_steps 300
 
 import sys
 
-from clusterstm.teacher_training import main
+from clusterstm.training.teacher_training import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

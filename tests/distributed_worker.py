@@ -16,8 +16,8 @@ def main(student_dir: str, out_dir: str, global_batch: int) -> None:
     torch.set_num_threads(1)
     from accelerate import Accelerator
 
-    from clusterstm.modeling_clusterstm import ClusterSTMForPreTraining
-    from clusterstm.pretraining import _unused_parameters_probe, cpu_distributed_launch, pretraining_forward
+    from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining
+    from clusterstm.training.pretraining import _unused_parameters_probe, cpu_distributed_launch, pretraining_forward
 
     accelerator = Accelerator(cpu=cpu_distributed_launch())
     rank, world = accelerator.process_index, accelerator.num_processes

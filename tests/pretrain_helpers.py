@@ -8,8 +8,8 @@ import torch
 
 
 def tiny_tokenizer():
-    from clusterstm.synthetic import SyntheticVideoTextConfig, synthetic_text_corpus
-    from clusterstm.tokenization import train_wordpiece_tokenizer
+    from clusterstm.data.synthetic import SyntheticVideoTextConfig, synthetic_text_corpus
+    from clusterstm.data.tokenization import train_wordpiece_tokenizer
 
     corpus = synthetic_text_corpus(
         SyntheticVideoTextConfig(
@@ -21,10 +21,10 @@ def tiny_tokenizer():
 
 def make_tiny_student(output_dir: str | Path, seed: int = 0, tokenizer=None, **overrides) -> Path:
     """A ClusterSTM pretraining checkpoint folder: the tiny preset shrunk to 4 frames of 32x32 (16 tokens per frame)."""
-    from clusterstm.configuration_clusterstm import ClusterSTMConfig
-    from clusterstm.modeling_clusterstm import ClusterSTMForPreTraining
-    from clusterstm.processing_clusterstm import ClusterSTMProcessor
-    from clusterstm.video_processing_clusterstm import ClusterSTMVideoProcessor
+    from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
+    from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining
+    from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
+    from clusterstm.models.video_processing_clusterstm import ClusterSTMVideoProcessor
 
     tokenizer = tokenizer or tiny_tokenizer()
     vision = {"num_frames": 4, "image_size": 32, "num_hidden_layers": 2, **overrides.pop("vision_config", {})}
@@ -40,7 +40,7 @@ def make_tiny_student(output_dir: str | Path, seed: int = 0, tokenizer=None, **o
         crop_size={"height": vision["image_size"], "width": vision["image_size"]},
     )
     processor = ClusterSTMProcessor(video_processor=video_processor, tokenizer=tokenizer)
-    from clusterstm.pretraining import save_final_model
+    from clusterstm.training.pretraining import save_final_model
 
     return save_final_model(model, processor, output_dir)
 
@@ -49,7 +49,7 @@ def make_tiny_teacher(output_dir: str | Path, seed: int = 0, image_size: int = 3
     """An untrained CLIP teacher folder (model + CLIPImageProcessor + tokenizer) matching `make_tiny_student`."""
     from transformers import CLIPModel
 
-    from clusterstm.teacher_training import TeacherTrainingArguments, build_image_processor, build_teacher_config
+    from clusterstm.training.teacher_training import TeacherTrainingArguments, build_image_processor, build_teacher_config
 
     tokenizer = tokenizer or tiny_tokenizer()
     args = TeacherTrainingArguments(output_dir=str(output_dir), image_size=image_size, num_hidden_layers=2)

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoProcessor
 
 import clusterstm
-from clusterstm.checkpoint import MODEL_AUTO_MAP, init_checkpoint, remote_code_files
+from clusterstm.hub.export import MODEL_AUTO_MAP, init_checkpoint, remote_code_files
 
 
 @pytest.fixture(scope="module")

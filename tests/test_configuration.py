@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from clusterstm.configuration_clusterstm import (
+from clusterstm.models.configuration_clusterstm import (
     PRESETS,
     ClusterSTMConfig,
     ClusterSTMTextConfig,

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from clusterstm.data import VideoTextCollator, load_video_text_dataset, resolve_video_path
-from clusterstm.processing_clusterstm import ClusterSTMProcessor
-from clusterstm.synthetic import SyntheticVideoTextConfig, write_video_pyav
-from clusterstm.tokenization import train_wordpiece_tokenizer
-from clusterstm.video_processing_clusterstm import ClusterSTMVideoProcessor, VideoDecodingError
+from clusterstm.data.readers import VideoTextCollator, load_video_text_dataset, resolve_video_path
+from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
+from clusterstm.data.synthetic import SyntheticVideoTextConfig, write_video_pyav
+from clusterstm.data.tokenization import train_wordpiece_tokenizer
+from clusterstm.models.video_processing_clusterstm import ClusterSTMVideoProcessor, VideoDecodingError
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_synthetic_source(processor):
 
 
 def test_exported_folder_source(tmp_path, processor):
-    from clusterstm.synthetic import export_synthetic_benchmark
+    from clusterstm.data.synthetic import export_synthetic_benchmark
 
     config = SyntheticVideoTextConfig(num_train=3, num_val=2, num_test=0, num_compositional=0, image_size=32)
     export_synthetic_benchmark(config, tmp_path, splits=["train", "validation"])

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from clusterstm.checkpoint import init_checkpoint
+from clusterstm.hub.export import init_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
-from clusterstm.configuration_clusterstm import ClusterSTMConfig
-from clusterstm.modeling_clusterstm import (
+from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
+from clusterstm.models.modeling_clusterstm import (
     ClusterSTMForPreTraining,
     ClusterSTMForVideoCaptioning,
     ClusterSTMForVideoQuestionAnswering,
@@ -321,7 +321,7 @@ def test_captioning_head_generates_as_remote_code(tmp_path):
     import subprocess
     import sys
 
-    from clusterstm.checkpoint import save_checkpoint
+    from clusterstm.hub.export import save_checkpoint
 
     torch.manual_seed(0)
     model = caption_model()

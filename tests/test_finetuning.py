@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from clusterstm.checkpoint import init_checkpoint
-from clusterstm.finetuning import (
+from clusterstm.hub.export import init_checkpoint
+from clusterstm.training.finetuning import (
     ClusterSTMDataCollator,
     ClusterSTMTrainer,
     DataArguments,
@@ -31,7 +31,7 @@ from clusterstm.finetuning import (
     run_finetuning,
     validate_arguments,
 )
-from clusterstm.metrics import retrieval_metrics
+from clusterstm.tasks.metrics import retrieval_metrics
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_retrieval_end_to_end(tiny_checkpoint, tmp_path):
     # ... as a remote-code checkpoint: the flat files travel with it and AutoModel maps to the retrieval head.
     assert (tmp_path / "modeling_clusterstm.py").exists() and (tmp_path / "configuration_clusterstm.py").exists()
     assert config["auto_map"]["AutoModel"] == "modeling_clusterstm.ClusterSTMForVideoTextRetrieval"
-    from clusterstm.finetuning import head_class
+    from clusterstm.training.finetuning import head_class
 
     _, info = head_class("retrieval").from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -148,7 +148,7 @@ def test_captioning_end_to_end(tiny_checkpoint, tmp_path):
 
 def test_script_zero_shot_retrieval_on_local_files(tiny_checkpoint, tmp_path):
     """`--do_eval` without `--do_train` on a checkpoint = zero-shot retrieval, here on MSR-VTT-style local files."""
-    from clusterstm.synthetic import SyntheticVideoTextConfig, generate_split_metadata, render_clips, write_video_pyav
+    from clusterstm.data.synthetic import SyntheticVideoTextConfig, generate_split_metadata, render_clips, write_video_pyav
 
     config = SyntheticVideoTextConfig(
         num_frames=4, image_size=32, num_train=0, num_val=3, num_test=0, num_compositional=0
@@ -227,7 +227,7 @@ class IdentityVideoProcessor:
 
 def test_retrieval_evaluation_is_exact_with_several_captions(tiny_checkpoint, tmp_path):
     """An oracle model gets R@1 = 100 both ways: batching, gathering and the caption->video map are right."""
-    from clusterstm.processing_clusterstm import ClusterSTMProcessor
+    from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
 
     processor = ClusterSTMProcessor.from_pretrained(tiny_checkpoint)
     words = ["red", "green", "blue", "yellow", "purple", "orange", "cyan"]
@@ -297,7 +297,7 @@ def test_answer_vocabulary_most_frequent_first(tmp_path):
 
 
 def test_collator_outputs_model_inputs_only(tiny_checkpoint):
-    from clusterstm.processing_clusterstm import ClusterSTMProcessor
+    from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
 
     processor = ClusterSTMProcessor.from_pretrained(tiny_checkpoint)
     videos = [np.random.default_rng(i).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8) for i in range(2)]
@@ -361,8 +361,8 @@ DDP_SCRIPT = r"""
 import json, os, sys
 import numpy as np, torch
 from transformers import TrainingArguments
-from clusterstm.finetuning import ClusterSTMDataCollator, ClusterSTMTrainer, ModelArguments, VideoCaptions
-from clusterstm.processing_clusterstm import ClusterSTMProcessor
+from clusterstm.training.finetuning import ClusterSTMDataCollator, ClusterSTMTrainer, ModelArguments, VideoCaptions
+from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
 
 checkpoint, out = sys.argv[1], sys.argv[2]
 processor = ClusterSTMProcessor.from_pretrained(checkpoint)

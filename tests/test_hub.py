@@ -12,8 +12,8 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError
 from transformers import AutoModel, AutoProcessor
 
-from clusterstm.checkpoint import init_checkpoint
-from clusterstm.hub import check_checkpoint_folder, find_missing_checkpoint_files, push_checkpoint
+from clusterstm.hub.export import init_checkpoint
+from clusterstm.hub.publish import check_checkpoint_folder, find_missing_checkpoint_files, push_checkpoint
 
 _TEXT = "a red circle moves left"
 

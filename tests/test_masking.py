@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clusterstm.masking_clusterstm import (
+from clusterstm.models.masking_clusterstm import (
     _temporal_density,
     attention_guided_mask,
     cluster_wise_mask,
@@ -427,7 +427,7 @@ def test_numpy_scalars_are_accepted():
 def test_quantile_selection_matches_torch_quantile_beyond_float32_integers():
     # torch.quantile computes the rank q * (n - 1) in the input dtype; at n = 10^6 + 1 in float32 that rank is
     # 129999.99 rather than 130000, and the exact partial selection must reproduce that value
-    from clusterstm.masking_clusterstm import _kth_smallest_pair, _quantile_positions
+    from clusterstm.models.masking_clusterstm import _kth_smallest_pair, _quantile_positions
 
     n = 1_000_001
     values = torch.arange(n, dtype=torch.float32)[torch.randperm(n, generator=torch.Generator().manual_seed(0))]

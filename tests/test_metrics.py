@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from clusterstm.metrics import (
+from clusterstm.tasks.metrics import (
     RetrievalRankAccumulator,
     caption_metrics,
     java_available,

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from clusterstm.configuration_clusterstm import ClusterSTMConfig
-from clusterstm.masking_clusterstm import num_visible_tokens
-from clusterstm.modeling_clusterstm import (
+from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
+from clusterstm.models.masking_clusterstm import num_visible_tokens
+from clusterstm.models.modeling_clusterstm import (
     ClusterSTMModel,
     ClusterSTMTextModel,
     ClusterSTMVisionModel,
@@ -379,7 +379,7 @@ def test_position_interpolation_other_frames_and_resolution(model):
     assert more_frames.last_hidden_state.shape == (1, 6 * GRID, 32)
     assert larger.last_hidden_state.shape == (1, FRAMES * 6 * 5, 32)
     embeddings = model.vision_model.embeddings
-    from clusterstm.modeling_clusterstm import interpolate_spatiotemporal_positions
+    from clusterstm.models.modeling_clusterstm import interpolate_spatiotemporal_positions
 
     same = interpolate_spatiotemporal_positions(
         embeddings.spatial_position_embedding, embeddings.temporal_position_embedding, FRAMES, 4, 4

@@ -14,7 +14,7 @@ import torch
 from pretrain_helpers import make_tiny_student, make_tiny_teacher, tiny_tokenizer
 from safetensors.torch import load_file
 
-from clusterstm.pretraining import (
+from clusterstm.training.pretraining import (
     CHECKPOINT_MARKER,
     NonFiniteLossError,
     PretrainingArguments,
@@ -72,7 +72,7 @@ def checkpoints(tmp_path_factory):
 
 
 def test_cli_end_to_end_with_teacher(checkpoints, tmp_path):
-    from clusterstm.modeling_clusterstm import ClusterSTMForPreTraining
+    from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining
 
     student, teacher = checkpoints
     out = tmp_path / "run"
@@ -125,7 +125,7 @@ def test_cli_end_to_end_with_teacher(checkpoints, tmp_path):
 
 
 def test_train_file_with_pyav_workers_and_bad_sample(checkpoints, tmp_path):
-    from clusterstm.synthetic import SyntheticVideoTextConfig, export_synthetic_benchmark
+    from clusterstm.data.synthetic import SyntheticVideoTextConfig, export_synthetic_benchmark
 
     student, _ = checkpoints
     config = SyntheticVideoTextConfig(
@@ -262,7 +262,7 @@ def _args(student, out, **kwargs):
 
 @pytest.fixture
 def nan_at_third_call(monkeypatch):
-    from clusterstm.modeling_clusterstm import ClusterSTMForPreTraining
+    from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining
 
     original = ClusterSTMForPreTraining.forward
     calls = {"n": 0}
@@ -350,11 +350,11 @@ def test_missing_model_folder_and_attention_without_teacher(checkpoints, tmp_pat
 
 
 def test_evaluate_zero_shot_retrieval(checkpoints):
-    from clusterstm.data import load_video_text_dataset
-    from clusterstm.modeling_clusterstm import ClusterSTMForPreTraining
-    from clusterstm.pretraining import evaluate_zero_shot_retrieval
-    from clusterstm.processing_clusterstm import ClusterSTMProcessor
-    from clusterstm.synthetic import SyntheticVideoTextConfig
+    from clusterstm.data.readers import load_video_text_dataset
+    from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining
+    from clusterstm.training.pretraining import evaluate_zero_shot_retrieval
+    from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
+    from clusterstm.data.synthetic import SyntheticVideoTextConfig
 
     student, _ = checkpoints
     model = ClusterSTMForPreTraining.from_pretrained(student).train()

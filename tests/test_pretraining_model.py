@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_modeling import FRAMES, GRID, explicit_mask, inputs, small_config
 
-from clusterstm.modeling_clusterstm import ClusterSTMForPreTraining, relevance_reconstruction_loss
+from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining, relevance_reconstruction_loss
 
 TEACHER_DIM = 64  # tiny preset teacher_hidden_size
 

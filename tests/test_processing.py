@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from clusterstm.processing_clusterstm import ClusterSTMProcessor
-from clusterstm.synthetic import write_video_pyav
-from clusterstm.tokenization import SPECIAL_TOKENS, load_local_tokenizer, train_wordpiece_tokenizer
-from clusterstm.video_processing_clusterstm import ClusterSTMVideoProcessor
+from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
+from clusterstm.data.synthetic import write_video_pyav
+from clusterstm.data.tokenization import SPECIAL_TOKENS, load_local_tokenizer, train_wordpiece_tokenizer
+from clusterstm.models.video_processing_clusterstm import ClusterSTMVideoProcessor
 
 CORPUS = [
     "a red circle moves left",

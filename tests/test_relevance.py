@@ -17,7 +17,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from clusterstm.relevance_clusterstm import (
+from clusterstm.teacher.relevance import (
     CLIPWindowPooler,
     SiglipWindowPooler,
     build_window_pooler,

@@ -20,9 +20,9 @@ from test_modeling import FRAMES, GRID, SIZE, inputs, small_config
 from torch.utils.data import DataLoader
 from transformers import CLIPConfig, CLIPModel
 
-from clusterstm.configuration_clusterstm import ClusterSTMConfig
-from clusterstm.data import VideoTextCollator, load_video_text_dataset
-from clusterstm.masking_clusterstm import (
+from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
+from clusterstm.data.readers import VideoTextCollator, load_video_text_dataset
+from clusterstm.models.masking_clusterstm import (
     attention_guided_mask,
     cluster_wise_mask,
     dpc_knn,
@@ -31,11 +31,11 @@ from clusterstm.masking_clusterstm import (
     temporal_density,
     tube_mask,
 )
-from clusterstm.modeling_clusterstm import ClusterSTMForPreTraining, ClusterSTMModel, ClusterSTMVisionModel
-from clusterstm.processing_clusterstm import ClusterSTMProcessor
-from clusterstm.relevance_clusterstm import build_window_pooler, generate_relevance
-from clusterstm.tokenization import train_wordpiece_tokenizer
-from clusterstm.video_processing_clusterstm import ClusterSTMVideoProcessor, VideoDecodingError
+from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining, ClusterSTMModel, ClusterSTMVisionModel
+from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
+from clusterstm.teacher.relevance import build_window_pooler, generate_relevance
+from clusterstm.data.tokenization import train_wordpiece_tokenizer
+from clusterstm.models.video_processing_clusterstm import ClusterSTMVideoProcessor, VideoDecodingError
 
 AUTOCAST = {"device_type": "cpu", "dtype": torch.bfloat16}
 
@@ -474,7 +474,7 @@ def test_teacher_student_mismatch(change, message):
 
 
 def test_real_teacher_with_other_patch_grid_is_rejected():
-    from clusterstm.teacher_clusterstm import ClusterSTMTeacher
+    from clusterstm.teacher.teacher import ClusterSTMTeacher
 
     # CLIP teacher with 4x4 patches on 32x32 frames: 64 tokens per frame; the student has 8x8 patches (16 tokens)
     torch.manual_seed(0)

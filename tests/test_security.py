@@ -18,7 +18,7 @@ from hub_server import HubServer, hub_server_fixture, hub_subprocess_env  # noqa
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "clusterstm"
-REMOTE_CODE = sorted(PACKAGE.glob("*_clusterstm.py"))
+REMOTE_CODE = sorted((PACKAGE / "models").glob("*_clusterstm.py"))
 SOURCES = sorted(PACKAGE.rglob("*.py")) + sorted((REPO / "scripts").glob("*.py"))
 
 
@@ -142,7 +142,7 @@ def test_accelerate_resume_refuses_pickled_code(tmp_path):
 def test_teacher_refuses_pickle_weights(tmp_path):
     from transformers import CLIPConfig, CLIPModel
 
-    from clusterstm.teacher_clusterstm import ClusterSTMTeacher
+    from clusterstm.teacher.teacher import ClusterSTMTeacher
 
     small = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
     config = CLIPConfig(
@@ -162,8 +162,8 @@ def test_teacher_refuses_pickle_weights(tmp_path):
 
 
 def test_student_checkpoint_with_pickled_weights_runs_no_code(tmp_path):
-    from clusterstm.checkpoint import init_checkpoint
-    from clusterstm.modeling_clusterstm import ClusterSTMModel
+    from clusterstm.hub.export import init_checkpoint
+    from clusterstm.models.modeling_clusterstm import ClusterSTMModel
 
     folder = init_checkpoint("tiny", tmp_path / "ckpt", seed=0)
     for weights in folder.glob("*.safetensors*"):
@@ -321,7 +321,7 @@ def _cli(args: list[str], endpoint: str, home: Path, token: str) -> subprocess.C
 
 
 def test_cli_push_never_prints_the_token(tmp_path):
-    from clusterstm.checkpoint import init_checkpoint
+    from clusterstm.hub.export import init_checkpoint
 
     folder = init_checkpoint("tiny", tmp_path / "ckpt", seed=0)
     home = tmp_path / "hf_home"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from datasets import load_dataset
 
-from clusterstm.synthetic import (
+from clusterstm.data.synthetic import (
     COLOURS,
     SYNTHETIC_ANSWERS,
     SyntheticVideoTextConfig,
@@ -13,7 +13,7 @@ from clusterstm.synthetic import (
     generate_synthetic_benchmark,
     synthetic_text_corpus,
 )
-from clusterstm.video_processing_clusterstm import read_video_pyav
+from clusterstm.models.video_processing_clusterstm import read_video_pyav
 
 SMALL = {"num_train": 40, "num_val": 8, "num_test": 8, "num_compositional": 12}
 

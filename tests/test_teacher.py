@@ -8,8 +8,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast, SiglipConfig, SiglipModel
 
-from clusterstm.relevance_clusterstm import build_window_pooler, generate_relevance
-from clusterstm.teacher_clusterstm import ClusterSTMTeacher, TeacherVideoOutput
+from clusterstm.teacher.relevance import build_window_pooler, generate_relevance
+from clusterstm.teacher.teacher import ClusterSTMTeacher, TeacherVideoOutput
 
 VISION = {
     "hidden_size": 32,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clusterstm.teacher_training import TeacherTrainingArguments, run_teacher_training
+from clusterstm.training.teacher_training import TeacherTrainingArguments, run_teacher_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_teacher_training_saves_a_clip_checkpoint_usable_as_teacher(tmp_path):
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-    from clusterstm.teacher_clusterstm import ClusterSTMTeacher
+    from clusterstm.teacher.teacher import ClusterSTMTeacher
 
     torch.set_num_threads(1)
     args = TeacherTrainingArguments(

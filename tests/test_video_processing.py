@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clusterstm.synthetic import write_video_pyav
-from clusterstm.video_processing_clusterstm import (
+from clusterstm.data.synthetic import write_video_pyav
+from clusterstm.models.video_processing_clusterstm import (
     ClusterSTMVideoProcessor,
     VideoDecodingError,
     read_video_pyav,

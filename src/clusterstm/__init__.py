@@ -7,40 +7,44 @@ Importing the package registers ClusterSTM with the transformers Auto classes (s
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
 
 _LAZY_IMPORTS: dict[str, str] = {
     # algorithms
-    "dpc_knn": "masking_clusterstm",
-    "temporal_density": "masking_clusterstm",
-    "cluster_wise_mask": "masking_clusterstm",
-    "random_mask": "masking_clusterstm",
-    "tube_mask": "masking_clusterstm",
-    "attention_guided_mask": "masking_clusterstm",
-    "num_visible_tokens": "masking_clusterstm",
-    "generate_relevance": "relevance_clusterstm",
-    "CLIPWindowPooler": "relevance_clusterstm",
-    "SiglipWindowPooler": "relevance_clusterstm",
-    "build_window_pooler": "relevance_clusterstm",
+    "dpc_knn": "models.masking_clusterstm",
+    "temporal_density": "models.masking_clusterstm",
+    "cluster_wise_mask": "models.masking_clusterstm",
+    "random_mask": "models.masking_clusterstm",
+    "tube_mask": "models.masking_clusterstm",
+    "attention_guided_mask": "models.masking_clusterstm",
+    "num_visible_tokens": "models.masking_clusterstm",
+    "generate_relevance": "teacher.relevance",
+    "CLIPWindowPooler": "teacher.relevance",
+    "SiglipWindowPooler": "teacher.relevance",
+    "build_window_pooler": "teacher.relevance",
     # configuration and models
-    "ClusterSTMConfig": "configuration_clusterstm",
-    "ClusterSTMVisionConfig": "configuration_clusterstm",
-    "ClusterSTMTextConfig": "configuration_clusterstm",
-    "ClusterSTMPreTrainedModel": "modeling_clusterstm",
-    "ClusterSTMVisionModel": "modeling_clusterstm",
-    "ClusterSTMTextModel": "modeling_clusterstm",
-    "ClusterSTMModel": "modeling_clusterstm",
-    "ClusterSTMForPreTraining": "modeling_clusterstm",
-    "ClusterSTMForVideoTextRetrieval": "modeling_clusterstm",
-    "ClusterSTMForVideoQuestionAnswering": "modeling_clusterstm",
-    "ClusterSTMForVideoCaptioning": "modeling_clusterstm",
+    "ClusterSTMConfig": "models.configuration_clusterstm",
+    "ClusterSTMVisionConfig": "models.configuration_clusterstm",
+    "ClusterSTMTextConfig": "models.configuration_clusterstm",
+    "ClusterSTMPreTrainedModel": "models.modeling_clusterstm",
+    "ClusterSTMVisionModel": "models.modeling_clusterstm",
+    "ClusterSTMTextModel": "models.modeling_clusterstm",
+    "ClusterSTMModel": "models.modeling_clusterstm",
+    "ClusterSTMForPreTraining": "models.modeling_clusterstm",
+    "ClusterSTMForVideoTextRetrieval": "models.modeling_clusterstm",
+    "ClusterSTMForVideoQuestionAnswering": "models.modeling_clusterstm",
+    "ClusterSTMForVideoCaptioning": "models.modeling_clusterstm",
     # processing
-    "ClusterSTMVideoProcessor": "video_processing_clusterstm",
-    "ClusterSTMProcessor": "processing_clusterstm",
+    "ClusterSTMVideoProcessor": "models.video_processing_clusterstm",
+    "ClusterSTMProcessor": "models.processing_clusterstm",
     # teacher hook
-    "ClusterSTMTeacher": "teacher_clusterstm",
+    "ClusterSTMTeacher": "teacher.teacher",
 }
 
 __all__ = sorted(_LAZY_IMPORTS) + ["__version__"]
@@ -59,8 +63,52 @@ def __dir__() -> list[str]:
     return __all__
 
 
+# Module paths before the package was split into folders (0.1.0); kept as aliases for one release.
+_MOVED_MODULES: dict[str, str] = {
+    "configuration_clusterstm": "models.configuration_clusterstm",
+    "modeling_clusterstm": "models.modeling_clusterstm",
+    "processing_clusterstm": "models.processing_clusterstm",
+    "video_processing_clusterstm": "models.video_processing_clusterstm",
+    "masking_clusterstm": "models.masking_clusterstm",
+    "relevance_clusterstm": "teacher.relevance",
+    "teacher_clusterstm": "teacher.teacher",
+    "teacher_training": "training.teacher_training",
+    "pretraining": "training.pretraining",
+    "finetuning": "training.finetuning",
+    "synthetic": "data.synthetic",
+    "tokenization": "data.tokenization",
+    "checkpoint": "hub.export",
+    "model_card": "hub.model_card",
+    "metrics": "tasks.metrics",
+}
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder):
+    """Resolves ``clusterstm.<old module>`` to its new home, so ``import clusterstm.checkpoint`` keeps working."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        prefix, _, leaf = fullname.partition(".")
+        if prefix != __name__ or leaf not in _MOVED_MODULES:
+            return None
+        return importlib.util.spec_from_loader(fullname, _AliasLoader(f"{__name__}.{_MOVED_MODULES[leaf]}"))
+
+
+class _AliasLoader(importlib.abc.Loader):
+    def __init__(self, target: str):
+        self.target = target
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
+        return importlib.import_module(self.target)
+
+    def exec_module(self, module: Any) -> None:
+        pass
+
+
+sys.meta_path.append(_MovedModuleFinder())
+
+
 def _register() -> None:
-    from .checkpoint import register_auto_classes
+    from .hub.export import register_auto_classes
 
     register_auto_classes()
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from .checkpoint import init_checkpoint
+    from .hub.export import init_checkpoint
 
     path = init_checkpoint(args.preset, args.output_dir, tokenizer_name_or_path=args.tokenizer, seed=args.seed)
     print(f"Wrote a {args.preset} ClusterSTM checkpoint with random weights to {path}")
@@ -19,7 +19,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_checkpoint
+    from .hub.publish import push_checkpoint
 
     result = push_checkpoint(args.folder, args.hub_model_id, private=args.private, revision=args.revision)
     print(f"Pushed {args.folder} to {result}")

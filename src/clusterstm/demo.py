@@ -69,7 +69,7 @@ def _training_args(output_dir: Path, seed: int, **overrides: Any):
 
 
 def _zero_shot_retrieval(checkpoint: Path, output_dir: Path, settings: DemoSettings, seed: int) -> dict[str, Any]:
-    from .finetuning import DataArguments, ModelArguments, run_finetuning
+    from .training.finetuning import DataArguments, ModelArguments, run_finetuning
 
     metrics = run_finetuning(
         ModelArguments(task="retrieval", model_name_or_path=str(checkpoint)),
@@ -82,7 +82,7 @@ def _zero_shot_retrieval(checkpoint: Path, output_dir: Path, settings: DemoSetti
 
 
 def _finetune_qa(checkpoint: Path, output_dir: Path, settings: DemoSettings, seed: int) -> dict[str, Any]:
-    from .finetuning import DataArguments, ModelArguments, run_finetuning
+    from .training.finetuning import DataArguments, ModelArguments, run_finetuning
 
     metrics = run_finetuning(
         ModelArguments(task="qa", model_name_or_path=str(checkpoint)),
@@ -109,7 +109,7 @@ def _finetune_qa(checkpoint: Path, output_dir: Path, settings: DemoSettings, see
 
 
 def _figures(output_dir: Path, teacher_dir: Path, pretrain_dir: Path, seed: int) -> list[str]:
-    from .synthetic import SyntheticVideoTextConfig, export_synthetic_benchmark, generate_split_metadata
+    from .data.synthetic import SyntheticVideoTextConfig, export_synthetic_benchmark, generate_split_metadata
     from .visualize import plot_training_curves, visualize_video
 
     figures_dir = output_dir / "figures"
@@ -159,10 +159,10 @@ def run_demo(output_dir: str | Path = "demo_output", seed: int = 0, quick: bool 
     """Runs the demo and returns (and writes to ``output_dir/results.json``) what it measured."""
     from tqdm.auto import tqdm
 
-    from .checkpoint import init_checkpoint
-    from .model_card import write_model_card
-    from .pretraining import PretrainingArguments, run_pretraining
-    from .teacher_training import TeacherTrainingArguments, run_teacher_training
+    from .hub.export import init_checkpoint
+    from .hub.model_card import write_model_card
+    from .training.pretraining import PretrainingArguments, run_pretraining
+    from .training.teacher_training import TeacherTrainingArguments, run_teacher_training
 
     start = time.perf_counter()
     settings = DemoSettings.for_mode(quick)

@@ -17,9 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .masking_clusterstm import cluster_wise_mask, dpc_knn, num_visible_tokens  # noqa: E402
-from .teacher_clusterstm import ClusterSTMTeacher  # noqa: E402
-from .video_processing_clusterstm import ClusterSTMVideoProcessor, read_video_pyav  # noqa: E402
+from .models.masking_clusterstm import cluster_wise_mask, dpc_knn, num_visible_tokens  # noqa: E402
+from .teacher.teacher import ClusterSTMTeacher  # noqa: E402
+from .models.video_processing_clusterstm import ClusterSTMVideoProcessor, read_video_pyav  # noqa: E402
 
 
 def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:

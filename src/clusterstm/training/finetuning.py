@@ -282,7 +282,7 @@ def load_synthetic_split(
 ):
     """One split of the synthetic benchmark as in-memory [`VideoCaptions`] (retrieval, captioning) or
     [`VideoQuestions`] (qa); videos are uint8 `(T, H, W, 3)` arrays."""
-    from .synthetic import SyntheticVideoTextConfig, generate_split_metadata, render_clips
+    from ..data.synthetic import SyntheticVideoTextConfig, generate_split_metadata, render_clips
 
     sizes = {"num_train": 0, "num_val": 0, "num_test": 0, "num_compositional": 0}
     size_key = {
@@ -475,7 +475,7 @@ def video_colour_features(videos: Sequence[Any], bins: int = 8) -> np.ndarray:
     feats = []
     for video in videos:
         if isinstance(video, (str, os.PathLike)):
-            from .video_processing_clusterstm import read_video_pyav
+            from ..models.video_processing_clusterstm import read_video_pyav
 
             video = read_video_pyav(video, 8, "uniform")
         array = np.asarray(video)
@@ -515,13 +515,13 @@ def baseline_metrics(task: str, train_data: Any, eval_data: Any, caption_tokeniz
         out = chance_retrieval_metrics(len(eval_data), max(1, round(num_texts / max(len(eval_data), 1))))
         return {f"baseline_chance_{k}": v for k, v in out.items()}
     if task == "qa":
-        from .metrics import qa_accuracy
+        from ..tasks.metrics import qa_accuracy
 
         majority = Counter(train_data.answers).most_common(1)[0][0]
         out = qa_accuracy([majority] * len(eval_data), eval_data.answers)
         return {"baseline_majority_answer": majority, "baseline_majority_accuracy": out["accuracy"]}
     if task == "captioning":
-        from .metrics import caption_metrics
+        from ..tasks.metrics import caption_metrics
 
         predictions = nearest_neighbour_captions(train_data, eval_data)
         out = caption_metrics(predictions, eval_data.captions, tokenizer=caption_tokenizer, meteor=False)
@@ -621,7 +621,7 @@ class ClusterSTMTrainer(Trainer):
 
     # ------------------------------------------------------------------ retrieval
     def _evaluate_retrieval(self, model, data: VideoCaptions) -> dict[str, Any]:
-        from .metrics import retrieval_metrics_from_embeddings
+        from ..tasks.metrics import retrieval_metrics_from_embeddings
 
         args = self.model_args
         texts, text_to_video = data.texts()
@@ -663,7 +663,7 @@ class ClusterSTMTrainer(Trainer):
         """UMT protocol: re-score the top-k candidates of every query with the matching head, sharded over ranks."""
         from accelerate.utils import gather_object
 
-        from .metrics import RetrievalRankAccumulator
+        from ..tasks.metrics import RetrievalRankAccumulator
 
         k = min(self.model_args.rerank_top_k, len(data), len(texts))
         device = self.accelerator.device
@@ -719,7 +719,7 @@ class ClusterSTMTrainer(Trainer):
 
     # ------------------------------------------------------------------ captioning
     def _evaluate_captioning(self, model, data: VideoCaptions, metric_key_prefix: str) -> dict[str, Any]:
-        from .metrics import caption_metrics
+        from ..tasks.metrics import caption_metrics
 
         args = self.model_args
         tokenizer = self.processing_class.tokenizer
@@ -766,7 +766,7 @@ class QAComputeMetrics:
         self.question_types = question_types
 
     def __call__(self, eval_pred) -> dict[str, float]:
-        from .metrics import qa_accuracy
+        from ..tasks.metrics import qa_accuracy
 
         predictions = np.asarray(eval_pred.predictions).reshape(-1)
         labels = np.asarray(eval_pred.label_ids).reshape(-1)
@@ -794,7 +794,7 @@ _HEADS = {
 
 
 def _load_processor(path: str):
-    from .processing_clusterstm import ClusterSTMProcessor
+    from ..models.processing_clusterstm import ClusterSTMProcessor
 
     return ClusterSTMProcessor.from_pretrained(path)
 
@@ -803,7 +803,7 @@ def head_class(task: str):
     """The model class of a task (`retrieval`, `qa`, `captioning`)."""
     if task not in _HEADS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    from . import modeling_clusterstm
+    from ..models import modeling_clusterstm
 
     return getattr(modeling_clusterstm, _HEADS[task])
 
@@ -816,7 +816,7 @@ def resolve_checkpoint(model_args: ModelArguments, training_args: TrainingArgume
         path = os.path.join(training_args.output_dir, "init_checkpoint")
         with training_args.main_process_first(desc="initialising the checkpoint"):
             if not os.path.isfile(os.path.join(path, "config.json")):
-                from .checkpoint import init_checkpoint
+                from ..hub.export import init_checkpoint
 
                 init_checkpoint(model_args.preset, path)
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -830,7 +830,7 @@ def load_model_and_processor(
     answer_vocabulary: list[str] | None = None,
 ) -> tuple[Any, Any]:
     """The task head on top of the checkpoint folder `path` (missing head weights initialised) and its processor."""
-    from .configuration_clusterstm import ClusterSTMConfig
+    from ..models.configuration_clusterstm import ClusterSTMConfig
 
     config = ClusterSTMConfig.from_pretrained(path)
     if model_args.mask_strategy:
@@ -891,11 +891,11 @@ def run_finetuning(
         training_args.remove_unused_columns = False
     set_seed(training_args.seed)
     # Trainer checkpoints and the final save then carry `auto_map` and the remote-code files.
-    from .checkpoint import register_auto_classes
+    from ..hub.export import register_auto_classes
 
     register_auto_classes()
 
-    from .configuration_clusterstm import ClusterSTMConfig
+    from ..models.configuration_clusterstm import ClusterSTMConfig
 
     checkpoint = resolve_checkpoint(model_args, training_args)
     # Synthetic clips are rendered at the model's resolution with the benchmark's 8 frames (the processor samples).
@@ -1013,7 +1013,7 @@ def run_finetuning(
 
 def _complete_remote_code(trainer: Trainer, processor: Any) -> None:
     """Re-save the final model as a complete remote-code checkpoint (full `auto_map`, `*_clusterstm.py` files)."""
-    from .checkpoint import save_checkpoint
+    from ..hub.export import save_checkpoint
 
     save_checkpoint(trainer.accelerator.unwrap_model(trainer.model), trainer.args.output_dir, processor)
 

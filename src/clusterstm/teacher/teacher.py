@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .relevance_clusterstm import build_window_pooler, generate_relevance
+from .relevance import build_window_pooler, generate_relevance
 
 
 @dataclass

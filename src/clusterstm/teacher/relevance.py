@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masking_clusterstm import _autocast_disabled, _check_tokens, _compute_dtype
+from ..models.masking_clusterstm import _autocast_disabled, _check_tokens, _compute_dtype
 
 DEFAULT_MAX_CHUNK_ELEMENTS = 2**25
 

@@ -39,7 +39,7 @@ Returns:
     `t2v_r1`, `t2v_r5`, `t2v_r10` (percent), `t2v_medr`, `t2v_meanr`, the same with `v2t_`, `num_texts`, `num_videos`,
     and the `dsl_*` copies when `dual_softmax=True`.
 Examples:
-    >>> metric = evaluate.load("src/clusterstm/metrics/retrieval")
+    >>> metric = evaluate.load("src/clusterstm/tasks/metrics/retrieval")
     >>> metric.compute(predictions=[[1.0, 0.0], [0.0, 1.0]], references=[0, 1])["t2v_r1"]
     100.0
 """

@@ -24,7 +24,7 @@ Args:
 Returns:
     `accuracy` (percent), `num_samples`, and `accuracy_<type>` / `num_samples_<type>` per question type.
 Examples:
-    >>> metric = evaluate.load("src/clusterstm/metrics/video_qa")
+    >>> metric = evaluate.load("src/clusterstm/tasks/metrics/video_qa")
     >>> metric.compute(predictions=["dog", "cat"], references=["dog", "car"])["accuracy"]
     50.0
 """

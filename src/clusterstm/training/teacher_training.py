@@ -181,8 +181,8 @@ def run_teacher_training(args: TeacherTrainingArguments) -> dict[str, Any]:
         `dict` with the training loss, runtime, steps and the zero-shot frame<->caption retrieval of the validation
         split before and after training (also written to `output_dir/teacher_results.json`).
     """
-    from .synthetic import SyntheticVideoTextConfig, generate_synthetic_benchmark, synthetic_text_corpus
-    from .tokenization import train_wordpiece_tokenizer
+    from ..data.synthetic import SyntheticVideoTextConfig, generate_synthetic_benchmark, synthetic_text_corpus
+    from ..data.tokenization import train_wordpiece_tokenizer
 
     torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)

@@ -36,7 +36,7 @@ Args:
 Returns:
     `bleu_1`..`bleu_4`, `rouge_l`, `cider`, optionally `meteor`, `num_samples`, and `tokenizer` (`"ptb"`/`"python"`).
 Examples:
-    >>> metric = evaluate.load("src/clusterstm/metrics/captioning")
+    >>> metric = evaluate.load("src/clusterstm/tasks/metrics/captioning")
     >>> metric.compute(predictions=["a dog runs"], references=[["a dog runs"]], tokenizer="python")["bleu_4"]
 """
 

@@ -253,7 +253,7 @@ def per_sample_random_masks(
     cls_attention: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masks `(B, T, N)` (True = dropped) for a random strategy, sample `i` drawn from `generators[i]` only."""
-    from .masking_clusterstm import attention_guided_mask, random_mask, tube_mask
+    from ..models.masking_clusterstm import attention_guided_mask, random_mask, tube_mask
 
     masks = []
     for i, generator in enumerate(generators):
@@ -450,8 +450,8 @@ class NonFiniteLossError(RuntimeError):
 
 def load_student(model_name_or_path: str, mask_strategy: str | None = None, mask_ratio: float | None = None):
     """Loads `ClusterSTMForPreTraining` and its processor from a local folder, overriding the masking settings."""
-    from .modeling_clusterstm import ClusterSTMForPreTraining
-    from .processing_clusterstm import ClusterSTMProcessor
+    from ..models.modeling_clusterstm import ClusterSTMForPreTraining
+    from ..models.processing_clusterstm import ClusterSTMProcessor
 
     path = Path(model_name_or_path)
     if not (path / "config.json").is_file():
@@ -499,10 +499,10 @@ def _objective_losses(outputs: Any) -> dict[str, torch.Tensor]:
 
 def build_train_dataset(args: PretrainingArguments, num_frames: int, image_size: int):
     """The training split: the synthetic benchmark in memory, or `--train_file` (optionally streamed)."""
-    from .data import load_video_text_dataset
+    from ..data.readers import load_video_text_dataset
 
     if args.dataset_name == "synthetic":
-        from .synthetic import SyntheticVideoTextConfig
+        from ..data.synthetic import SyntheticVideoTextConfig
 
         sizes = {"num_val": 0, "num_test": 0, "num_compositional": 0}
         if args.num_train_clips is not None:
@@ -635,7 +635,7 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
     a warning (their weights are restored in the saved config), and cluster-wise masking clusters the student's own
     patch embeddings; `--mask_strategy attention` needs a teacher and raises `ValueError`.
     """
-    from .data import VideoTextCollator
+    from ..data.readers import VideoTextCollator
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -663,7 +663,7 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
     original_weights = {name: getattr(config, name) for name in TEACHER_LOSSES}
     teacher = None
     if args.teacher_name_or_path is not None:
-        from .teacher_clusterstm import ClusterSTMTeacher
+        from ..teacher.teacher import ClusterSTMTeacher
 
         teacher = ClusterSTMTeacher.from_pretrained(args.teacher_name_or_path, device=accelerator.device)
         model.set_teacher(teacher)
@@ -967,7 +967,7 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
         save_final_model(unwrapped, processor, output_dir)
         (output_dir / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
         if args.push_to_hub:
-            from .hub import push_checkpoint
+            from ..hub.publish import push_checkpoint
 
             push_checkpoint(
                 output_dir,
@@ -984,7 +984,7 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
 def save_final_model(model: Any, processor: Any, output_dir: str | os.PathLike) -> Path:
     """Saves the student (never the teacher) and its processor as a Hub-ready folder (remote code + auto_map)."""
     try:
-        from .checkpoint import save_checkpoint
+        from ..hub.export import save_checkpoint
     except ImportError as error:  # only while the package is partially installed
         logger.warning("clusterstm.checkpoint unavailable (%s): saving without remote-code files.", error)
         model.save_pretrained(output_dir)
@@ -1027,8 +1027,8 @@ def evaluate_zero_shot_retrieval(
         `dict` with `t2v_r1`, `t2v_r5`, `t2v_r10`, `v2t_r1`, ... in percent (from `clusterstm.metrics`) and
         `chance_r1`.
     """
-    from .data import VideoTextCollator
-    from .metrics import retrieval_metrics
+    from ..data.readers import VideoTextCollator
+    from ..tasks.metrics import retrieval_metrics
 
     encoder = getattr(model, "clusterstm", model)
     was_training = model.training

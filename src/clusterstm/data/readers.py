@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .video_processing_clusterstm import VideoDecodingError, read_video_pyav
+from ..models.video_processing_clusterstm import VideoDecodingError, read_video_pyav
 
 logger = logging.getLogger(__name__)
 

@@ -22,18 +22,18 @@ from transformers import (
     AutoVideoProcessor,
 )
 
-from .configuration_clusterstm import ClusterSTMConfig
-from .modeling_clusterstm import (
+from ..models.configuration_clusterstm import ClusterSTMConfig
+from ..models.modeling_clusterstm import (
     ClusterSTMForPreTraining,
     ClusterSTMForVideoCaptioning,
     ClusterSTMForVideoQuestionAnswering,
     ClusterSTMForVideoTextRetrieval,
     ClusterSTMModel,
 )
-from .processing_clusterstm import ClusterSTMProcessor
-from .video_processing_clusterstm import ClusterSTMVideoProcessor
+from ..models.processing_clusterstm import ClusterSTMProcessor
+from ..models.video_processing_clusterstm import ClusterSTMVideoProcessor
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 # Auto class -> "module.Class" for everything a checkpoint can be loaded as.
 MODEL_AUTO_MAP: dict[str, str] = {
@@ -54,7 +54,7 @@ _MODEL_AUTO_CLASSES = {
 
 def remote_code_files() -> list[Path]:
     """The flat files that travel with a checkpoint as Hub remote code."""
-    return sorted(PACKAGE_DIR.glob("*_clusterstm.py"))
+    return sorted(MODELS_DIR.glob("*_clusterstm.py"))
 
 
 def register_auto_classes() -> None:
@@ -107,8 +107,8 @@ def save_checkpoint(model: Any, output_dir: str | Path, processor: Any | None = 
 
 def default_tokenizer(vocab_size: int = 1000) -> Any:
     """The offline default tokenizer: WordPiece trained on the embedded benchmark's captions and questions."""
-    from .synthetic import synthetic_text_corpus
-    from .tokenization import train_wordpiece_tokenizer
+    from ..data.synthetic import synthetic_text_corpus
+    from ..data.tokenization import train_wordpiece_tokenizer
 
     return train_wordpiece_tokenizer(synthetic_text_corpus(), vocab_size=vocab_size)
 
@@ -135,7 +135,7 @@ def init_checkpoint(
     import torch
 
     from .model_card import write_model_card
-    from .tokenization import load_local_tokenizer
+    from ..data.tokenization import load_local_tokenizer
 
     config = ClusterSTMConfig.from_preset(preset)
     if tokenizer_name_or_path is None:

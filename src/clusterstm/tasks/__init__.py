@@ -1,0 +1,1 @@
+"""Downstream tasks: datasets, metrics and evaluation, one module per task."""

@@ -1,0 +1,1 @@
+"""The frozen teacher as a training stage: adapters, relevance generation and batch targets."""

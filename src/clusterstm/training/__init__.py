@@ -1,0 +1,1 @@
+"""Training loops: pretraining (Accelerate), fine-tuning (Trainer), teacher training."""
