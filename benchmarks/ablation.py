@@ -177,9 +177,9 @@ def _digest(payload: Any) -> str:
 
 def prepare_assets(settings: Settings, work_dir: Path) -> Assets:
     """Trains (or loads the cached) teacher, writes the student's init folder, generates and tokenises the data."""
+    from clusterstm.data.synthetic import SyntheticVideoTextConfig, generate_synthetic_benchmark
     from clusterstm.hub.export import init_checkpoint
     from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
-    from clusterstm.data.synthetic import SyntheticVideoTextConfig, generate_synthetic_benchmark
     from clusterstm.teacher.teacher import ClusterSTMTeacher
     from clusterstm.training.teacher_training import TeacherTrainingArguments, run_teacher_training
 
@@ -281,8 +281,6 @@ def build_student(spec: RunSpec, settings: Settings, assets: Assets):
     from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining
 
     config = ClusterSTMConfig.from_pretrained(assets.init_dir)
-    config.mask_strategy = spec.mask_strategy
-    config.mask_ratio = spec.mask_ratio
     config.relevance_window_size = spec.relevance_window_size
     config.contrastive_loss_weight = 1.0
     config.matching_loss_weight = settings.matching_loss_weight
@@ -290,9 +288,7 @@ def build_student(spec: RunSpec, settings: Settings, assets: Assets):
     for key, value in OBJECTIVES[spec.objective].items():
         setattr(config, key, value)
     torch.manual_seed(spec.seed)
-    model = ClusterSTMForPreTraining(config)
-    model.set_teacher(assets.teacher)
-    return model
+    return ClusterSTMForPreTraining(config)
 
 
 @torch.no_grad()
@@ -328,7 +324,12 @@ def pretrain(spec: RunSpec, settings: Settings, assets: Assets) -> tuple[Any, di
     """Pretrains one student; returns it and its training statistics."""
     from transformers import get_scheduler
 
-    from clusterstm.training.pretraining import PretrainingArguments, build_optimizer, derive_seed
+    from clusterstm.training.pretraining import (
+        PretrainingArguments,
+        build_optimizer,
+        derive_seed,
+        pretraining_forward,
+    )
 
     model = build_student(spec, settings, assets)
     args = PretrainingArguments(
@@ -337,7 +338,11 @@ def pretrain(spec: RunSpec, settings: Settings, assets: Assets) -> tuple[Any, di
         dataset_name="synthetic",
         learning_rate=settings.learning_rate,
         per_device_train_batch_size=settings.batch_size,
+        mask_strategy=spec.mask_strategy,
+        mask_ratio=spec.mask_ratio,
+        seed=spec.seed,
     )
+    masking = args
     optimizer = build_optimizer(model, args)
     scheduler = get_scheduler(
         "cosine",
@@ -360,10 +365,14 @@ def pretrain(spec: RunSpec, settings: Settings, assets: Assets) -> tuple[Any, di
         index = order[cursor : cursor + batch_size]
         cursor += batch_size
         batch = {key: value[index] for key, value in assets.train.items()}
-        outputs = model(
-            pixel_values=pixel_values(assets.train_videos[index.numpy()]),
-            mask_generator=torch.Generator().manual_seed(derive_seed(spec.seed, "mask", step)),
-            **batch,
+        # The product's training step: teacher stage (compute_teacher_targets), one mask through build_mask, student.
+        outputs = pretraining_forward(
+            model,
+            {"pixel_values": pixel_values(assets.train_videos[index.numpy()]), **batch},
+            masking,
+            step,
+            0,
+            teacher=assets.teacher,
         )
         loss = outputs.loss
         if not torch.isfinite(loss):

@@ -1,4 +1,4 @@
-"""Configuration tests: composite save/load, presets, validation, masking settings mirrored into the video tower."""
+"""Configuration tests: composite save/load, presets, validation, configs written with the old masking keys."""
 
 import json
 
@@ -13,7 +13,7 @@ from clusterstm.models.configuration_clusterstm import (
 
 
 def test_composite_config_save_load_roundtrip(tmp_path):
-    config = ClusterSTMConfig.from_preset("tiny", mask_strategy="tube", mask_ratio=0.6, relevance_loss="kl")
+    config = ClusterSTMConfig.from_preset("tiny", relevance_window_size=5, relevance_loss="kl")
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "clusterstm"
@@ -22,7 +22,7 @@ def test_composite_config_save_load_roundtrip(tmp_path):
     assert loaded.to_dict() == config.to_dict()
     assert isinstance(loaded.vision_config, ClusterSTMVisionConfig)
     assert isinstance(loaded.text_config, ClusterSTMTextConfig)
-    assert loaded.mask_strategy == "tube" and loaded.vision_config.mask_strategy == "tube"
+    assert loaded.relevance_window_size == 5
     assert loaded.relevance_loss == "kl"
 
 
@@ -54,10 +54,6 @@ def test_presets():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"mask_strategy": "grid"}, "mask_strategy"),
-        ({"mask_ratio": 1.0}, "mask_ratio"),
-        ({"mask_ratio": -0.1}, "mask_ratio"),
-        ({"mask_features": "pixels"}, "mask_features"),
         ({"relevance_window_size": 2}, "relevance_window_size"),
         ({"relevance_window_size": 0}, "relevance_window_size"),
         ({"relevance_loss": "l1"}, "relevance_loss"),
@@ -70,18 +66,30 @@ def test_invalid_settings_raise_value_error(kwargs, message):
         ClusterSTMConfig.from_preset("tiny", **kwargs)
 
 
-def test_masking_settings_are_mirrored_into_vision_config():
-    config = ClusterSTMConfig.from_preset("tiny", mask_strategy="random", mask_ratio=0.5)
-    assert config.vision_config.mask_strategy == "random"
-    assert config.vision_config.mask_ratio == 0.5
-    config.mask_ratio = 0.9
-    config.mask_at_eval = True
-    assert config.vision_config.mask_ratio == 0.9
-    assert config.vision_config.mask_at_eval is True
+def test_config_written_with_masking_settings_still_loads_and_ignores_them(tmp_path):
+    """Checkpoints written when masking lived in the config (config.json with mask_strategy, mask_ratio, dc_ratio,
+    dpc_k, mask_features, mask_at_eval, also inside vision_config) load; the keys influence nothing."""
+    reference = ClusterSTMConfig.from_preset("tiny")
+    legacy = reference.to_dict()
+    old_keys = {
+        "mask_strategy": "random",
+        "mask_ratio": 0.5,
+        "dc_ratio": 0.3,
+        "dpc_k": 2,
+        "mask_features": "patch",
+        "mask_at_eval": True,
+    }
+    legacy.update(old_keys)
+    legacy["vision_config"].update({**old_keys, "mask_strategy": "tube"})
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    loaded = ClusterSTMConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == reference.to_dict()
+    for key in old_keys:
+        assert not hasattr(loaded, key) and not hasattr(loaded.vision_config, key)
+    # Even out-of-range old values (refused before) are accepted: they no longer mean anything.
+    assert not hasattr(ClusterSTMVisionConfig(mask_ratio=1.5), "mask_ratio")
 
 
 def test_vision_config_validation():
     with pytest.raises(Exception, match="not a multiple"):
         ClusterSTMVisionConfig(hidden_size=10, num_attention_heads=3)
-    with pytest.raises(ValueError, match="mask_strategy"):
-        ClusterSTMVisionConfig(mask_strategy="everything")

@@ -1,12 +1,13 @@
 """Model tests mirroring transformers' common checks, on a very small config (fast on CPU)."""
 
 import copy
+import inspect
 
 import pytest
 import torch
 
 from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
-from clusterstm.models.masking_clusterstm import num_visible_tokens
+from clusterstm.models.masking_clusterstm import build_mask, num_visible_tokens
 from clusterstm.models.modeling_clusterstm import (
     ClusterSTMModel,
     ClusterSTMTextModel,
@@ -66,7 +67,7 @@ def explicit_mask(batch_size, frames=FRAMES, tokens=GRID, keep=4, seed=0):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return ClusterSTMModel(small_config(mask_strategy="random", mask_ratio=0.75)).eval()
+    return ClusterSTMModel(small_config()).eval()
 
 
 def test_forward_shapes_and_loss(model):
@@ -105,16 +106,25 @@ def test_get_features_are_projected(model):
 def test_masking_strategies_keep_k_per_frame(strategy):
     torch.manual_seed(0)
     ratio = 0.75
-    config = small_config(mask_strategy=strategy, mask_ratio=ratio)
+    config = small_config()
     vision = ClusterSTMVisionModel(config.vision_config).train()
     pixel_values, _, _ = inputs(batch_size=2)
-    kwargs = {}
-    if strategy == "attention":
-        kwargs["cls_attention"] = torch.rand(2, FRAMES, GRID)
-    out = vision(pixel_values, mask_generator=torch.Generator().manual_seed(1), output_hidden_states=True, **kwargs)
+    with torch.no_grad():
+        patch_embeds = vision.embeddings(pixel_values)[1]
+    mask = build_mask(
+        strategy,
+        batch_size=2,
+        num_frames=FRAMES,
+        num_patches=GRID,
+        mask_ratio=ratio,
+        features=patch_embeds if strategy == "cluster" else None,
+        cls_attention=torch.rand(2, FRAMES, GRID) if strategy == "attention" else None,
+        generator=torch.Generator().manual_seed(1),
+    )
+    out = vision(pixel_values, bool_masked_pos=mask, output_hidden_states=True)
     keep = num_visible_tokens(GRID, ratio)
     assert out.last_hidden_state.shape == (2, FRAMES * keep, 32)
-    assert out.bool_masked_pos.shape == (2, FRAMES, GRID)
+    assert torch.equal(out.bool_masked_pos, mask)
     assert ((~out.bool_masked_pos).sum(-1) == keep).all()
     assert out.kept_indices.shape == (2, FRAMES * keep)
     # kept indices point at the unmasked positions, frame-major
@@ -126,21 +136,13 @@ def test_masking_strategies_keep_k_per_frame(strategy):
         assert (out.bool_masked_pos == out.bool_masked_pos[:, :1]).all()
 
 
-def test_no_masking_in_eval_unless_mask_at_eval():
-    config = small_config(mask_strategy="random", mask_ratio=0.5)
-    vision = ClusterSTMVisionModel(config.vision_config).eval()
-    pixel_values, _, _ = inputs(batch_size=1)
-    assert vision(pixel_values).last_hidden_state.shape[1] == FRAMES * GRID
-    config.mask_at_eval = True
-    assert vision.config.mask_at_eval  # the tower shares the composite's vision config
-    vision_eval_masked = ClusterSTMVisionModel(config.vision_config).eval()
-    assert vision_eval_masked(pixel_values).last_hidden_state.shape[1] == FRAMES * num_visible_tokens(GRID, 0.5)
-
-
-def test_none_strategy_keeps_everything_in_training():
-    vision = ClusterSTMVisionModel(small_config(mask_strategy="none", mask_ratio=0.5).vision_config).train()
+def test_tower_masks_only_through_bool_masked_pos():
+    """The tower never draws a mask itself: without `bool_masked_pos` every token is kept, in training too."""
+    vision = ClusterSTMVisionModel(small_config().vision_config).train()
     out = vision(inputs(batch_size=1)[0])
     assert out.last_hidden_state.shape[1] == FRAMES * GRID and out.bool_masked_pos is None
+    parameters = inspect.signature(ClusterSTMVisionModel.forward).parameters
+    assert not {"mask_features", "cls_attention", "mask_generator"} & set(parameters)
 
 
 def test_explicit_mask_wins_and_matches_manual_gather(model):
@@ -154,15 +156,6 @@ def test_explicit_mask_wins_and_matches_manual_gather(model):
     assert torch.equal(out.bool_masked_pos, mask)
     expected = (~mask).reshape(2, -1).nonzero()[:, 1].reshape(2, -1)
     assert torch.equal(out.kept_indices, expected)
-
-
-def test_random_mask_reproducible_with_generator():
-    vision = ClusterSTMVisionModel(small_config(mask_strategy="random", mask_ratio=0.5).vision_config).train()
-    pixel_values = inputs(batch_size=2)[0]
-    a = vision(pixel_values, mask_generator=torch.Generator().manual_seed(3)).bool_masked_pos
-    b = vision(pixel_values, mask_generator=torch.Generator().manual_seed(3)).bool_masked_pos
-    c = vision(pixel_values, mask_generator=torch.Generator().manual_seed(4)).bool_masked_pos
-    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_batching_equivalence_with_explicit_mask(model):
@@ -205,7 +198,6 @@ def test_save_load_equivalence_safetensors(model, tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     loaded = ClusterSTMModel.from_pretrained(tmp_path).eval()
-    assert loaded.config.mask_strategy == "random"
     pixel_values, input_ids, attention_mask = inputs()
     mask = explicit_mask(3)
     with torch.no_grad():
@@ -307,7 +299,7 @@ def test_text_modes_and_causality():
 
 def test_gradient_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
-    config = small_config(mask_strategy="none")
+    config = small_config()
     reference = ClusterSTMModel(config).train()
     checkpointed = copy.deepcopy(reference)
     checkpointed.activation_checkpointing_enable()
@@ -327,10 +319,18 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 def test_training_decreases_contrastive_loss():
     torch.manual_seed(0)
-    model = ClusterSTMModel(small_config(mask_strategy="random", mask_ratio=0.5)).train()
+    model = ClusterSTMModel(small_config()).train()
     model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     pixel_values, input_ids, attention_mask = inputs(batch_size=4)
+    mask = build_mask(
+        "random",
+        batch_size=4,
+        num_frames=FRAMES,
+        num_patches=GRID,
+        mask_ratio=0.5,
+        generator=torch.Generator().manual_seed(0),
+    )
     losses = []
     for _ in range(12):
         # the same mask every step (seeded generator), so the loss can only go down by learning
@@ -339,7 +339,7 @@ def test_training_decreases_contrastive_loss():
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             return_loss=True,
-            mask_generator=torch.Generator().manual_seed(0),
+            bool_masked_pos=mask,
         )
         optimizer.zero_grad()
         out.loss.backward()
@@ -399,8 +399,11 @@ def test_images_single_frame(model):
 
 
 def test_images_single_frame_with_masking():
-    vision = ClusterSTMVisionModel(small_config(mask_strategy="cluster", mask_ratio=0.5).vision_config).train()
-    out = vision(torch.randn(2, 1, 3, SIZE, SIZE))
+    vision = ClusterSTMVisionModel(small_config().vision_config).train()
+    pixel_values = torch.randn(2, 1, 3, SIZE, SIZE)
+    features = vision.embeddings(pixel_values[:, :, :, :, :])[1].detach()
+    mask = build_mask("cluster", batch_size=2, num_frames=1, num_patches=GRID, mask_ratio=0.5, features=features)
+    out = vision(pixel_values, bool_masked_pos=mask)
     assert out.last_hidden_state.shape == (2, GRID // 2, 32)
 
 
@@ -417,12 +420,6 @@ def test_bad_inputs_raise_value_error(model):
     uneven[0, 0, :] = False
     with pytest.raises(ValueError, match="same, non-zero number"):
         model.vision_model(torch.randn(1, FRAMES, 3, SIZE, SIZE), bool_masked_pos=uneven)
-    attention = ClusterSTMVisionModel(small_config(mask_strategy="attention", mask_ratio=0.5).vision_config).train()
-    with pytest.raises(ValueError, match="cls_attention"):
-        attention(torch.randn(1, FRAMES, 3, SIZE, SIZE))
-    cluster = ClusterSTMVisionModel(small_config(mask_strategy="cluster", mask_ratio=0.5).vision_config).train()
-    with pytest.raises(ValueError, match="grid"):
-        cluster(torch.randn(1, FRAMES, 3, SIZE, SIZE), mask_features=torch.randn(1, FRAMES, 9, 8))
 
 
 def test_contrastive_loss_function_single_process():

@@ -1,12 +1,15 @@
-"""ClusterSTMForPreTraining: every objective, weights of 0 skip, the teacher hook is never saved."""
+"""ClusterSTMForPreTraining: every objective, weights of 0 skip; targets are inputs, the teacher is a separate stage."""
 
+import inspect
 from types import SimpleNamespace
 
 import pytest
 import torch
 from test_modeling import FRAMES, GRID, explicit_mask, inputs, small_config
 
+from clusterstm.models.masking_clusterstm import build_mask
 from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining, relevance_reconstruction_loss
+from clusterstm.training.pretraining import pretraining_forward
 
 TEACHER_DIM = 64  # tiny preset teacher_hidden_size
 
@@ -19,6 +22,10 @@ class FakeTeacher:
         self.dim = dim
         self.calls = {"encode_video": 0, "encode_text": 0, "relevance": 0}
         self.weight = torch.nn.Parameter(torch.ones(1))  # must never end up in the student's state_dict
+        self.tokenizer = None
+
+    def eval(self):
+        return self
 
     def encode_video(self, pixel_values):
         self.calls["encode_video"] += 1
@@ -40,9 +47,23 @@ class FakeTeacher:
 
 def pretraining_model(**kwargs):
     torch.manual_seed(0)
-    defaults = {"mask_strategy": "random", "mask_ratio": 0.5, "alignment_loss_weight": 1.0}
+    defaults = {"alignment_loss_weight": 1.0}
     defaults.update(kwargs)
     return ClusterSTMForPreTraining(small_config(**defaults)).train()
+
+
+def masking(strategy="random", ratio=0.5, features="teacher", seed=0):
+    """The masking settings the training step reads (as on `PretrainingArguments`)."""
+    return SimpleNamespace(
+        mask_strategy=strategy, mask_ratio=ratio, dc_ratio=0.02, dpc_k=5, mask_features=features, seed=seed
+    )
+
+
+def random_mask(batch_size=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return build_mask(
+        "random", batch_size=batch_size, num_frames=FRAMES, num_patches=GRID, mask_ratio=0.5, generator=generator
+    )
 
 
 def teacher_tensors(batch_size=3):
@@ -58,7 +79,13 @@ def teacher_tensors(batch_size=3):
 def test_all_losses_finite_and_backward(relevance_loss, relevance_tokens):
     model = pretraining_model(relevance_loss=relevance_loss, relevance_tokens=relevance_tokens)
     pixel_values, input_ids, attention_mask = inputs()
-    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **teacher_tensors())
+    out = model(
+        pixel_values=pixel_values,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        bool_masked_pos=random_mask(),
+        **teacher_tensors(),
+    )
     for name in ("loss", "contrastive_loss", "relevance_loss", "matching_loss", "mlm_loss", "alignment_loss"):
         value = getattr(out, name)
         assert value is not None and value.ndim == 0 and torch.isfinite(value), name
@@ -125,21 +152,62 @@ def test_relevance_loss_forms():
     assert relevance_reconstruction_loss(target.flip(-1), target, None, "kl") > 0
 
 
-def test_teacher_hook_computes_targets_and_is_never_saved(tmp_path):
-    model = pretraining_model(mask_strategy="cluster", mask_features="teacher")
-    teacher = FakeTeacher()
-    model.set_teacher(teacher)
-    assert model.teacher is teacher
-    assert not any("teacher" in name for name in model.state_dict())
-    assert all(p is not teacher.weight for p in model.parameters())
+def test_forward_with_explicit_targets_uses_them():
+    """The targets are plain inputs: the relevance loss is computed against exactly the given map."""
+    model = pretraining_model(alignment_loss_weight=0.0).eval()
     pixel_values, input_ids, attention_mask = inputs()
-    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+    targets = teacher_tensors()
+    with torch.no_grad():
+        out = model(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            teacher_relevance=targets["teacher_relevance"],
+        )
+        shifted = model(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            teacher_relevance=targets["teacher_relevance"] + 1.0,
+        )
+    expected = ((out.predicted_relevance - targets["teacher_relevance"]) ** 2).mean()
+    torch.testing.assert_close(out.relevance_loss, expected)
+    assert shifted.relevance_loss > out.relevance_loss
+    assert out.bool_masked_pos is None  # no mask given: nothing dropped, in training or eval
+
+
+def test_model_never_holds_a_teacher():
+    model = pretraining_model()
+    for name in ("set_teacher", "teacher", "_teacher_targets"):
+        assert not hasattr(model, name), name
+    parameters = inspect.signature(ClusterSTMForPreTraining.forward).parameters
+    assert {"teacher_relevance", "teacher_patch_tokens", "bool_masked_pos"} <= set(parameters)
+    assert not {"teacher_input_ids", "teacher_pixel_values", "teacher_cls_attention", "mask_generator"} & set(
+        parameters
+    )
+
+
+def test_teacher_stage_computes_targets_once_and_nothing_is_saved(tmp_path):
+    model = pretraining_model()
+    teacher = FakeTeacher()
+    pixel_values, input_ids, attention_mask = inputs()
+    batch = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
+    out = pretraining_forward(model, batch, masking("cluster"), step=0, sample_offset=0, teacher=teacher)
+    # one teacher pass serves the relevance, the alignment targets and the cluster mask's features
     assert teacher.calls == {"encode_video": 1, "encode_text": 1, "relevance": 1}
     assert torch.isfinite(out.relevance_loss) and torch.isfinite(out.alignment_loss)
+    assert ((~out.bool_masked_pos).sum(-1) == GRID // 2).all()
     assert teacher.weight.grad is None  # computed under no_grad
-    # given tensors are used instead of calling the teacher
-    model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **teacher_tensors())
-    assert teacher.calls["encode_video"] == 1
+    # the cluster mask is the one build_mask computes from the teacher's tokens
+    tokens = teacher.encode_video(pixel_values).patch_tokens
+    expected = build_mask(
+        "cluster", batch_size=3, num_frames=FRAMES, num_patches=GRID, mask_ratio=0.5, features=tokens
+    )
+    assert torch.equal(out.bool_masked_pos, expected)
+    # targets already in the batch (a cache) are used instead of calling the teacher
+    calls = dict(teacher.calls)
+    pretraining_forward(model, {**batch, **teacher_tensors()}, masking("random"), 0, 0, teacher=teacher)
+    assert teacher.calls == calls
 
     model.save_pretrained(tmp_path)
     from safetensors.torch import load_file
@@ -147,7 +215,6 @@ def test_teacher_hook_computes_targets_and_is_never_saved(tmp_path):
     saved = load_file(tmp_path / "model.safetensors")
     assert not any("teacher" in key for key in saved)
     loaded = ClusterSTMForPreTraining.from_pretrained(tmp_path)
-    assert loaded.teacher is None
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
     assert loaded.mlm_head.decoder.weight.data_ptr() == (
@@ -156,35 +223,36 @@ def test_teacher_hook_computes_targets_and_is_never_saved(tmp_path):
 
 
 def test_teacher_grid_mismatch_names_both_grids():
-    model = pretraining_model()
-    model.set_teacher(FakeTeacher(grid_tokens=9))
+    model = pretraining_model(alignment_loss_weight=0.0)
     pixel_values, input_ids, attention_mask = inputs()
+    batch = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
     with pytest.raises(ValueError, match=r"\(4, 9\).*\(4, 16\)"):
-        model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        pretraining_forward(model, batch, masking("random"), 0, 0, teacher=FakeTeacher(grid_tokens=9))
+    with pytest.raises(ValueError, match=r"cluster.*features.*\(3, 4, 9, 64\).*\(3, 4, 16\)"):
+        pretraining_forward(model, batch, masking("cluster"), 0, 0, teacher=FakeTeacher(grid_tokens=9))
 
 
 def test_attention_strategy_uses_teacher_cls_attention():
-    model = pretraining_model(mask_strategy="attention", alignment_loss_weight=0.0)
-    model.set_teacher(FakeTeacher())
+    model = pretraining_model(alignment_loss_weight=0.0)
     pixel_values, input_ids, attention_mask = inputs()
-    out = model(
-        pixel_values=pixel_values,
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        mask_generator=torch.Generator().manual_seed(0),
-    )
+    batch = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
+    out = pretraining_forward(model, batch, masking("attention"), 0, 0, teacher=FakeTeacher())
     assert ((~out.bool_masked_pos).sum(-1) == GRID // 2).all()
+    with pytest.raises(ValueError, match="attention"):
+        pretraining_forward(model, {**batch, **teacher_tensors()}, masking("attention"), 0, 0, teacher=None)
 
 
 def test_images_train_through_the_same_path():
-    model = pretraining_model(mask_strategy="cluster", mask_features="patch")
+    model = pretraining_model()
     pixel_values, input_ids, attention_mask = inputs(frames=1)
     targets = {
         "teacher_patch_tokens": torch.randn(3, 1, GRID, TEACHER_DIM),
         "teacher_relevance": torch.rand(3, 1, GRID),
     }
-    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, **targets)
+    batch = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask, **targets}
+    out = pretraining_forward(model, batch, masking("cluster", features="patch"), 0, 0)
     assert torch.isfinite(out.loss) and out.predicted_relevance.shape == (3, 1, GRID)
+    assert ((~out.bool_masked_pos).sum(-1) == GRID // 2).all()
     out.loss.backward()
 
 
@@ -220,7 +288,7 @@ def test_pretraining_loss_decreases():
             pixel_values=pixel_values,
             input_ids=input_ids,
             attention_mask=attention_mask,
-            mask_generator=torch.Generator().manual_seed(0),
+            bool_masked_pos=random_mask(4),
             **targets,
         )
         optimizer.zero_grad()

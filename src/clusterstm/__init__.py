@@ -24,6 +24,8 @@ _LAZY_IMPORTS: dict[str, str] = {
     "tube_mask": "models.masking_clusterstm",
     "attention_guided_mask": "models.masking_clusterstm",
     "num_visible_tokens": "models.masking_clusterstm",
+    "build_mask": "models.masking_clusterstm",
+    "MASK_STRATEGIES": "models.masking_clusterstm",
     "generate_relevance": "teacher.relevance",
     "CLIPWindowPooler": "teacher.relevance",
     "SiglipWindowPooler": "teacher.relevance",
@@ -45,6 +47,8 @@ _LAZY_IMPORTS: dict[str, str] = {
     "ClusterSTMProcessor": "models.processing_clusterstm",
     # teacher hook
     "ClusterSTMTeacher": "teacher.teacher",
+    "compute_teacher_targets": "teacher.targets",
+    "TeacherTargets": "teacher.targets",
 }
 
 __all__ = sorted(_LAZY_IMPORTS) + ["__version__"]

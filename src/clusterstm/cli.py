@@ -42,6 +42,13 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_precompute_targets(args: argparse.Namespace) -> int:
+    from .teacher.cache import main as precompute_main
+
+    precompute_main(args.arguments)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clusterstm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("caption")
     vis.add_argument("--output_dir", default=".")
     vis.set_defaults(func=_cmd_visualize)
+
+    # The flags are those of scripts/precompute_teacher_targets.py (parsed there; `--help` lists them).
+    precompute = sub.add_parser(
+        "precompute-targets",
+        help="run a teacher once over a corpus and write a teacher-target cache (parquet shards)",
+        add_help=False,
+    )
+    precompute.add_argument("arguments", nargs=argparse.REMAINDER)
+    precompute.set_defaults(func=_cmd_precompute_targets)
     return parser
 
 

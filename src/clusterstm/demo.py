@@ -117,7 +117,8 @@ def _figures(output_dir: Path, teacher_dir: Path, pretrain_dir: Path, seed: int)
     export_synthetic_benchmark(config, output_dir / "example_clips", splits=["test"])
     row = generate_split_metadata(config, "test")[0]
     video = next((output_dir / "example_clips" / "test").glob("*.mp4"))
-    paths = [str(p) for p in visualize_video(teacher_dir, video, row["caption"], output_dir=figures_dir)]
+    # Pointed at the pretraining output: it finds its teacher through the run's teacher_config.json.
+    paths = [str(p) for p in visualize_video(pretrain_dir, video, row["caption"], output_dir=figures_dir)]
     log_file = pretrain_dir / "logs" / "train_log.jsonl"
     if log_file.is_file():
         records = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]

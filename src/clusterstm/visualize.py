@@ -7,6 +7,7 @@ tokens (Figure II), and training curves.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,8 +19,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .models.masking_clusterstm import cluster_wise_mask, dpc_knn, num_visible_tokens  # noqa: E402
-from .teacher.teacher import ClusterSTMTeacher  # noqa: E402
 from .models.video_processing_clusterstm import ClusterSTMVideoProcessor, read_video_pyav  # noqa: E402
+from .teacher.targets import compute_teacher_targets  # noqa: E402
+from .teacher.teacher import ClusterSTMTeacher  # noqa: E402
 
 
 def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -123,9 +125,12 @@ def plot_training_curves(log_history: Sequence[dict], path: str | Path, keys: Se
 
 
 def resolve_teacher_path(checkpoint_or_teacher: str | Path) -> tuple[Path, dict]:
-    """Finds the teacher for a path: a CLIP/SigLIP folder itself, or the teacher a ClusterSTM checkpoint names.
+    """Finds the teacher for a path: a CLIP/SigLIP folder itself, or the teacher a ClusterSTM checkpoint names (the
+    `teacher_config.json` a pretraining run writes into its output folder, or `teacher_name_or_path` in the config,
+    or a `teacher/` sub-folder).
 
-    Returns the teacher folder and the ClusterSTM config dict ({} for a bare teacher).
+    Returns the teacher folder and the ClusterSTM config dict ({} for a bare teacher), updated with the run's
+    recorded teacher settings (relevance window, mask settings).
     """
     folder = Path(checkpoint_or_teacher)
     config_path = folder / "config.json"
@@ -134,6 +139,10 @@ def resolve_teacher_path(checkpoint_or_teacher: str | Path) -> tuple[Path, dict]
     config = json.loads(config_path.read_text())
     if config.get("model_type") != "clusterstm":
         return folder, {}
+    record_path = folder / "teacher_config.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        config = {**config, **{k: v for k, v in record.items() if v is not None}}
     for candidate in (config.get("teacher_name_or_path"), folder / "teacher"):
         if candidate and (Path(candidate) / "config.json").is_file():
             return Path(candidate), config
@@ -171,15 +180,21 @@ def visualize_video(
     pixel_values = processor(raw, return_tensors="pt")["pixel_values"]
     frames = _display_frames(raw, size)
 
-    video_out = teacher.encode_video(pixel_values)
     tokens = teacher.tokenizer([caption], return_tensors="pt", padding=True, truncation=True)
-    text_embeds = teacher.encode_text(tokens["input_ids"], tokens["attention_mask"])
-    grid = video_out.grid_size
-    relevance = {
-        w: teacher.relevance(video_out.patch_tokens, text_embeds, window_size=w)[0].reshape(-1, grid, grid).numpy()
-        for w in window_sizes
-    }
-    patch_tokens = video_out.patch_tokens
+    relevance, patch_tokens = {}, None
+    for w in window_sizes:
+        targets = compute_teacher_targets(
+            teacher,
+            pixel_values,
+            tokens["input_ids"],
+            tokens["attention_mask"],
+            window_size=w,
+            need_patch_tokens=patch_tokens is None,
+        )
+        patch_tokens = targets.patch_tokens if patch_tokens is None else patch_tokens
+        relevance[w] = targets.relevance[0].cpu()
+    grid = math.isqrt(patch_tokens.shape[2])
+    relevance = {w: value.reshape(-1, grid, grid).numpy() for w, value in relevance.items()}
     labels, _ = dpc_knn(patch_tokens[0], num_visible_tokens(grid * grid, mask_ratio), k=dpc_k)
     masks = cluster_wise_mask(patch_tokens, mask_ratio, dc_ratio=dc_ratio, k=dpc_k)[0]
 

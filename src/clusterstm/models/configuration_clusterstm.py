@@ -21,26 +21,16 @@ from transformers.utils import auto_docstring, logging
 
 logger = logging.get_logger(__name__)
 
-MASK_STRATEGIES = ("cluster", "random", "tube", "attention", "none")
-MASK_FEATURES = ("teacher", "patch")
 RELEVANCE_LOSSES = ("mse", "zscore_mse", "kl")
 RELEVANCE_TOKENS = ("all", "masked", "visible")
-# Masking settings of the composite config that are mirrored into its vision config (the tower reads them there).
-MASKING_KEYS = ("mask_strategy", "mask_ratio", "dc_ratio", "dpc_k", "mask_features", "mask_at_eval")
+# Masking settings that configurations written before masking moved to the pretraining arguments may still carry in
+# their config.json. They are accepted (and ignored) so those checkpoints load; nothing reads them.
+LEGACY_MASKING_KEYS = ("mask_strategy", "mask_ratio", "dc_ratio", "dpc_k", "mask_features", "mask_at_eval")
 
 
-def _validate_masking_settings(config) -> None:
-    """Raise a `ValueError` naming the first invalid masking setting of `config`."""
-    if config.mask_strategy not in MASK_STRATEGIES:
-        raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES}, got {config.mask_strategy!r}.")
-    if not 0.0 <= config.mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {config.mask_ratio}.")
-    if config.mask_features not in MASK_FEATURES:
-        raise ValueError(f"mask_features must be one of {MASK_FEATURES}, got {config.mask_features!r}.")
-    if not 0.0 < config.dc_ratio < 1.0:
-        raise ValueError(f"dc_ratio must be in (0, 1), got {config.dc_ratio}.")
-    if config.dpc_k < 1:
-        raise ValueError(f"dpc_k must be >= 1, got {config.dpc_k}.")
+def _drop_legacy_masking_keys(kwargs: dict) -> None:
+    for key in LEGACY_MASKING_KEYS:
+        kwargs.pop(key, None)
 
 
 @auto_docstring(checkpoint="clusterstm-base")
@@ -54,19 +44,6 @@ class ClusterSTMVisionConfig(PreTrainedConfig):
         frame-wise (cluster-wise) masking needs.
     drop_path_rate (`float`, *optional*, defaults to 0.0):
         Stochastic depth rate, linearly increasing over the layers.
-    mask_strategy (`str`, *optional*, defaults to `"none"`):
-        Token masking applied inside the tower at train time, see [`ClusterSTMConfig`]. Inside a
-        [`ClusterSTMConfig`], the composite configuration's masking settings are mirrored here.
-    mask_ratio (`float`, *optional*, defaults to 0.0):
-        Fraction of the tokens of every frame that is dropped, in `[0, 1)`.
-    dc_ratio (`float`, *optional*, defaults to 0.02):
-        Cut-off quantile of the temporal density (cluster-wise masking).
-    dpc_k (`int`, *optional*, defaults to 5):
-        Number of neighbours of the DPC-KNN density (cluster-wise masking).
-    mask_features (`str`, *optional*, defaults to `"teacher"`):
-        Which features drive the clustering: `"teacher"` (the `mask_features` input when given) or `"patch"`.
-    mask_at_eval (`bool`, *optional*, defaults to `False`):
-        Whether the configured masking is also applied in eval mode.
 
     Example:
 
@@ -95,20 +72,14 @@ class ClusterSTMVisionConfig(PreTrainedConfig):
     hidden_dropout_prob: float = 0.0
     initializer_range: float = 0.02
     drop_path_rate: float = 0.0
-    mask_strategy: str = "none"
-    mask_ratio: float = 0.0
-    dc_ratio: float = 0.02
-    dpc_k: int = 5
-    mask_features: str = "teacher"
-    mask_at_eval: bool = False
 
     def __post_init__(self, **kwargs):
-        _validate_masking_settings(self)
+        # Masking is chosen per training step by the caller (`bool_masked_pos`), never by the tower's config.
+        _drop_legacy_masking_keys(kwargs)
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation. Validates the architecture of the config."""
-        _validate_masking_settings(self)
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"The hidden size ({self.hidden_size}) is not a multiple of the number of attention "
@@ -189,21 +160,6 @@ class ClusterSTMConfig(PreTrainedConfig):
         Dimension of the joint video-text embedding space.
     logit_scale_init_value (`float`, *optional*, defaults to 2.6592):
         Initial value of the learnable log inverse temperature (CLIP's value, i.e. temperature 0.07).
-    mask_strategy (`str`, *optional*, defaults to `"cluster"`):
-        Token masking of the video tower at train time: `"cluster"` (cluster-wise spatio-temporal masking),
-        `"random"`, `"tube"`, `"attention"` (keeps the tokens the teacher's CLS attends to most) or `"none"`.
-    mask_ratio (`float`, *optional*, defaults to 0.8):
-        Fraction of the tokens of every frame that is dropped, in `[0, 1)`.
-    dc_ratio (`float`, *optional*, defaults to 0.02):
-        Quantile of the inter-frame distances used as the cut-off distance of the temporal density.
-    dpc_k (`int`, *optional*, defaults to 5):
-        Number of neighbours of the DPC-KNN local density.
-    mask_features (`str`, *optional*, defaults to `"teacher"`):
-        Which features drive the clustering: `"teacher"` (the teacher's patch tokens, when given) or `"patch"` (the
-        student's own detached patch embeddings). With `"teacher"` and no teacher tokens, the patch embeddings are
-        used.
-    mask_at_eval (`bool`, *optional*, defaults to `False`):
-        Whether the configured masking is also applied in eval mode.
     relevance_window_size (`int`, *optional*, defaults to 3):
         Odd window size of the teacher's window-pooled relevance targets.
     relevance_loss (`str`, *optional*, defaults to `"mse"`):
@@ -261,12 +217,6 @@ class ClusterSTMConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     projection_dim: int = 256
     logit_scale_init_value: float = 2.6592
-    mask_strategy: str = "cluster"
-    mask_ratio: float = 0.8
-    dc_ratio: float = 0.02
-    dpc_k: int = 5
-    mask_features: str = "teacher"
-    mask_at_eval: bool = False
     relevance_window_size: int = 3
     relevance_loss: str = "mse"
     relevance_tokens: str = "all"
@@ -291,28 +241,17 @@ class ClusterSTMConfig(PreTrainedConfig):
         # Checked here as well as in `validate_architecture` so that a bad setting raises a plain `ValueError` at
         # construction time (the strict validators wrap it in their own exception type).
         self._validate_settings()
+        # Masking settings belong to the pretraining arguments (`PretrainingArguments`); old config.json files that
+        # still carry them load, and the keys are dropped.
+        _drop_legacy_masking_keys(kwargs)
         super().__post_init__(**kwargs)
-        self._sync_masking_settings()
-
-    def __setattr__(self, key, value):
-        super().__setattr__(key, value)
-        # Keep the vision tower's copy of the masking settings in step when they are changed after construction.
-        if key in MASKING_KEYS and getattr(self, "_post_init_done", False):
-            self._sync_masking_settings()
-
-    def _sync_masking_settings(self):
-        vision_config = getattr(self, "vision_config", None)
-        if isinstance(vision_config, PreTrainedConfig):
-            for key in MASKING_KEYS:
-                setattr(vision_config, key, getattr(self, key))
 
     def validate_architecture(self):
-        """Part of `@strict`-powered validation. Validates the masking, relevance and loss settings."""
+        """Part of `@strict`-powered validation. Validates the relevance and loss settings."""
         super().validate_architecture()
         self._validate_settings()
 
     def _validate_settings(self):
-        _validate_masking_settings(self)
         if self.relevance_window_size < 1 or self.relevance_window_size % 2 == 0:
             raise ValueError(f"relevance_window_size must be an odd integer >= 1, got {self.relevance_window_size}.")
         if self.relevance_loss not in RELEVANCE_LOSSES:

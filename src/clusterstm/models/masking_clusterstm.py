@@ -499,3 +499,130 @@ def attention_guided_mask(
         tiny = torch.finfo(weights.dtype).tiny
         gumbel = -torch.log(-torch.log(uniform.clamp(min=tiny, max=1.0 - torch.finfo(weights.dtype).eps)))
         return _mask_from_keys(log_probs + gumbel, num_keep)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One door for masks: a strategy table and the builder every caller goes through
+# ---------------------------------------------------------------------------------------------------------------------
+
+from collections.abc import Callable, Sequence  # noqa: E402  (kept with the section it serves)
+
+
+def _per_sample(draw, batch_size: int, generator) -> torch.BoolTensor:
+    """`draw(index_slice, generator)` for the whole batch with one generator, or per sample with a list of them (so a
+    sample's mask does not depend on how the batch is split over processes)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return draw(slice(0, batch_size), generator)
+    if len(generator) != batch_size:
+        raise ValueError(f"`generator` is a list of {len(generator)} generators for a batch of {batch_size} videos.")
+    return torch.cat([draw(slice(i, i + 1), g) for i, g in enumerate(generator)], dim=0)
+
+
+def _cluster_strategy(*, features, mask_ratio, dc_ratio, dpc_k, **_) -> torch.BoolTensor:
+    return cluster_wise_mask(features, mask_ratio, dc_ratio=dc_ratio, k=dpc_k)
+
+
+def _random_strategy(*, batch_size, num_frames, num_patches, mask_ratio, generator, device, **_) -> torch.BoolTensor:
+    return _per_sample(
+        lambda rows, g: random_mask(rows.stop - rows.start, num_frames, num_patches, mask_ratio, g, device),
+        batch_size,
+        generator,
+    )
+
+
+def _tube_strategy(*, batch_size, num_frames, num_patches, mask_ratio, generator, device, **_) -> torch.BoolTensor:
+    return _per_sample(
+        lambda rows, g: tube_mask(rows.stop - rows.start, num_frames, num_patches, mask_ratio, g, device),
+        batch_size,
+        generator,
+    )
+
+
+def _attention_strategy(*, batch_size, cls_attention, mask_ratio, generator, device, **_) -> torch.BoolTensor:
+    mask = _per_sample(lambda rows, g: attention_guided_mask(cls_attention[rows], mask_ratio, g), batch_size, generator)
+    return mask.to(device) if device is not None else mask
+
+
+def _none_strategy(**_) -> None:
+    return None
+
+
+# Adding a strategy is one entry here (plus `STRATEGY_INPUTS` when it needs teacher-side inputs).
+MASK_STRATEGIES: dict[str, Callable[..., torch.BoolTensor | None]] = {
+    "cluster": _cluster_strategy,
+    "random": _random_strategy,
+    "tube": _tube_strategy,
+    "attention": _attention_strategy,
+    "none": _none_strategy,
+}
+# Inputs a strategy cannot do without, beyond the token grid: validated once, in `build_mask`.
+STRATEGY_INPUTS: dict[str, tuple[str, ...]] = {"cluster": ("features",), "attention": ("cls_attention",)}
+
+
+def build_mask(
+    strategy: str,
+    *,
+    batch_size: int,
+    num_frames: int,
+    num_patches: int,
+    mask_ratio: float,
+    features: torch.Tensor | None = None,
+    cls_attention: torch.Tensor | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    device: torch.device | str | None = None,
+    dc_ratio: float = 0.02,
+    dpc_k: int = 5,
+) -> torch.BoolTensor | None:
+    """
+    The video token mask `(batch_size, num_frames, num_patches)` (`True` = dropped, VideoMAE convention) of one
+    masking strategy, or `None` for `"none"`. This is the only entry point that turns a strategy name into a mask; the
+    vision tower only takes the result as `bool_masked_pos`.
+
+    Args:
+        strategy (`str`): a key of `MASK_STRATEGIES`: `"cluster"`, `"random"`, `"tube"`, `"attention"` or `"none"`.
+        batch_size, num_frames, num_patches (`int`): the token grid (frames after tubelets, patches per frame).
+        mask_ratio (`float`): fraction of the tokens of every frame that is dropped, in `[0, 1)`.
+        features (`torch.Tensor` of shape `(batch_size, num_frames, num_patches, dim)`, *optional*): token features
+            that drive `"cluster"` (the teacher's patch tokens, or the student's detached patch embeddings).
+        cls_attention (`torch.Tensor` of shape `(batch_size, num_frames, num_patches)`, *optional*): the teacher's
+            CLS attention, needed by `"attention"`.
+        generator (`torch.Generator` or a list of `batch_size` generators, *optional*): randomness of `"random"`,
+            `"tube"` and `"attention"`; with a list, sample `i` is drawn from `generator[i]` only.
+        device (*optional*): device of the returned mask (default: the inputs').
+        dc_ratio (`float`), dpc_k (`int`): temporal density cut-off and DPC-KNN neighbours of `"cluster"`.
+    """
+    if strategy not in MASK_STRATEGIES:
+        raise ValueError(f"Unknown mask strategy {strategy!r}; expected one of {sorted(MASK_STRATEGIES)}.")
+    _check_sizes(batch_size, num_frames, num_patches)
+    _check_mask_ratio(mask_ratio)
+    grid = (batch_size, num_frames, num_patches)
+    given = {"features": features, "cls_attention": cls_attention}
+    for name in STRATEGY_INPUTS.get(strategy, ()):
+        if given[name] is None:
+            layout = f"{grid} + (dim,)" if name == "features" else str(grid)
+            raise ValueError(f"mask strategy {strategy!r} needs `{name}` of shape {layout}.")
+    if features is not None and strategy == "cluster" and (features.ndim != 4 or tuple(features.shape[:3]) != grid):
+        raise ValueError(
+            f"mask strategy 'cluster': `features` has shape {tuple(features.shape)}, expected {grid} + (dim,) "
+            "(batch_size, frames, patches, dim); the teacher and the student must share frames and patch grid."
+        )
+    if cls_attention is not None and strategy == "attention" and tuple(cls_attention.shape) != grid:
+        raise ValueError(
+            f"mask strategy 'attention': `cls_attention` has shape {tuple(cls_attention.shape)}, expected {grid} "
+            "(batch_size, frames, patches)."
+        )
+    mask = MASK_STRATEGIES[strategy](
+        batch_size=batch_size,
+        num_frames=num_frames,
+        num_patches=num_patches,
+        mask_ratio=mask_ratio,
+        features=features,
+        cls_attention=cls_attention,
+        generator=generator,
+        device=device,
+        dc_ratio=dc_ratio,
+        dpc_k=dpc_k,
+    )
+    if mask is not None and device is not None:
+        mask = mask.to(device)
+    return mask

@@ -36,7 +36,6 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_clusterstm import ClusterSTMConfig, ClusterSTMTextConfig, ClusterSTMVisionConfig
-from .masking_clusterstm import attention_guided_mask, cluster_wise_mask, num_visible_tokens, random_mask, tube_mask
 
 logger = logging.get_logger(__name__)
 
@@ -707,8 +706,9 @@ class ClusterSTMPreTrainedModel(PreTrainedModel):
 
 @auto_docstring(
     custom_intro="""
-    The ClusterSTM video tower: a ViT over (T, H, W) tubelets that drops masked tokens after the position embeddings
-    (cluster-wise, random, tube or attention-guided masking; an explicit `bool_masked_pos` always wins).
+    The ClusterSTM video tower: a ViT over (T, H, W) tubelets that drops the tokens of `bool_masked_pos` after the
+    position embeddings (VideoMAE convention). Masks are built outside the model, by
+    `masking_clusterstm.build_mask`, once per training step.
     """
 )
 class ClusterSTMVisionModel(ClusterSTMPreTrainedModel):
@@ -769,56 +769,6 @@ class ClusterSTMVisionModel(ClusterSTMPreTrainedModel):
             )
         return pixel_values
 
-    def _generate_mask(
-        self,
-        patch_embeds: torch.Tensor,
-        mask_features: torch.Tensor | None,
-        cls_attention: torch.Tensor | None,
-        mask_generator: torch.Generator | None,
-    ) -> torch.BoolTensor | None:
-        """The configured strategy's mask `(B, T', N)`, or `None` when nothing is dropped."""
-        config = self.config
-        strategy = config.mask_strategy
-        # CODEPATH: every checkpoint; masking is a training-time setting (mask_at_eval only for ablations/benchmarks).
-        if strategy == "none" or not (self.training or config.mask_at_eval):
-            return None
-        batch_size, num_frames, num_patches, _ = patch_embeds.shape
-        grid = (num_frames, num_patches)
-        if strategy == "cluster":
-            # CODEPATH: pretraining with a teacher ("teacher") vs the teacher-free ablation ("patch").
-            features = mask_features if config.mask_features == "teacher" else None
-            if features is None:
-                # Without teacher tokens the student's own patch embeddings drive the clustering (no gradient).
-                features = patch_embeds.detach()
-            elif tuple(features.shape[1:3]) != grid or features.shape[0] != batch_size:
-                raise ValueError(
-                    f"mask_features has the token grid (frames, patches) = {tuple(features.shape[1:3])} for "
-                    f"batch {features.shape[0]}, the video tower's grid is {grid} for batch {batch_size}; "
-                    "the teacher and the student must use the same frames and patch grid."
-                )
-            return cluster_wise_mask(features, config.mask_ratio, dc_ratio=config.dc_ratio, k=config.dpc_k)
-        if strategy == "attention":
-            if cls_attention is None:
-                raise ValueError(
-                    "mask_strategy='attention' needs `cls_attention` (the teacher's CLS attention, shape "
-                    "(batch_size, num_frames, num_patches)); pass it or attach a teacher."
-                )
-            if tuple(cls_attention.shape) != (batch_size, *grid):
-                raise ValueError(
-                    f"cls_attention has shape {tuple(cls_attention.shape)}, expected {(batch_size, *grid)} "
-                    "(batch_size, frames, patches) of the video tower's token grid."
-                )
-            return attention_guided_mask(cls_attention, config.mask_ratio, generator=mask_generator)
-        mask_fn = random_mask if strategy == "random" else tube_mask
-        return mask_fn(
-            batch_size,
-            num_frames,
-            num_patches,
-            config.mask_ratio,
-            generator=mask_generator,
-            device=patch_embeds.device,
-        )
-
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
     @auto_docstring
@@ -826,9 +776,6 @@ class ClusterSTMVisionModel(ClusterSTMPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.BoolTensor | None = None,
-        mask_features: torch.Tensor | None = None,
-        cls_attention: torch.Tensor | None = None,
-        mask_generator: torch.Generator | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ClusterSTMVisionModelOutput:
         r"""
@@ -837,20 +784,14 @@ class ClusterSTMVisionModel(ClusterSTMPreTrainedModel):
             i.e. one-frame videos). Other frame counts and resolutions than the configured ones interpolate the
             position embeddings.
         bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_frames, num_patches)` or `(batch_size, num_frames * num_patches)`, *optional*):
-            Explicit mask (`True` = dropped); every frame must keep the same number of tokens. Always wins over the
-            configured strategy, in training and in eval.
-        mask_features (`torch.Tensor` of shape `(batch_size, num_frames, num_patches, dim)`, *optional*):
-            Token features that drive cluster-wise masking (the teacher's patch tokens). Without them, the detached
-            patch embeddings are used.
-        cls_attention (`torch.Tensor` of shape `(batch_size, num_frames, num_patches)`, *optional*):
-            The teacher's CLS attention, required by the `"attention"` strategy.
-        mask_generator (`torch.Generator`, *optional*):
-            Random generator of the `"random"`, `"tube"` and `"attention"` strategies, for reproducible masks.
+            Token mask (`True` = dropped), e.g. from `build_mask`; every frame must keep the same number of tokens.
+            Without it every token is kept.
         """
         pixel_values = self._check_pixel_values(pixel_values)
-        embeddings, patch_embeds = self.embeddings(pixel_values)
+        embeddings, _ = self.embeddings(pixel_values)
         batch_size, num_frames, num_patches, hidden_size = embeddings.shape
 
+        mask, num_kept = None, num_patches
         if bool_masked_pos is not None:
             if bool_masked_pos.shape[0] != batch_size or bool_masked_pos[0].numel() != num_frames * num_patches:
                 raise ValueError(
@@ -866,9 +807,6 @@ class ClusterSTMVisionModel(ClusterSTMPreTrainedModel):
                     "bool_masked_pos must keep the same, non-zero number of tokens in every frame of every video "
                     f"(got between {int(kept_per_frame.amin())} and {num_kept})."
                 )
-        else:
-            mask = self._generate_mask(patch_embeds, mask_features, cls_attention, mask_generator)
-            num_kept = num_visible_tokens(num_patches, self.config.mask_ratio) if mask is not None else num_patches
 
         kept_indices = None
         if mask is not None:
@@ -1059,20 +997,11 @@ class ClusterSTMModel(ClusterSTMPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.BoolTensor | None = None,
-        mask_features: torch.Tensor | None = None,
-        cls_attention: torch.Tensor | None = None,
-        mask_generator: torch.Generator | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | ClusterSTMVisionModelOutput:
         r"""
         bool_masked_pos (`torch.BoolTensor`, *optional*):
             Explicit token mask, see [`ClusterSTMVisionModel`].
-        mask_features (`torch.Tensor`, *optional*):
-            Features driving cluster-wise masking, see [`ClusterSTMVisionModel`].
-        cls_attention (`torch.Tensor`, *optional*):
-            Teacher CLS attention for the `"attention"` strategy.
-        mask_generator (`torch.Generator`, *optional*):
-            Random generator of the random masking strategies.
 
         Returns the video tower's output whose `pooler_output` is the (unnormalised) projected video embedding,
         shape `(batch_size, projection_dim)`, as `CLIPModel.get_image_features` does.
@@ -1080,9 +1009,6 @@ class ClusterSTMModel(ClusterSTMPreTrainedModel):
         vision_outputs: ClusterSTMVisionModelOutput = self.vision_model(
             pixel_values=pixel_values,
             bool_masked_pos=bool_masked_pos,
-            mask_features=mask_features,
-            cls_attention=cls_attention,
-            mask_generator=mask_generator,
             return_dict=True,
             **kwargs,
         )
@@ -1124,30 +1050,18 @@ class ClusterSTMModel(ClusterSTMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         bool_masked_pos: torch.BoolTensor | None = None,
-        mask_features: torch.Tensor | None = None,
-        cls_attention: torch.Tensor | None = None,
-        mask_generator: torch.Generator | None = None,
         return_loss: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ClusterSTMOutput:
         r"""
         bool_masked_pos (`torch.BoolTensor`, *optional*):
             Explicit token mask, see [`ClusterSTMVisionModel`].
-        mask_features (`torch.Tensor`, *optional*):
-            Features driving cluster-wise masking, see [`ClusterSTMVisionModel`].
-        cls_attention (`torch.Tensor`, *optional*):
-            Teacher CLS attention for the `"attention"` strategy.
-        mask_generator (`torch.Generator`, *optional*):
-            Random generator of the random masking strategies.
         return_loss (`bool`, *optional*):
             Whether to return the symmetric video-text contrastive loss.
         """
         vision_outputs = self.get_video_features(
             pixel_values=pixel_values,
             bool_masked_pos=bool_masked_pos,
-            mask_features=mask_features,
-            cls_attention=cls_attention,
-            mask_generator=mask_generator,
             **kwargs,
         )
         text_outputs = self.get_text_features(
@@ -1290,7 +1204,8 @@ def relevance_reconstruction_loss(
     ClusterSTM with its pretraining objectives: video-text contrastive (negatives across processes), relevance
     reconstruction through a light decoder, video-text matching with hard negatives and masked language modelling
     through the fusion layers, and unmasked-token alignment with a frozen teacher (UMT). A loss weight of 0 skips its
-    objective. A frozen teacher can be attached with [`~ClusterSTMForPreTraining.set_teacher`]; it is never saved.
+    objective. The model never holds or calls a teacher: its targets (`teacher_relevance`, `teacher_patch_tokens`)
+    are inputs, computed by `clusterstm.teacher.compute_teacher_targets` or read from a target cache.
     """
 )
 class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
@@ -1314,62 +1229,6 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
 
     def set_output_embeddings(self, new_embeddings: nn.Module):
         self.mlm_head.decoder = new_embeddings
-
-    def set_teacher(self, teacher: Any | None) -> None:
-        """
-        Attach (or with `None` detach) a frozen teacher exposing `encode_video(pixel_values)` (with `.patch_tokens`
-        `(B, T, N, C)`, `.cls_attention` `(B, T, N)`), `encode_text(input_ids, attention_mask)` and
-        `relevance(patch_tokens, text_embeds, window_size)`. It is stored outside the module tree, so it is never
-        in `state_dict()`, `parameters()` or `save_pretrained`, is not moved by `.to()` and is never re-initialised.
-        """
-        # object.__setattr__ bypasses nn.Module registration on purpose (see the docstring). mlinter's TRF033 reads
-        # this as a hyperparameter setter; it is not one: a teacher is an external frozen model, which cannot live
-        # on the config (it must never be serialised with the student).
-        object.__setattr__(self, "_teacher", teacher)
-
-    @property
-    def teacher(self) -> Any | None:
-        """The attached teacher, or `None`."""
-        return self.__dict__.get("_teacher")
-
-    def _teacher_targets(
-        self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        teacher_patch_tokens: torch.Tensor | None,
-        teacher_cls_attention: torch.Tensor | None,
-        teacher_relevance: torch.Tensor | None,
-        teacher_input_ids: torch.Tensor | None,
-        teacher_attention_mask: torch.Tensor | None,
-        teacher_pixel_values: torch.Tensor | None,
-        needs_tokens: bool,
-        needs_cls_attention: bool,
-        needs_relevance: bool,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Fill the missing teacher tensors from the attached teacher (frozen, no gradient)."""
-        teacher = self.teacher
-        missing = (
-            (needs_tokens and teacher_patch_tokens is None)
-            or (needs_cls_attention and teacher_cls_attention is None)
-            or (needs_relevance and teacher_relevance is None)
-        )
-        if teacher is None or not missing:
-            return teacher_patch_tokens, teacher_cls_attention, teacher_relevance
-        with torch.no_grad():
-            video = teacher.encode_video(teacher_pixel_values if teacher_pixel_values is not None else pixel_values)
-            if teacher_patch_tokens is None:
-                teacher_patch_tokens = video.patch_tokens
-            if teacher_cls_attention is None:
-                teacher_cls_attention = video.cls_attention
-            if needs_relevance and teacher_relevance is None:
-                if teacher_input_ids is None:
-                    teacher_input_ids, teacher_attention_mask = input_ids, attention_mask
-                text_embeds = teacher.encode_text(teacher_input_ids, teacher_attention_mask)
-                teacher_relevance = teacher.relevance(
-                    video.patch_tokens, text_embeds, self.config.relevance_window_size
-                )
-        return teacher_patch_tokens, teacher_cls_attention, teacher_relevance
 
     def _mask_text_tokens(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor
@@ -1401,33 +1260,19 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         bool_masked_pos: torch.BoolTensor | None = None,
-        teacher_patch_tokens: torch.Tensor | None = None,
-        teacher_cls_attention: torch.Tensor | None = None,
         teacher_relevance: torch.Tensor | None = None,
-        teacher_input_ids: torch.LongTensor | None = None,
-        teacher_attention_mask: torch.Tensor | None = None,
-        teacher_pixel_values: torch.Tensor | None = None,
-        mask_generator: torch.Generator | None = None,
+        teacher_patch_tokens: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ClusterSTMForPreTrainingOutput:
         r"""
         bool_masked_pos (`torch.BoolTensor`, *optional*):
-            Explicit video token mask (`True` = dropped), see [`ClusterSTMVisionModel`].
-        teacher_patch_tokens (`torch.Tensor` of shape `(batch_size, num_frames, num_patches, teacher_hidden_size)`, *optional*):
-            The teacher's patch tokens: drive cluster-wise masking (`mask_features="teacher"`) and are the targets
-            of the alignment loss. Computed by the attached teacher when missing.
-        teacher_cls_attention (`torch.Tensor` of shape `(batch_size, num_frames, num_patches)`, *optional*):
-            The teacher's CLS attention (`"attention"` masking).
+            Video token mask (`True` = dropped), built once per training step by `build_mask`; without it every
+            token is kept.
         teacher_relevance (`torch.Tensor` of shape `(batch_size, num_frames, num_patches)`, *optional*):
-            Target video-text relevance of every token.
-        teacher_input_ids (`torch.LongTensor`, *optional*):
-            The captions tokenised with the teacher's tokenizer (defaults to `input_ids`).
-        teacher_attention_mask (`torch.Tensor`, *optional*):
-            Attention mask of `teacher_input_ids`.
-        teacher_pixel_values (`torch.Tensor`, *optional*):
-            Frames preprocessed for the teacher, when its preprocessing differs (defaults to `pixel_values`).
-        mask_generator (`torch.Generator`, *optional*):
-            Random generator of the random masking strategies.
+            Target video-text relevance of every token (needed when `relevance_loss_weight > 0`).
+        teacher_patch_tokens (`torch.Tensor` of shape `(batch_size, num_frames, num_patches, teacher_hidden_size)`, *optional*):
+            The teacher's patch tokens, targets of the unmasked-token alignment (needed when
+            `alignment_loss_weight > 0`).
         """
         config = self.config
         if attention_mask is None:
@@ -1442,29 +1287,8 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
         )
         token_grid = (grid[0], grid[1] * grid[2])
 
-        # CODEPATH: training-time settings shared by all checkpoints; they only decide which teacher tensors are needed.
-        masking_active = bool_masked_pos is None and (self.training or config.mask_at_eval)
-        cluster_on_teacher = masking_active and config.mask_strategy == "cluster" and config.mask_features == "teacher"
-        needs_tokens = cluster_on_teacher or config.alignment_loss_weight > 0
-        needs_cls_attention = masking_active and config.mask_strategy == "attention"
-        needs_relevance = config.relevance_loss_weight > 0
-        teacher_patch_tokens, teacher_cls_attention, teacher_relevance = self._teacher_targets(
-            pixel_values,
-            input_ids,
-            attention_mask,
-            teacher_patch_tokens,
-            teacher_cls_attention,
-            teacher_relevance,
-            teacher_input_ids,
-            teacher_attention_mask,
-            teacher_pixel_values,
-            needs_tokens,
-            needs_cls_attention,
-            needs_relevance,
-        )
         for name, tensor in (
             ("teacher_patch_tokens", teacher_patch_tokens),
-            ("teacher_cls_attention", teacher_cls_attention),
             ("teacher_relevance", teacher_relevance),
         ):
             if tensor is not None and (tensor.shape[0] != pixel_values.shape[0] or not tensor.is_floating_point()):
@@ -1482,9 +1306,6 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
         vision_outputs = self.clusterstm.vision_model(
             pixel_values=pixel_values,
             bool_masked_pos=bool_masked_pos,
-            mask_features=teacher_patch_tokens if cluster_on_teacher else None,
-            cls_attention=teacher_cls_attention,
-            mask_generator=mask_generator,
             return_dict=True,
         )
         text_outputs = self.clusterstm.text_model(
@@ -1507,8 +1328,8 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
         if config.relevance_loss_weight > 0:
             if teacher_relevance is None:
                 raise ValueError(
-                    "relevance_loss_weight > 0 needs `teacher_relevance` (batch_size, frames, patches) or an attached "
-                    "teacher (set_teacher); set relevance_loss_weight=0 to train without it."
+                    "relevance_loss_weight > 0 needs `teacher_relevance` (batch_size, frames, patches), e.g. from "
+                    "compute_teacher_targets or a target cache; set relevance_loss_weight=0 to train without it."
                 )
             decoded = self.relevance_decoder(video_tokens, vision_outputs.kept_indices, grid)
             # cosine per token (B, L) in fp32: elementwise ops are not autocast, a bf16 matmul would quantise it
@@ -1562,7 +1383,8 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
         if config.alignment_loss_weight > 0:
             if teacher_patch_tokens is None:
                 raise ValueError(
-                    "alignment_loss_weight > 0 needs `teacher_patch_tokens` or an attached teacher (set_teacher)."
+                    "alignment_loss_weight > 0 needs `teacher_patch_tokens` (from compute_teacher_targets with "
+                    "need_patch_tokens=True)."
                 )
             if teacher_patch_tokens.shape[-1] != config.teacher_hidden_size:
                 raise ValueError(

@@ -15,12 +15,8 @@
 
 The teacher provides, per video: its patch tokens (what cluster-wise masking and relevance generation consume), the
 CLS-to-patch attention (for attention-guided masking, as in Unmasked Teacher), and text embeddings in its joint space.
-It is never trained and never belongs to a student's weights: keep it out of the student's module tree, e.g.
-
-```python
-teacher = ClusterSTMTeacher.from_pretrained("path/to/clip")
-ClusterSTMTeacher.attach(student, teacher)  # plain attribute: not a submodule, not in student.state_dict()
-```
+It is never trained and never belongs to a student: a training stage calls it through
+`clusterstm.teacher.targets.compute_teacher_targets` and hands the targets to the student as inputs.
 
 The file is Hub remote code: it only imports torch / transformers and its sibling ``relevance_clusterstm``.
 """
@@ -129,14 +125,6 @@ class ClusterSTMTeacher(nn.Module):
         if device is not None:
             model = model.to(device)
         return cls(model, tokenizer=tokenizer)
-
-    @staticmethod
-    def attach(module: nn.Module, teacher: ClusterSTMTeacher, name: str = "teacher") -> None:
-        """Stores `teacher` as `module.<name>` without registering it as a submodule, so that it never appears in
-        `module.parameters()`, `module.state_dict()` or checkpoints, and `module.to()` does not move it."""
-        if name in module._modules:
-            del module._modules[name]
-        object.__setattr__(module, name, teacher)
 
     def train(self, mode: bool = True) -> ClusterSTMTeacher:
         """The teacher is frozen: it stays in eval mode whatever `mode` is."""

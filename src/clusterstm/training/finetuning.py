@@ -60,11 +60,14 @@ class ModelArguments:
     mask_strategy: str | None = field(
         default="none",
         metadata={
-            "help": "Video token masking while fine-tuning (cluster|random|tube|attention|none); `none` by default. "
-            "Pass an empty value to keep the checkpoint's setting."
+            "help": "Video token masking of the training batches (cluster|random|tube|none), built per step by "
+            "`build_mask`; `none` (or an empty value) by default. Cluster masking clusters the student's own patch "
+            "embeddings (no teacher while fine-tuning)."
         },
     )
-    mask_ratio: float | None = field(default=None, metadata={"help": "Override the checkpoint's mask ratio."})
+    mask_ratio: float | None = field(
+        default=None, metadata={"help": "Fraction of tokens dropped per frame with --mask_strategy (default 0.8)."}
+    )
     matching_loss_weight: float | None = field(
         default=None, metadata={"help": "Retrieval: weight of the video-text matching loss (default: the config's)."}
     )
@@ -122,6 +125,13 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
     """Raise a `ValueError` naming the first inconsistent argument."""
     if model_args.task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {model_args.task!r}.")
+    if model_args.mask_strategy not in (None, "", "none", "cluster", "random", "tube"):
+        raise ValueError(
+            f"--mask_strategy must be cluster, random, tube or none while fine-tuning (attention-guided masking needs "
+            f"a teacher), got {model_args.mask_strategy!r}."
+        )
+    if model_args.mask_ratio is not None and not 0.0 <= model_args.mask_ratio < 1.0:
+        raise ValueError(f"--mask_ratio must be in [0, 1), got {model_args.mask_ratio}.")
     if (model_args.model_name_or_path is None) == (model_args.preset is None):
         raise ValueError("Pass exactly one of --model_name_or_path or --preset.")
     if data_args.dataset_name is not None and data_args.dataset_name != "synthetic":
@@ -553,6 +563,34 @@ class ClusterSTMTrainer(Trainer):
         self.eval_collator = eval_collator
         self.model_args = model_args or ModelArguments(task=task)
 
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        # Training batches are masked through the one mask door (`build_mask`), once per step; eval is unmasked.
+        strategy = self.model_args.mask_strategy or "none"
+        if model.training and strategy != "none" and "bool_masked_pos" not in inputs:
+            inputs = {**inputs, "bool_masked_pos": self._training_mask(model, inputs["pixel_values"], strategy)}
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def _training_mask(self, model, pixel_values: torch.Tensor, strategy: str) -> torch.Tensor:
+        from ..models.masking_clusterstm import build_mask
+
+        inner = self.accelerator.unwrap_model(model)
+        tower = inner.clusterstm.vision_model
+        vision = tower.config
+        features = None
+        if strategy == "cluster":
+            with torch.no_grad():
+                features = tower.embeddings(tower._check_pixel_values(pixel_values))[1].detach()
+        num_frames = (pixel_values.shape[1] if pixel_values.ndim == 5 else 1) // vision.tubelet_size
+        return build_mask(
+            strategy,
+            batch_size=pixel_values.shape[0],
+            num_frames=num_frames,
+            num_patches=(pixel_values.shape[-2] // vision.patch_size) * (pixel_values.shape[-1] // vision.patch_size),
+            mask_ratio=0.8 if self.model_args.mask_ratio is None else self.model_args.mask_ratio,
+            features=features,
+            device=pixel_values.device,
+        )
+
     # ------------------------------------------------------------------ helpers
     def _with_eval_collator(self, make_loader, dataset):
         # Evaluation batches use the deterministic collator (uniform frame sampling), training the random one.
@@ -833,10 +871,6 @@ def load_model_and_processor(
     from ..models.configuration_clusterstm import ClusterSTMConfig
 
     config = ClusterSTMConfig.from_pretrained(path)
-    if model_args.mask_strategy:
-        config.mask_strategy = model_args.mask_strategy
-    if model_args.mask_ratio is not None:
-        config.mask_ratio = model_args.mask_ratio
     if model_args.matching_loss_weight is not None:
         config.matching_loss_weight = model_args.matching_loss_weight
     extra: dict[str, Any] = {}

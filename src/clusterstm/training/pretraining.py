@@ -2,8 +2,10 @@
 
 `run_pretraining(PretrainingArguments(...))` is what `scripts/pretrain.py` and the `clusterstm demo` call. The loop:
 
-- builds (or loads) the student from `--model_name_or_path`, optionally attaches a frozen teacher
-  (`--teacher_name_or_path`, any CLIP/SigLIP checkpoint folder) that is never saved with the student;
+- builds (or loads) the student from `--model_name_or_path`; the teacher is a separate stage: either a frozen teacher
+  (`--teacher_name_or_path`, any CLIP/SigLIP checkpoint folder) run online through `compute_teacher_targets`, or a
+  target cache (`--teacher_targets`, written by `clusterstm precompute-targets`) read with no teacher loaded;
+- builds every step's video mask once, through `masking_clusterstm.build_mask`, and passes it as `bool_masked_pos`;
 - streams video-text pairs through worker processes that decode with PyAV;
 - trains with AdamW + a warmup/cosine schedule, gradient accumulation, optional mixed precision and
   gradient checkpointing;
@@ -43,10 +45,11 @@ CHECKPOINT_PREFIX = "checkpoint-"
 # Written last into a checkpoint folder, just before it is renamed into place: a folder without it is incomplete.
 CHECKPOINT_MARKER = "training_state.json"
 TMP_CHECKPOINT_PREFIX = ".tmp-checkpoint-"
-MASK_STRATEGIES = ("cluster", "random", "tube", "attention", "none")
-# Strategies whose masks need random numbers; "cluster" is a deterministic function of the features.
-RANDOM_MASK_STRATEGIES = ("random", "tube", "attention")
+MASK_STRATEGIES = ("cluster", "random", "tube", "attention", "none")  # the keys of masking_clusterstm.MASK_STRATEGIES
+MASK_FEATURES = ("teacher", "patch")
 TEACHER_LOSSES = ("relevance_loss_weight", "alignment_loss_weight")
+# Written into output_dir: which teacher (or target cache) produced this run's targets, for `clusterstm visualize`.
+TEACHER_RECORD = "teacher_config.json"
 
 
 @dataclass
@@ -81,12 +84,27 @@ class PretrainingArguments:
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic benchmark's clips."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     max_text_length: int = field(default=32, metadata={"help": "Maximum caption length in tokens."})
-    mask_strategy: str | None = field(
-        default=None,
-        metadata={"help": f"Token masking, one of {MASK_STRATEGIES} (default: the model config's)."},
+    mask_strategy: str = field(
+        default="cluster",
+        metadata={"help": f"Video token masking of every training step, one of {MASK_STRATEGIES}."},
     )
-    mask_ratio: float | None = field(
-        default=None, metadata={"help": "Fraction of tokens dropped per frame, in [0, 1) (default: the config's)."}
+    mask_ratio: float = field(default=0.8, metadata={"help": "Fraction of tokens dropped per frame, in [0, 1)."})
+    dc_ratio: float = field(
+        default=0.02, metadata={"help": "Cluster masking: quantile of inter-frame distances used as density cut-off."}
+    )
+    dpc_k: int = field(default=5, metadata={"help": "Cluster masking: neighbours of the DPC-KNN local density."})
+    mask_features: str = field(
+        default="teacher",
+        metadata={
+            "help": "Cluster masking features: `teacher` (its patch tokens; the student's patch embeddings when no "
+            "teacher is loaded) or `patch` (the student's detached patch embeddings)."
+        },
+    )
+    teacher_targets: str | None = field(
+        default=None,
+        metadata={
+            "help": "A target cache folder from `clusterstm precompute-targets`: train from it with no teacher loaded."
+        },
     )
     max_steps: int = field(
         default=-1, metadata={"help": "Total optimizer steps; overrides --num_train_epochs if > 0."}
@@ -143,6 +161,21 @@ class PretrainingArguments:
         validate_pretraining_arguments(self)
 
 
+def validate_masking_arguments(args: Any) -> None:
+    """The one check of the masking settings (`mask_strategy`, `mask_ratio`, `dc_ratio`, `dpc_k`, `mask_features`)
+    of the pretraining arguments and of the target cache writer; raises `ValueError` naming the flag."""
+    if args.mask_strategy not in MASK_STRATEGIES:
+        raise ValueError(f"--mask_strategy must be one of {MASK_STRATEGIES}, got {args.mask_strategy!r}.")
+    if not (isinstance(args.mask_ratio, (int, float)) and 0.0 <= args.mask_ratio < 1.0):
+        raise ValueError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}.")
+    if not 0.0 < args.dc_ratio < 1.0:
+        raise ValueError(f"--dc_ratio must be in (0, 1), got {args.dc_ratio}.")
+    if args.dpc_k < 1:
+        raise ValueError(f"--dpc_k must be >= 1, got {args.dpc_k}.")
+    if args.mask_features not in MASK_FEATURES:
+        raise ValueError(f"--mask_features must be one of {MASK_FEATURES}, got {args.mask_features!r}.")
+
+
 def validate_pretraining_arguments(args: PretrainingArguments) -> None:
     """Raises `ValueError` naming the flag for every inconsistent or out-of-range argument."""
     if (args.dataset_name is None) == (args.train_file is None):
@@ -151,10 +184,20 @@ def validate_pretraining_arguments(args: PretrainingArguments) -> None:
         raise ValueError(f"--dataset_name must be 'synthetic' (got {args.dataset_name!r}); use --train_file for data.")
     if args.train_file is not None and Path(args.train_file).suffix.lower() not in (".jsonl", ".json", ".csv"):
         raise ValueError(f"--train_file must be a .jsonl or .csv file, got {args.train_file!r}.")
-    if args.mask_strategy is not None and args.mask_strategy not in MASK_STRATEGIES:
-        raise ValueError(f"--mask_strategy must be one of {MASK_STRATEGIES}, got {args.mask_strategy!r}.")
-    if args.mask_ratio is not None and not 0.0 <= args.mask_ratio < 1.0:
-        raise ValueError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}.")
+    validate_masking_arguments(args)
+    if args.teacher_targets is not None:
+        if args.teacher_name_or_path is not None:
+            raise ValueError("Pass --teacher_targets (a target cache) or --teacher_name_or_path (online), not both.")
+        if args.frame_sampling != "uniform":
+            raise ValueError(
+                "--teacher_targets needs --frame_sampling uniform: cached targets belong to fixed frames, randomly "
+                "sampled frames would not match them (see docs/TEACHER_TARGETS.md)."
+            )
+        if args.skip_bad_samples:
+            raise ValueError(
+                "--teacher_targets cannot be combined with --skip_bad_samples: a replaced clip would be paired with "
+                "the targets of the clip it replaces."
+            )
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
         raise ValueError("Set --max_steps > 0 or --num_train_epochs > 0.")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
@@ -242,33 +285,6 @@ def mask_generators(seed: int, step: int, sample_offset: int, batch_size: int) -
     return [
         torch.Generator().manual_seed(derive_seed(seed, "mask", step, sample_offset + i)) for i in range(batch_size)
     ]
-
-
-def per_sample_random_masks(
-    strategy: str,
-    generators: Sequence[torch.Generator],
-    num_frames: int,
-    num_tokens: int,
-    mask_ratio: float,
-    cls_attention: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Masks `(B, T, N)` (True = dropped) for a random strategy, sample `i` drawn from `generators[i]` only."""
-    from ..models.masking_clusterstm import attention_guided_mask, random_mask, tube_mask
-
-    masks = []
-    for i, generator in enumerate(generators):
-        if strategy == "random":
-            masks.append(random_mask(1, num_frames, num_tokens, mask_ratio, generator=generator))
-        elif strategy == "tube":
-            masks.append(tube_mask(1, num_frames, num_tokens, mask_ratio, generator=generator))
-        elif strategy == "attention":
-            if cls_attention is None:
-                raise ValueError("The attention mask strategy needs the teacher's CLS attention.")
-            attention = cls_attention[i : i + 1].detach().float().cpu()
-            masks.append(attention_guided_mask(attention, mask_ratio, generator=generator))
-        else:
-            raise ValueError(f"{strategy!r} is not a random mask strategy.")
-    return torch.cat(masks, dim=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -448,8 +464,8 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_student(model_name_or_path: str, mask_strategy: str | None = None, mask_ratio: float | None = None):
-    """Loads `ClusterSTMForPreTraining` and its processor from a local folder, overriding the masking settings."""
+def load_student(model_name_or_path: str):
+    """Loads `ClusterSTMForPreTraining` and its processor from a local folder."""
     from ..models.modeling_clusterstm import ClusterSTMForPreTraining
     from ..models.processing_clusterstm import ClusterSTMProcessor
 
@@ -460,10 +476,6 @@ def load_student(model_name_or_path: str, mask_strategy: str | None = None, mask
             "create one with `clusterstm init --preset tiny --output_dir DIR`."
         )
     model = ClusterSTMForPreTraining.from_pretrained(path, use_safetensors=True)
-    if mask_strategy is not None:
-        model.config.mask_strategy = mask_strategy
-    if mask_ratio is not None:
-        model.config.mask_ratio = mask_ratio
     processor = ClusterSTMProcessor.from_pretrained(path)
     return model, processor
 
@@ -528,69 +540,134 @@ def build_train_dataset(args: PretrainingArguments, num_frames: int, image_size:
     return dataset
 
 
-def _unused_parameters_probe(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
+def _unused_parameters_probe(model: torch.nn.Module, batch: dict[str, torch.Tensor], forward: Any) -> list[str]:
     """Names of trainable parameters that get no gradient from one forward/backward (objectives weighted 0, heads
     the configuration never uses). DDP needs them frozen (`find_unused_parameters=True` would cost a graph walk per
     step and breaks with gradient checkpointing)."""
-    outputs = model(**batch)
+    outputs = forward(model, batch)
     outputs.loss.backward()
     unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     model.zero_grad(set_to_none=True)
     return unused
 
 
-def _teacher_inputs_for_attention(
-    teacher: Any, batch: dict[str, torch.Tensor], config: Any
-) -> dict[str, torch.Tensor]:
-    """Teacher tensors computed once in the loop for attention-guided masking (its masks need the CLS attention
-    before the forward), passed to the model so the teacher does not run twice."""
-    video = teacher.encode_video(batch.get("teacher_pixel_values", batch["pixel_values"]))
-    extra = {"teacher_patch_tokens": video.patch_tokens, "teacher_cls_attention": video.cls_attention}
-    if config.relevance_loss_weight > 0:
-        input_ids = batch.get("teacher_input_ids", batch["input_ids"])
-        attention_mask = batch.get("teacher_attention_mask", batch["attention_mask"])
-        text_embeds = teacher.encode_text(input_ids, attention_mask)
-        extra["teacher_relevance"] = teacher.relevance(video.patch_tokens, text_embeds, config.relevance_window_size)
-    return extra
+TEACHER_BATCH_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_pixel_values")
+
+
+def build_step_mask(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    args: Any,
+    step: int,
+    sample_offset: int,
+    teacher_features: torch.Tensor | None = None,
+    cls_attention: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """
+    The video mask of one training step, through `build_mask` (the one door for masks), or `None` without masking.
+
+    Random strategies draw sample `i` from a generator seeded by `(seed, step, sample_offset + i)`, so masks do not
+    depend on how the global batch is split over processes. Cluster masks cluster `teacher_features` when given
+    (and `--mask_features teacher`), otherwise the student's own detached patch embeddings.
+    """
+    from ..models.masking_clusterstm import build_mask
+
+    if args.mask_strategy == "none":
+        return None
+    inner = model.module if hasattr(model, "module") else model
+    pixel_values = batch["pixel_values"]
+    vision = inner.config.vision_config
+    num_frames = (pixel_values.shape[1] if pixel_values.ndim == 5 else 1) // vision.tubelet_size
+    num_patches = (pixel_values.shape[-2] // vision.patch_size) * (pixel_values.shape[-1] // vision.patch_size)
+    features = None
+    if args.mask_strategy == "cluster":
+        features = teacher_features if args.mask_features == "teacher" else None
+        if features is None:
+            with torch.no_grad():
+                tower = inner.clusterstm.vision_model
+                features = tower.embeddings(tower._check_pixel_values(pixel_values))[1].detach()
+    generators = None
+    if args.mask_strategy in ("random", "tube", "attention"):
+        generators = mask_generators(args.seed, step, sample_offset, pixel_values.shape[0])
+    if cls_attention is not None:
+        cls_attention = cls_attention.detach().float().cpu()
+    return build_mask(
+        args.mask_strategy,
+        batch_size=pixel_values.shape[0],
+        num_frames=num_frames,
+        num_patches=num_patches,
+        mask_ratio=args.mask_ratio,
+        features=features,
+        cls_attention=cls_attention,
+        generator=generators,
+        device=pixel_values.device,
+        dc_ratio=args.dc_ratio,
+        dpc_k=args.dpc_k,
+    )
 
 
 def pretraining_forward(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
-    seed: int,
+    args: Any,
     step: int,
     sample_offset: int,
+    teacher: Any = None,
 ) -> Any:
     """
-    One forward pass of `ClusterSTMForPreTraining` (possibly DDP-wrapped) on a collated batch.
+    One training step's forward of `ClusterSTMForPreTraining` (possibly DDP-wrapped) on a collated batch: the
+    teacher stage, the mask, then the student.
 
-    Random masks (`random`, `tube`, `attention`) are drawn here, per sample, from generators seeded by
-    `(seed, step, sample_offset + i)`, so they do not depend on how the global batch is split over processes.
-    Cluster masks are a deterministic function of the features and are computed inside the model.
+    1. Targets missing from `batch` (`teacher_relevance`, and `teacher_patch_tokens` for alignment) are computed by
+       `compute_teacher_targets` from `teacher` (online); a batch from a target cache already carries them (and the
+       cached `bool_masked_pos` of teacher-driven strategies), and `teacher` is `None`.
+    2. The step's mask comes from `build_step_mask` (unless the cache supplied it) and is passed as `bool_masked_pos`.
+
+    `args` carries the masking settings and the seed (a [`PretrainingArguments`] or any object with
+    `mask_strategy`, `mask_ratio`, `dc_ratio`, `dpc_k`, `mask_features`, `seed`).
     """
     inner = model.module if hasattr(model, "module") else model
     config = inner.config
     inputs = dict(batch)
-    strategy = config.mask_strategy
-    if (
-        strategy in RANDOM_MASK_STRATEGIES
-        and (inner.training or config.mask_at_eval)
-        and "bool_masked_pos" not in inputs
-    ):
-        pixel_values = inputs["pixel_values"]
-        vision = config.vision_config
-        num_frames = (pixel_values.shape[1] if pixel_values.ndim == 5 else 1) // vision.tubelet_size
-        num_tokens = (pixel_values.shape[-2] // vision.patch_size) * (pixel_values.shape[-1] // vision.patch_size)
-        generators = mask_generators(seed, step, sample_offset, pixel_values.shape[0])
-        cls_attention = None
-        if strategy == "attention":
-            teacher = inner.teacher
-            if teacher is None:
-                raise ValueError("--mask_strategy attention needs a teacher (--teacher_name_or_path).")
-            inputs.update(_teacher_inputs_for_attention(teacher, inputs, config))
-            cls_attention = inputs["teacher_cls_attention"]
-        masks = per_sample_random_masks(strategy, generators, num_frames, num_tokens, config.mask_ratio, cls_attention)
-        inputs["bool_masked_pos"] = masks.to(pixel_values.device)
+    teacher_inputs = {key: inputs.pop(key) for key in TEACHER_BATCH_KEYS if key in inputs}
+    mask = inputs.pop("bool_masked_pos", None)
+    needs_relevance = config.relevance_loss_weight > 0 and "teacher_relevance" not in inputs
+    needs_tokens = config.alignment_loss_weight > 0 and "teacher_patch_tokens" not in inputs
+    cluster_on_teacher = mask is None and args.mask_strategy == "cluster" and args.mask_features == "teacher"
+    needs_cls_attention = mask is None and args.mask_strategy == "attention"
+    targets = None
+    if teacher is not None and (needs_relevance or needs_tokens or cluster_on_teacher or needs_cls_attention):
+        from ..teacher.targets import compute_teacher_targets
+
+        targets = compute_teacher_targets(
+            teacher,
+            inputs["pixel_values"],
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            window_size=config.relevance_window_size,
+            need_relevance=needs_relevance,
+            need_patch_tokens=needs_tokens or cluster_on_teacher,
+            need_cls_attention=needs_cls_attention,
+            **teacher_inputs,
+        )
+        if targets.relevance is not None:
+            inputs["teacher_relevance"] = targets.relevance
+        if needs_tokens:
+            inputs["teacher_patch_tokens"] = targets.patch_tokens
+    elif needs_cls_attention:
+        raise ValueError("--mask_strategy attention needs the teacher's CLS attention: a teacher or a target cache.")
+    if mask is None:
+        mask = build_step_mask(
+            model,
+            inputs,
+            args,
+            step,
+            sample_offset,
+            teacher_features=targets.patch_tokens if targets is not None and cluster_on_teacher else None,
+            cls_attention=targets.cls_attention if targets is not None else None,
+        )
+    if mask is not None:
+        inputs["bool_masked_pos"] = mask.to(inputs["pixel_values"].device)
     return model(**inputs)
 
 
@@ -626,14 +703,21 @@ def _setup_logging(accelerator: Accelerator) -> None:
         datasets.utils.logging.set_verbosity_error()
 
 
-def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
+def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> dict[str, Any]:
     """
     Runs ClusterSTM pretraining as configured by `args` (see [`PretrainingArguments`]) on every process of the
     current Accelerate launch, and returns the content of `train_results.json` (on every process).
 
-    Without a teacher, the objectives that need one (relevance reconstruction, token alignment) are switched off with
-    a warning (their weights are restored in the saved config), and cluster-wise masking clusters the student's own
-    patch embeddings; `--mask_strategy attention` needs a teacher and raises `ValueError`.
+    Without a teacher or target cache, the objectives that need one (relevance reconstruction, token alignment) are
+    switched off with a warning (their weights are restored in the saved config), and cluster-wise masking clusters
+    the student's own patch embeddings; `--mask_strategy attention` needs a teacher (or a cache) and raises
+    `ValueError`. With `--teacher_targets`, no teacher is loaded: targets (and teacher-driven masks) are read from the
+    cache, which must match this run (see `clusterstm.teacher.cache`).
+
+    Args:
+        args: the run's [`PretrainingArguments`].
+        train_dataset (*optional*): an in-memory map-style dataset of video-text rows (a `video` array or
+            `video_path`, and `caption_column`) used instead of the one the data flags describe (benchmarks).
     """
     from ..data.readers import VideoTextCollator
 
@@ -658,18 +742,32 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
     torch.manual_seed(args.seed)
 
     # ---- model, teacher, processor
-    model, processor = load_student(args.model_name_or_path, args.mask_strategy, args.mask_ratio)
+    model, processor = load_student(args.model_name_or_path)
     config = model.config
     original_weights = {name: getattr(config, name) for name in TEACHER_LOSSES}
     teacher = None
-    if args.teacher_name_or_path is not None:
+    target_cache = None
+    if args.teacher_targets is not None:
+        from ..teacher.cache import TeacherTargetCache
+
+        if config.alignment_loss_weight > 0:
+            raise ValueError(
+                "--teacher_targets cannot train unmasked-token alignment (alignment_loss_weight > 0): it needs the "
+                "teacher's patch tokens, which the cache does not store (they would take "
+                f"~{TeacherTargetCache.patch_token_bytes(config)} bytes per clip in float16). Train it with "
+                "--teacher_name_or_path, or set alignment_loss_weight=0."
+            )
+        target_cache = TeacherTargetCache(args.teacher_targets)
+        target_cache.check_run(args, config, processor)
+    elif args.teacher_name_or_path is not None:
         from ..teacher.teacher import ClusterSTMTeacher
 
         teacher = ClusterSTMTeacher.from_pretrained(args.teacher_name_or_path, device=accelerator.device)
-        model.set_teacher(teacher)
     else:
-        if config.mask_strategy == "attention":
-            raise ValueError("--mask_strategy attention needs a teacher: pass --teacher_name_or_path.")
+        if args.mask_strategy == "attention":
+            raise ValueError(
+                "--mask_strategy attention needs a teacher: pass --teacher_name_or_path or --teacher_targets."
+            )
         for name in TEACHER_LOSSES:
             if getattr(config, name) > 0:
                 logger.warning(
@@ -684,7 +782,7 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
 
     # ---- data
     vision = config.vision_config
-    dataset = build_train_dataset(args, vision.num_frames, vision.image_size)
+    dataset = train_dataset if train_dataset is not None else build_train_dataset(args, vision.num_frames, vision.image_size)
     collator = VideoTextCollator(
         processor,
         teacher_tokenizer=teacher.tokenizer if teacher is not None else None,
@@ -695,6 +793,10 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
         caption_column=args.caption_column,
         dataset=dataset if (args.skip_bad_samples and not args.streaming) else None,
     )
+    if target_cache is not None:
+        if not args.streaming:
+            target_cache.check_keys(dataset, caption_column=args.caption_column, video_column=args.video_column)
+        collator = target_cache.collator(collator, caption_column=args.caption_column, video_column=args.video_column)
     is_streaming = args.streaming
     sampler = None
     if is_streaming:
@@ -726,7 +828,11 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
         model.to(accelerator.device)
         torch.manual_seed(derive_seed(args.seed, "probe"))
         with accelerator.autocast():
-            unused = _unused_parameters_probe(model, {k: v.to(accelerator.device) for k, v in probe.items()})
+            unused = _unused_parameters_probe(
+                model,
+                {k: v.to(accelerator.device) for k, v in probe.items()},
+                lambda m, b: pretraining_forward(m, b, args, 0, 0, teacher),
+            )
         for name, parameter in model.named_parameters():
             if name in unused:
                 parameter.requires_grad_(False)
@@ -782,9 +888,9 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
         accum,
         global_batch,
         max_steps,
-        config.mask_strategy,
-        config.mask_ratio,
-        args.teacher_name_or_path or "none",
+        args.mask_strategy,
+        args.mask_ratio,
+        args.teacher_name_or_path or (f"cache {args.teacher_targets}" if args.teacher_targets else "none"),
     )
     progress = None
     if accelerator.is_main_process and not args.disable_tqdm:
@@ -828,7 +934,7 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
                     micro * accelerator.num_processes + accelerator.process_index
                 ) * args.per_device_train_batch_size
                 with accelerator.accumulate(model):
-                    outputs = pretraining_forward(model, batch, args.seed, global_step, sample_offset)
+                    outputs = pretraining_forward(model, batch, args, global_step, sample_offset, teacher)
                     objectives = _objective_losses(outputs)
                     values = torch.stack(
                         [outputs.loss.detach().float()] + [v.detach().float() for v in objectives.values()]
@@ -954,8 +1060,9 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
         "epoch": global_step / steps_per_epoch if steps_per_epoch else None,
         "train_global_batch_size": global_batch,
         "num_processes": accelerator.num_processes,
-        "mask_strategy": config.mask_strategy,
-        "mask_ratio": config.mask_ratio,
+        "mask_strategy": args.mask_strategy,
+        "mask_ratio": args.mask_ratio,
+        "teacher": teacher_record(args, config),
         "bad_samples_skipped": state["bad_samples_skipped"],
         "nan_steps_skipped": state["nan_steps_skipped"],
         **{f"train_{name}": value / max(steps_done, 1) for name, value in state["objective_sums"].items()},
@@ -966,6 +1073,7 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
     if accelerator.is_main_process:
         save_final_model(unwrapped, processor, output_dir)
         (output_dir / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (output_dir / TEACHER_RECORD).write_text(json.dumps(teacher_record(args, config), indent=2) + "\n")
         if args.push_to_hub:
             from ..hub.publish import push_checkpoint
 
@@ -979,6 +1087,27 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def teacher_record(args: PretrainingArguments, config: Any) -> dict[str, Any]:
+    """What produced a run's targets: the teacher folder (or the target cache and the teacher that wrote it), the
+    relevance window and the masking settings. Saved as `output_dir/teacher_config.json` so that
+    `clusterstm visualize` pointed at a pretraining output finds its teacher."""
+    record: dict[str, Any] = {
+        "teacher_name_or_path": args.teacher_name_or_path,
+        "teacher_targets": args.teacher_targets,
+        "relevance_window_size": config.relevance_window_size,
+        "mask_strategy": args.mask_strategy,
+        "mask_ratio": args.mask_ratio,
+        "dc_ratio": args.dc_ratio,
+        "dpc_k": args.dpc_k,
+        "mask_features": args.mask_features,
+    }
+    if args.teacher_targets is not None:
+        cache_config = Path(args.teacher_targets) / "targets_config.json"
+        if cache_config.is_file():
+            record["teacher_name_or_path"] = json.loads(cache_config.read_text()).get("teacher_name_or_path")
+    return record
 
 
 def save_final_model(model: Any, processor: Any, output_dir: str | os.PathLike) -> Path:
