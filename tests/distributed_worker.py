@@ -8,6 +8,7 @@ share); every process writes its local loss, its (DDP-averaged) gradients and it
 
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -30,8 +31,9 @@ def main(student_dir: str, out_dir: str, global_batch: int) -> None:
     # depend on the split of the batch either.
     for name in ("relevance_loss_weight", "matching_loss_weight", "mlm_loss_weight", "alignment_loss_weight"):
         setattr(model.config, name, 0.0)
-    model.config.mask_strategy = "random"
-    model.config.mask_ratio = 0.5
+    masking = SimpleNamespace(
+        mask_strategy="random", mask_ratio=0.5, dc_ratio=0.02, dpc_k=5, mask_features="teacher", seed=7
+    )
     model.train()
 
     generator = torch.Generator().manual_seed(1234)
@@ -48,12 +50,12 @@ def main(student_dir: str, out_dir: str, global_batch: int) -> None:
     if world > 1:
         # As the training loop does: DDP needs the parameters this configuration never uses frozen.
         probe = {k: v.clone() for k, v in batch.items()}
-        unused = set(_unused_parameters_probe(model, {**probe, "bool_masked_pos": None}))
+        unused = set(_unused_parameters_probe(model, probe, lambda m, b: m(**b)))
         for name, parameter in model.named_parameters():
             if name in unused:
                 parameter.requires_grad_(False)
     model = accelerator.prepare(model)
-    outputs = pretraining_forward(model, batch, seed=7, step=0, sample_offset=rank * local)
+    outputs = pretraining_forward(model, batch, masking, step=0, sample_offset=rank * local)
     accelerator.backward(outputs.loss)
     inner = accelerator.unwrap_model(model)
     grads = {name: p.grad.detach().clone() for name, p in inner.named_parameters() if p.grad is not None}

@@ -21,7 +21,6 @@ from clusterstm.training.pretraining import (
     derive_seed,
     find_latest_checkpoint,
     mask_generators,
-    per_sample_random_masks,
     resolve_resume_checkpoint,
     run_pretraining,
 )
@@ -109,6 +108,13 @@ def test_cli_end_to_end_with_teacher(checkpoints, tmp_path):
         assert key in results, key
     assert results["global_step"] == 3 and math.isfinite(results["train_loss"])
     assert results["mask_strategy"] == "cluster"
+    # The run records its teacher, so `clusterstm visualize OUT` finds it.
+    record = json.loads((out / "teacher_config.json").read_text())
+    assert record["teacher_name_or_path"] == str(teacher) and record["relevance_window_size"] == 3
+    from clusterstm.visualize import resolve_teacher_path
+
+    found, run_config = resolve_teacher_path(out)
+    assert found == Path(teacher) and run_config["mask_ratio"] == 0.8
     logs = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in logs] == [1, 2, 3]
 
@@ -297,13 +303,21 @@ def test_nan_loss_skip_policy_skips_the_step(checkpoints, tmp_path, nan_at_third
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+def _masks(strategy, generators):
+    from clusterstm.models.masking_clusterstm import build_mask
+
+    return build_mask(
+        strategy, batch_size=len(generators), num_frames=2, num_patches=16, mask_ratio=0.75, generator=generators
+    )
+
+
 def test_masks_depend_on_global_index_not_on_process_split():
-    whole = per_sample_random_masks("random", mask_generators(3, 5, 0, 4), 2, 16, 0.75)
-    halves = [per_sample_random_masks("tube", mask_generators(3, 5, offset, 2), 2, 16, 0.75) for offset in (0, 2)]
-    split = [per_sample_random_masks("random", mask_generators(3, 5, offset, 2), 2, 16, 0.75) for offset in (0, 2)]
+    whole = _masks("random", mask_generators(3, 5, 0, 4))
+    halves = [_masks("tube", mask_generators(3, 5, offset, 2)) for offset in (0, 2)]
+    split = [_masks("random", mask_generators(3, 5, offset, 2)) for offset in (0, 2)]
     assert torch.equal(whole, torch.cat(split))
     assert (~whole).sum(-1).eq(16 - int(16 * 0.75)).all()
-    assert not torch.equal(whole, per_sample_random_masks("random", mask_generators(3, 6, 0, 4), 2, 16, 0.75))
+    assert not torch.equal(whole, _masks("random", mask_generators(3, 6, 0, 4)))
     assert torch.equal(halves[0][:, 0], halves[0][:, 1])  # tube masks repeat over frames
     assert derive_seed(1, "mask", 2) == derive_seed(1, "mask", 2) != derive_seed(1, "mask", 3)
 
@@ -327,6 +341,11 @@ def test_latest_checkpoint_ignores_incomplete(tmp_path):
     [
         ({"mask_ratio": 1.0}, "mask_ratio"),
         ({"mask_strategy": "blocks"}, "mask_strategy"),
+        ({"dc_ratio": 0.0}, "dc_ratio"),
+        ({"dpc_k": 0}, "dpc_k"),
+        ({"mask_features": "pixels"}, "mask_features"),
+        ({"teacher_targets": "cache", "teacher_name_or_path": "t"}, "not both"),
+        ({"teacher_targets": "cache", "frame_sampling": "random"}, "frame_sampling uniform"),
         ({"nan_policy": "ignore"}, "nan_policy"),
         ({"train_file": "x.jsonl"}, "exactly one"),
         ({"dataset_name": None, "train_file": "x.txt"}, "jsonl or .csv"),

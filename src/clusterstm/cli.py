@@ -86,13 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a teacher once over a corpus and write a teacher-target cache (parquet shards)",
         add_help=False,
     )
-    precompute.add_argument("arguments", nargs=argparse.REMAINDER)
-    precompute.set_defaults(func=_cmd_precompute_targets)
+    precompute.set_defaults(func=_cmd_precompute_targets, arguments=[])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "precompute-targets":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.arguments = extra  # precompute-targets: its own flags, parsed by scripts/precompute_teacher_targets.py
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as error:
