@@ -49,7 +49,11 @@ def make_tiny_teacher(output_dir: str | Path, seed: int = 0, image_size: int = 3
     """An untrained CLIP teacher folder (model + CLIPImageProcessor + tokenizer) matching `make_tiny_student`."""
     from transformers import CLIPModel
 
-    from clusterstm.training.teacher_training import TeacherTrainingArguments, build_image_processor, build_teacher_config
+    from clusterstm.training.teacher_training import (
+        TeacherTrainingArguments,
+        build_image_processor,
+        build_teacher_config,
+    )
 
     tokenizer = tokenizer or tiny_tokenizer()
     args = TeacherTrainingArguments(output_dir=str(output_dir), image_size=image_size, num_hidden_layers=2)

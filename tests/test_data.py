@@ -8,9 +8,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from clusterstm.data.readers import VideoTextCollator, load_video_text_dataset, resolve_video_path
-from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
 from clusterstm.data.synthetic import SyntheticVideoTextConfig, write_video_pyav
 from clusterstm.data.tokenization import train_wordpiece_tokenizer
+from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
 from clusterstm.models.video_processing_clusterstm import ClusterSTMVideoProcessor, VideoDecodingError
 
 

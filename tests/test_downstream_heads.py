@@ -26,7 +26,7 @@ BOS, EOS, PAD = 2, 3, 0
 
 
 def tiny_config(**kwargs) -> ClusterSTMConfig:
-    config = ClusterSTMConfig.from_preset("tiny", mask_strategy="none", **kwargs)
+    config = ClusterSTMConfig.from_preset("tiny", **kwargs)
     config.id2label = {0: "red", 1: "green", 2: "blue", 3: "yes", 4: "no"}
     config.label2id = {v: k for k, v in config.id2label.items()}
     return config

@@ -15,6 +15,7 @@ import torch
 from transformers import TrainingArguments
 
 from clusterstm.hub.export import init_checkpoint
+from clusterstm.tasks.metrics import retrieval_metrics
 from clusterstm.training.finetuning import (
     ClusterSTMDataCollator,
     ClusterSTMTrainer,
@@ -31,7 +32,6 @@ from clusterstm.training.finetuning import (
     run_finetuning,
     validate_arguments,
 )
-from clusterstm.tasks.metrics import retrieval_metrics
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +148,12 @@ def test_captioning_end_to_end(tiny_checkpoint, tmp_path):
 
 def test_script_zero_shot_retrieval_on_local_files(tiny_checkpoint, tmp_path):
     """`--do_eval` without `--do_train` on a checkpoint = zero-shot retrieval, here on MSR-VTT-style local files."""
-    from clusterstm.data.synthetic import SyntheticVideoTextConfig, generate_split_metadata, render_clips, write_video_pyav
+    from clusterstm.data.synthetic import (
+        SyntheticVideoTextConfig,
+        generate_split_metadata,
+        render_clips,
+        write_video_pyav,
+    )
 
     config = SyntheticVideoTextConfig(
         num_frames=4, image_size=32, num_train=0, num_val=3, num_test=0, num_compositional=0

@@ -4,8 +4,8 @@ import pytest
 from huggingface_hub import ModelCard, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from clusterstm.tasks.metrics import caption_metrics, qa_accuracy, retrieval_metrics
 from clusterstm.hub.model_card import DEFAULT_TAGS, build_model_card, write_model_card
+from clusterstm.tasks.metrics import caption_metrics, qa_accuracy, retrieval_metrics
 
 
 def _eval_results():

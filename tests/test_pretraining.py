@@ -370,10 +370,10 @@ def test_missing_model_folder_and_attention_without_teacher(checkpoints, tmp_pat
 
 def test_evaluate_zero_shot_retrieval(checkpoints):
     from clusterstm.data.readers import load_video_text_dataset
-    from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining
-    from clusterstm.training.pretraining import evaluate_zero_shot_retrieval
-    from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
     from clusterstm.data.synthetic import SyntheticVideoTextConfig
+    from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining
+    from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
+    from clusterstm.training.pretraining import evaluate_zero_shot_retrieval
 
     student, _ = checkpoints
     model = ClusterSTMForPreTraining.from_pretrained(student).train()
@@ -396,10 +396,17 @@ def test_bench_pretrain_masking_shrinks_activations():
     spec.loader.exec_module(bench)
     torch.set_num_threads(1)
     rows = bench.bench_preset("tiny", 2, 4, steps=1, ratios=(0.0, 0.8))
-    unmasked, masked = rows
+    by_variant = {(r["mask_ratio"], r["targets"]): r for r in rows}
+    assert set(by_variant) == {(0.0, "online"), (0.0, "cached"), (0.8, "online"), (0.8, "cached")}
+    unmasked, masked, cached = by_variant[(0.0, "online")], by_variant[(0.8, "online")], by_variant[(0.8, "cached")]
     assert unmasked["kept_per_frame"] == 64 and masked["kept_per_frame"] == 13
     assert masked["ideal_speedup"] == pytest.approx(64 / 13)
     # Deterministic (unlike wall time on a shared machine): the student saves far fewer activations when masked.
     assert masked["activation_mb"] < 0.8 * unmasked["activation_mb"]
     assert 0 < masked["mask_share"] < 1 and unmasked["mask_share"] == 0
+    # The online teacher runs in the step (through compute_teacher_targets); the cached step runs no teacher and
+    # computes no mask (the cluster masks come from the cache).
+    assert masked["teacher_s"] > 0 and cached["teacher_s"] == 0 and cached["mask_s"] == 0
+    # relevance (2 x 64 float16) + mask bits, with parquet overhead
+    assert 256 < cached["cache_bytes_per_clip"] < 4096 and cached["precompute_clips_per_second"] > 0
     assert "| tiny |" in bench.render(rows)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
 from clusterstm.data.synthetic import write_video_pyav
 from clusterstm.data.tokenization import SPECIAL_TOKENS, load_local_tokenizer, train_wordpiece_tokenizer
+from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
 from clusterstm.models.video_processing_clusterstm import ClusterSTMVideoProcessor
 
 CORPUS = [

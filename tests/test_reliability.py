@@ -20,10 +20,12 @@ from test_modeling import FRAMES, GRID, SIZE, inputs, small_config
 from torch.utils.data import DataLoader
 from transformers import CLIPConfig, CLIPModel
 
-from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
 from clusterstm.data.readers import VideoTextCollator, load_video_text_dataset
+from clusterstm.data.tokenization import train_wordpiece_tokenizer
+from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
 from clusterstm.models.masking_clusterstm import (
     attention_guided_mask,
+    build_mask,
     cluster_wise_mask,
     dpc_knn,
     num_visible_tokens,
@@ -33,9 +35,9 @@ from clusterstm.models.masking_clusterstm import (
 )
 from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining, ClusterSTMModel, ClusterSTMVisionModel
 from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
-from clusterstm.teacher.relevance import build_window_pooler, generate_relevance
-from clusterstm.data.tokenization import train_wordpiece_tokenizer
 from clusterstm.models.video_processing_clusterstm import ClusterSTMVideoProcessor, VideoDecodingError
+from clusterstm.teacher.relevance import build_window_pooler, generate_relevance
+from clusterstm.training.pretraining import PretrainingArguments, pretraining_forward
 
 AUTOCAST = {"device_type": "cpu", "dtype": torch.bfloat16}
 
@@ -113,9 +115,7 @@ def test_relevance_is_fp32_under_autocast():
 
 def test_pretraining_loss_under_bf16_autocast_is_finite_and_close_to_fp32():
     torch.manual_seed(0)
-    model = ClusterSTMForPreTraining(
-        small_config(mask_strategy="cluster", mask_ratio=0.5, alignment_loss_weight=1.0)
-    ).train()
+    model = ClusterSTMForPreTraining(small_config(alignment_loss_weight=1.0)).train()
     model.config.mlm_loss_weight = 0.0  # random MLM positions would differ between the two runs
     pixel_values, input_ids, attention_mask = inputs()
     generator = torch.Generator().manual_seed(1)
@@ -124,13 +124,17 @@ def test_pretraining_loss_under_bf16_autocast_is_finite_and_close_to_fp32():
         "teacher_relevance": torch.rand(3, FRAMES, GRID, generator=generator),
     }
     batch = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask, **teacher}
+    grid = dict(batch_size=3, num_frames=FRAMES, num_patches=GRID, mask_ratio=0.5)
+    mask = build_mask("cluster", **grid, features=teacher["teacher_patch_tokens"])
+    with torch.autocast(**AUTOCAST):
+        low_mask = build_mask("cluster", **grid, features=teacher["teacher_patch_tokens"])
+    # the cluster mask is computed in fp32: identical under autocast
+    assert torch.equal(low_mask, mask)
     torch.manual_seed(2)
-    reference = model(**batch)
+    reference = model(**batch, bool_masked_pos=mask)
     torch.manual_seed(2)
     with torch.autocast(**AUTOCAST):
-        low = model(**batch)
-    # the cluster mask is computed in fp32: identical under autocast
-    assert torch.equal(low.bool_masked_pos, reference.bool_masked_pos)
+        low = model(**batch, bool_masked_pos=low_mask)
     for name in ("loss", "contrastive_loss", "relevance_loss", "alignment_loss"):
         value = getattr(low, name)
         assert value.dtype == torch.float32, name
@@ -381,7 +385,7 @@ def test_dataset_level_errors(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
-    return ClusterSTMModel(small_config(mask_strategy="random", mask_ratio=0.5)).eval()
+    return ClusterSTMModel(small_config()).eval()
 
 
 @pytest.mark.parametrize(
@@ -430,7 +434,7 @@ def test_model_rejects_bad_tensors(tiny_model, kind, message):
 @pytest.mark.parametrize("kind", ["uint8", "nan"])
 def test_vision_tower_and_pretraining_reject_bad_pixels(kind):
     torch.manual_seed(0)
-    config = small_config(mask_strategy="random", mask_ratio=0.5)
+    config = small_config()
     pixel_values, input_ids, attention_mask = inputs()
     if kind == "uint8":
         pixel_values, message = pixel_values.to(torch.uint8), "floating point"
@@ -462,7 +466,7 @@ def test_vision_tower_and_pretraining_reject_bad_pixels(kind):
 )
 def test_teacher_student_mismatch(change, message):
     torch.manual_seed(0)
-    model = ClusterSTMForPreTraining(small_config(mask_strategy="cluster", mask_ratio=0.5, alignment_loss_weight=1.0))
+    model = ClusterSTMForPreTraining(small_config(alignment_loss_weight=1.0))
     pixel_values, input_ids, attention_mask = inputs()
     batch = {
         "teacher_patch_tokens": torch.randn(3, FRAMES, GRID, 64),
@@ -481,11 +485,17 @@ def test_real_teacher_with_other_patch_grid_is_rejected():
     vision = {"hidden_size": 64, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4}
     text = {**vision, "vocab_size": 100, "max_position_embeddings": 16}
     clip = CLIPModel(CLIPConfig(text_config=text, vision_config={**vision, "image_size": 32, "patch_size": 4}))
-    model = ClusterSTMForPreTraining(small_config(mask_strategy="cluster", mask_ratio=0.5)).train()
-    model.set_teacher(ClusterSTMTeacher(clip))
+    model = ClusterSTMForPreTraining(small_config()).train()
+    teacher = ClusterSTMTeacher(clip)
     pixel_values, input_ids, attention_mask = inputs()
+    batch = {"pixel_values": pixel_values, "input_ids": input_ids % 100, "attention_mask": attention_mask}
+    masking = PretrainingArguments(model_name_or_path="m", output_dir="o", dataset_name="synthetic", mask_ratio=0.5)
+    # cluster masking on the teacher's tokens: refused by the mask door; relevance targets: refused by the model
+    with pytest.raises(ValueError, match="share frames and patch grid"):
+        pretraining_forward(model, batch, masking, 0, 0, teacher=teacher)
+    masking.mask_strategy = "random"
     with pytest.raises(ValueError, match="same patch grid"):
-        model(pixel_values=pixel_values, input_ids=input_ids % 100, attention_mask=attention_mask)
+        pretraining_forward(model, batch, masking, 0, 0, teacher=teacher)
 
 
 @pytest.mark.parametrize(
@@ -504,8 +514,12 @@ def test_real_teacher_with_other_patch_grid_is_rejected():
     ],
 )
 def test_config_ranges(kwargs, message):
+    # Masking settings are pretraining arguments (validated there, once); the rest lives in the model config.
     with pytest.raises(ValueError, match=message):
-        ClusterSTMConfig.from_preset("tiny", **kwargs)
+        if "relevance_window_size" in kwargs:
+            ClusterSTMConfig.from_preset("tiny", **kwargs)
+        else:
+            PretrainingArguments(model_name_or_path="m", output_dir="o", dataset_name="synthetic", **kwargs)
 
 
 def test_function_ranges():
