@@ -317,6 +317,43 @@ def test_collator_outputs_model_inputs_only(tiny_checkpoint):
     assert batch["index"].tolist() == [0, 1] and "return_loss" not in batch
 
 
+def test_finetuning_masks_training_batches_through_build_mask(tiny_checkpoint, tmp_path, monkeypatch):
+    """--mask_strategy while fine-tuning: each training batch gets one mask from build_mask (cluster on the
+    student's own patch embeddings); evaluation stays unmasked."""
+    from clusterstm.models import masking_clusterstm
+    from clusterstm.models.modeling_clusterstm import ClusterSTMVisionModel
+
+    calls = []
+    original = masking_clusterstm.MASK_STRATEGIES["cluster"]
+    monkeypatch.setitem(
+        masking_clusterstm.MASK_STRATEGIES, "cluster", lambda **kw: calls.append(kw["mask_ratio"]) or original(**kw)
+    )
+    seen = []
+    hook = lambda module, args, kwargs: seen.append((module.training, kwargs.get("bool_masked_pos")))  # noqa: E731
+    original_forward = ClusterSTMVisionModel.forward
+
+    def recording_forward(self, *args, **kwargs):
+        hook(self, args, kwargs)
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClusterSTMVisionModel, "forward", recording_forward)
+    model_args = ModelArguments(
+        task="retrieval", model_name_or_path=str(tiny_checkpoint), mask_strategy="cluster", mask_ratio=0.5
+    )
+    results = run_finetuning(model_args, synthetic_data_args(), training_args(tmp_path, do_train=True, do_eval=True))
+    assert np.isfinite(results["train_loss"])
+    assert calls == [0.5, 0.5]  # one mask per training step (max_steps=2)
+    masked = [mask for training, mask in seen if training]
+    assert len(masked) == 2 and all(m is not None and ((~m).sum(-1) == 32).all() for m in masked)  # 64 -> 32 kept
+    assert all(mask is None for training, mask in seen if not training)
+    with pytest.raises(ValueError, match="attention-guided masking needs a teacher"):
+        validate_arguments(
+            ModelArguments(task="retrieval", preset="tiny", mask_strategy="attention"),
+            synthetic_data_args(),
+            TrainingArguments(output_dir="unused", do_train=True, report_to="none"),
+        )
+
+
 def test_validate_arguments_errors():
     ok_model = ModelArguments(task="retrieval", preset="tiny")
     args = TrainingArguments(output_dir="unused", do_train=True, report_to="none")
