@@ -119,13 +119,13 @@ def test_private_repo_needs_the_token(hub_server, checkpoint, tmp_path):
 def test_incomplete_checkpoint_is_refused_before_any_request(hub_server, checkpoint):
     folder, _ = checkpoint
     check_checkpoint_folder(folder)  # complete
-    (folder / "masking_clusterstm.py").unlink()  # imported relatively by modeling_clusterstm.py
+    (folder / "configuration_clusterstm.py").unlink()  # imported relatively by modeling_clusterstm.py
     (folder / "README.md").unlink()
     for name in ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json"):
         (folder / name).unlink(missing_ok=True)
     missing = find_missing_checkpoint_files(folder)
-    assert any("masking_clusterstm.py" in m for m in missing)
-    with pytest.raises(ValueError, match="masking_clusterstm.py") as err:
+    assert any("configuration_clusterstm.py" in m for m in missing)
+    with pytest.raises(ValueError, match="configuration_clusterstm.py") as err:
         push_checkpoint(folder, "tester/tinyvt", token=hub_server.token, endpoint=hub_server.endpoint)
     assert "README.md" in str(err.value) and "processor config" in str(err.value)
     for weights in folder.glob("*.safetensors"):
