@@ -124,9 +124,7 @@ def test_card_reads_what_training_records(tmp_path):
     (tmp_path / "train_results.json").write_text(
         '{"global_step": 40, "train_global_batch_size": 16, "mask_strategy": "cluster", "mask_ratio": 0.5}'
     )
-    path = write_model_card(
-        tmp_path, config, {"dataset": "ClusterSTM synthetic benchmark", "learning_rate": 0.0005}
-    )
+    path = write_model_card(tmp_path, config, {"dataset": "ClusterSTM synthetic benchmark", "learning_rate": 0.0005})
     text = path.read_text()
     assert "n/a" not in text and "? / ?" not in text
     weights = {k: config[f"{k}_loss_weight"] for k in ("contrastive", "matching", "mlm", "relevance")}

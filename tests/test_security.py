@@ -425,9 +425,7 @@ def test_model_card_never_holds_local_paths(tmp_path):
 
     local = tmp_path / "users" / "alice" / "my-pretrained"
     local.mkdir(parents=True)
-    card = build_model_card(
-        {"teacher_name_or_path": str(tmp_path / "teachers" / "clip")}, {"base_model": str(local)}
-    )
+    card = build_model_card({"teacher_name_or_path": str(tmp_path / "teachers" / "clip")}, {"base_model": str(local)})
     text = str(card)
     assert str(tmp_path) not in text and "alice" not in text
     assert "my-pretrained (local checkpoint)" in text and "clip (local checkpoint)" in text

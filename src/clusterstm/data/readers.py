@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.video_processing_clusterstm import VideoDecodingError, read_video_pyav
+from ..models.video_processing_clusterstm import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_PIXELS_PER_FRAME,
+    VideoDecodingError,
+    check_frame_size,
+    read_video_pyav,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -224,26 +230,44 @@ class VideoTextCollator:
         self.num_skipped = 0
 
     def _video_source(self, row: dict[str, Any]) -> Any:
-        if "video" in row and row["video"] is not None and not isinstance(row["video"], (str, dict)):
-            return row["video"]
+        # A resolved path wins: a `video` column next to it may be an id or any other user field.
         for key in (self.video_column, VIDEO_PATH_COLUMN, "video"):
             value = row.get(key)
             if isinstance(value, dict):  # datasets Video(decode=False) gives {"path": ..., "bytes": ...}
                 value = value.get("path")
             if isinstance(value, (str, os.PathLike)):
                 return value
+        clip = row.get("video")
+        # Only an array-like with frames is an in-memory clip; a scalar `video` (an id, a count) is not.
+        if isinstance(clip, (np.ndarray, torch.Tensor, list, tuple)) and np.ndim(clip) in (3, 4):
+            return clip
+        if clip is not None:
+            raise ValueError(
+                f"Column 'video' holds {type(clip).__name__} {clip!r:.60}, neither a video path nor a (T, H, W[, C]) "
+                f"clip, and the row has no {self.video_column!r} path; keys: {sorted(row)}."
+            )
         raise ValueError(f"Row has no video (looked for 'video', {self.video_column!r}); keys: {sorted(row)}.")
+
+    def _limits(self) -> tuple[int | None, float | None]:
+        return (
+            getattr(self.video_processor, "max_pixels_per_frame", DEFAULT_MAX_PIXELS_PER_FRAME),
+            getattr(self.video_processor, "max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO),
+        )
 
     def _decode(self, row: dict[str, Any]) -> np.ndarray | torch.Tensor:
         source = self._video_source(row)
         if isinstance(source, (str, os.PathLike)):
-            return read_video_pyav(source, self.num_frames, self.sampling)
+            return read_video_pyav(source, self.num_frames, self.sampling, None, *self._limits())
         clip = source if isinstance(source, torch.Tensor) else np.asarray(source)
         if isinstance(clip, np.ndarray) and clip.dtype.kind in "iu" and clip.dtype != np.uint8:
             # Unformatted / streamed rows come back as int64 lists; pixel values are bytes.
             clip = clip.clip(0, 255).astype(np.uint8)
         if clip.ndim not in (3, 4) or clip.shape[0] == 0:
             raise ValueError(f"In-memory video must be (T, H, W[, C]) with T >= 1, got shape {tuple(clip.shape)}.")
+        # (T, H, W), (T, H, W, C) or (T, C, H, W): the frame size is checked here, where a bad sample can be skipped.
+        channels_first = clip.ndim == 4 and clip.shape[-1] not in (1, 3, 4) and clip.shape[1] in (1, 3, 4)
+        height, width = clip.shape[2:4] if channels_first else clip.shape[1:3]
+        check_frame_size(width, height, "<in-memory clip>", *self._limits())
         return clip
 
     def _describe(self, row: dict[str, Any]) -> str:

@@ -366,6 +366,8 @@ def write_model_card(
     path = Path(folder) / "README.md"
     results_path = Path(folder) / "train_results.json"
     train_results = json.loads(results_path.read_text()) if results_path.is_file() else None
-    card = build_model_card(config_or_dict, run_info, eval_results, pipeline_tag=pipeline_tag, train_results=train_results)
+    card = build_model_card(
+        config_or_dict, run_info, eval_results, pipeline_tag=pipeline_tag, train_results=train_results
+    )
     card.save(path)
     return path

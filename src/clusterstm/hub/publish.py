@@ -117,8 +117,10 @@ def select_upload_files(
             sub_root = real_inside(entry, name + "/")
             for child in sorted(sub_root.iterdir()):
                 repo_path = f"{name}/{child.name}"
-                if child.is_file() and _matches(child.name, UPLOAD_ALLOW_SUBFOLDERS[name]) and not _matches(
-                    repo_path, ignore
+                if (
+                    child.is_file()
+                    and _matches(child.name, UPLOAD_ALLOW_SUBFOLDERS[name])
+                    and not _matches(repo_path, ignore)
                 ):
                     selected.append((repo_path, real_inside(child, repo_path)))
                 else:
@@ -129,6 +131,7 @@ def select_upload_files(
         else:
             left_out.append(name + ("/" if entry.is_dir() else ""))
     return selected, left_out
+
 
 _PROCESSOR_CONFIGS = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 _TOKENIZER_VOCABS = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
