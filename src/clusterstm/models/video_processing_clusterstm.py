@@ -259,7 +259,8 @@ def read_video_pyav(
         with av.open(path) as container:
             stream_index, total = _pick_video_stream(container, path)
             stream = container.streams[stream_index]
-            width, height = stream.codec_context.width, stream.codec_context.height
+            context = stream.codec_context  # None when the header is too damaged to describe the codec
+            width, height = (context.width, context.height) if context is not None else (0, 0)
         if width and height:  # checked before any frame is decoded; unknown sizes are checked per decoded frame
             check_frame_size(width, height, repr(path), *limits)
         if total <= 0:
