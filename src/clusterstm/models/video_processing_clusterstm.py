@@ -33,8 +33,6 @@ try:  # PIL is a transformers vision dependency; keep the import soft so array-o
 except ImportError:  # pragma: no cover
     _PILImage = None
 
-logger = logging.getLogger(__name__)
-
 SAMPLING_MODES = ("uniform", "random")
 
 #: Default cap on the decoded pixels of one frame (4K UHD, 3840x2160): one video can never make a worker allocate more
@@ -451,7 +449,8 @@ class ClusterSTMVideoProcessor(BaseVideoProcessor):
         if not video.is_floating_point() or video.numel() == 0 or video.min() < 0 or video.max() > 1:
             return video
         if not self._warned_unit_float:
-            logger.warning(
+            # The logger is looked up here: remote-code modules run nothing at import time.
+            logging.getLogger(__name__).warning(
                 "A floating-point video with values in [0, 1] is taken as already rescaled: it is converted to pixel "
                 "values (x 255) instead of being divided by 255 again. Pass uint8 frames or values in [0, 255] to "
                 "silence this, or do_rescale=False to use the values as given."
