@@ -128,3 +128,68 @@ def test_exported_folder_source(tmp_path, processor):
     assert len(dataset) == 2
     batch = VideoTextCollator(processor)([dataset[0], dataset[1]])
     assert batch["pixel_values"].shape == (2, 4, 3, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad annotation files name the file, the line and the column; odd but valid rows are accepted
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", r"ann\.jsonl is empty"),
+        (b"\n  \n", r"ann\.jsonl holds no records"),
+        (
+            b'{"file_name": "a.mp4", "caption": "ok"}\n{"file_name": "b.mp4", caption\n',
+            r"ann\.jsonl: line 2 is not valid JSON .*column 24",
+        ),
+        (
+            b'{"file_name": "a.mp4", "caption": "ok"}\n{"file_name": "b.mp4", "caption": "caf\xe9"}\n',
+            r"ann\.jsonl: line 2 is not valid UTF-8 \(byte 39",
+        ),
+        (
+            b'{"file_name": "a.mp4", "caption": "ok"}\n[1, 2]\n',
+            r"ann\.jsonl: line 2 is a JSON list, expected an object",
+        ),
+    ],
+)
+def test_bad_annotation_files_name_file_and_line(tmp_path, content, message, streaming):
+    path = tmp_path / "ann.jsonl"
+    path.write_bytes(content)
+    if streaming and "line 2" in message:
+        content = content.split(b"\n", 1)[1]  # streaming checks the first record before training (documented)
+        path.write_bytes(content)
+        message = message.replace("line 2", "line 1")
+    with pytest.raises(ValueError, match=message):
+        load_video_text_dataset(train_file=path, streaming=streaming)
+
+
+def test_odd_but_valid_rows_are_accepted(tmp_path, processor):
+    corpus = make_corpus(tmp_path)
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    # an integer `video` column (an id) and a user column called `video_path` next to the real video column
+    for i, row in enumerate(rows):
+        row.update(video=1000 + i, video_path=f"user value {i}")
+    corpus.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for streaming in (False, True):
+        dataset = load_video_text_dataset(train_file=corpus, streaming=streaming)
+        first = next(iter(dataset))
+        assert (
+            first["video_path"] == str(tmp_path / rows[0]["file_name"]) and first["user_video_path"] == "user value 0"
+        )
+        batch = VideoTextCollator(processor)([first])
+        assert batch["pixel_values"].shape[0] == 1
+    # CSV captions "None" / "NA" / "null" are text, not missing values; an empty cell still is missing
+    csv = tmp_path / "ann.csv"
+    csv.write_text(
+        "file_name,caption\n" + "".join(f"{r['file_name']},{c}\n" for r, c in zip(rows, ["None", "NA", "null", "n/a"]))
+    )
+    assert load_video_text_dataset(train_file=csv)["caption"] == ["None", "NA", "null", "n/a"]
+    csv.write_text(f"file_name,caption\n{rows[0]['file_name']},ok\n{rows[1]['file_name']},\n")
+    with pytest.raises(ValueError, match=r"ann\.csv: Row 1: field 'caption' is missing"):
+        load_video_text_dataset(train_file=csv)
+    # a `video` column that is neither a path nor a clip is an error naming the column
+    with pytest.raises(ValueError, match="Column 'video' holds int 7"):
+        VideoTextCollator(processor)([{"video": 7, "caption": "x"}])

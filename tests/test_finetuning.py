@@ -267,8 +267,9 @@ def test_annotation_formats(tmp_path):
         ],
     }
     (tmp_path / "msrvtt.json").write_text(json.dumps(msrvtt))
-    data = load_video_captions(tmp_path / "msrvtt.json", video_root="root")
-    assert data.videos == [os.path.join("root", "video0.mp4"), os.path.join("root", "video1.mp4")]
+    root = os.path.realpath(tmp_path / "root")  # paths are resolved inside --video_root (readers.resolve_video_path)
+    data = load_video_captions(tmp_path / "msrvtt.json", video_root=str(tmp_path / "root"))
+    assert data.videos == [os.path.join(root, "video0.mp4"), os.path.join(root, "video1.mp4")]
     assert data.captions == [["a man sings", "someone performs"], ["a dog runs"]]
     texts, text_to_video = data.texts()
     assert texts == ["a man sings", "someone performs", "a dog runs"] and text_to_video == [0, 0, 1]
@@ -278,8 +279,9 @@ def test_annotation_formats(tmp_path):
         {"video": "clips/a.mp4", "question": "how many?", "answer": "two"},
     ]
     (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in qa))
-    questions = load_video_questions(tmp_path / "qa.jsonl", video_root="v", template="video{video_id}.mp4")
-    assert questions.videos == [os.path.join("v", "video7010.mp4"), os.path.join("v", "clips/a.mp4")]
+    questions = load_video_questions(tmp_path / "qa.jsonl", template="video{video_id}.mp4")
+    here = os.path.realpath(tmp_path)  # without --video_root: the annotation file's folder
+    assert questions.videos == [os.path.join(here, "video7010.mp4"), os.path.join(here, "clips", "a.mp4")]
     assert questions.answers == ["singing", "two"] and questions.question_types == ["what", ""]
 
     (tmp_path / "bad.json").write_text(json.dumps([{"caption": "no video"}]))
@@ -480,3 +482,128 @@ def test_evaluation_under_two_processes_counts_every_sample_once(tiny_checkpoint
     assert [c["video_id"] for c in captions] == [str(i) for i in range(7)]
     assert all(c["prediction"] == c["references"][0] for c in captions)
     assert results["captioning"]["eval_num_samples"] == 7
+
+
+# ---------------------------------------------------------------------------------------------------------- reliability
+def test_flags_are_validated_before_anything_runs(tmp_path, monkeypatch):
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), do_train=True, report_to="none")
+    for model_args, message in (
+        (ModelArguments(task="retrieval", preset="tiny", mask_ratio=1.0), r"--mask_ratio must be in \[0, 1\)"),
+        (ModelArguments(task="retrieval", preset="tiny", mask_strategy="clusters"), "--mask_strategy"),
+        (ModelArguments(task="retrieval", preset="tiny", max_new_tokens=0), "--max_new_tokens"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            run_finetuning(model_args, synthetic_data_args(), args)
+    assert not (tmp_path / "out").exists()  # refused before the preset checkpoint was even written
+    ok = ModelArguments(task="retrieval", preset="tiny")
+    with pytest.raises(ValueError, match="--num_frames"):
+        validate_arguments(ok, synthetic_data_args(num_frames=0), args)
+    with pytest.raises(ValueError, match="--train_file .*missing.jsonl.* is not a file"):
+        validate_arguments(ok, DataArguments(train_file=str(tmp_path / "missing.jsonl")), args)
+    push = TrainingArguments(output_dir="unused", do_train=True, report_to="none", push_to_hub=True, hub_model_id="x")
+    with pytest.raises(ValueError, match="namespace/name"):
+        validate_arguments(ok, synthetic_data_args(), push)
+
+
+def test_captioning_eval_needs_pycocoevalcap_at_start_up(tmp_path, monkeypatch):
+    import sys
+
+    for name in [m for m in sys.modules if m == "pycocoevalcap" or m.startswith("pycocoevalcap.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), do_train=True, do_eval=True, report_to="none")
+    with pytest.raises(ImportError, match=r"pip install 'clusterstm\[captioning\]'"):
+        run_finetuning(ModelArguments(task="captioning", preset="tiny"), synthetic_data_args(), args)
+    assert not (tmp_path / "out").exists()
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), do_train=True, report_to="none")
+    validate_arguments(ModelArguments(task="captioning", preset="tiny"), synthetic_data_args(), args)  # no eval: ok
+
+
+def test_annotation_paths_stay_inside_video_root(tmp_path):
+    root = tmp_path / "videos"
+    root.mkdir()
+    for record, field in (
+        ({"video": "../secret.mp4", "caption": "x"}, "video"),
+        ({"video_path": "/etc/passwd", "caption": "x"}, "video_path"),
+        ({"video_id": "../../x", "caption": "x"}, "video_id"),
+    ):
+        path = tmp_path / "ann.json"
+        path.write_text(json.dumps([{"video": "ok.mp4", "caption": "fine"}, record]))
+        with pytest.raises(ValueError, match=rf"ann\.json: Row 1: field '{field}' .* outside the video root"):
+            load_video_captions(path, video_root=str(root))
+    (tmp_path / "bad.jsonl").write_bytes(b'{"video": "a.mp4", "question": "q", "answer": "a"}\n{"video": \n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 2 is not valid JSON"):
+        load_video_questions(tmp_path / "bad.jsonl", video_root=str(root))
+    (tmp_path / "latin1.json").write_bytes(b'[{"video": "a.mp4",\n "caption": "caf\xe9"}]')
+    with pytest.raises(ValueError, match=r"latin1\.json: line 2 is not valid UTF-8"):
+        load_video_captions(tmp_path / "latin1.json", video_root=str(root))
+
+
+def test_finetune_collator_skips_bad_videos(tiny_checkpoint, tmp_path):
+    from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
+    from clusterstm.models.video_processing_clusterstm import VideoDecodingError
+
+    processor = ClusterSTMProcessor.from_pretrained(tiny_checkpoint)
+    good = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    (tmp_path / "broken.mp4").write_bytes(os.urandom(2048))
+    items = [
+        {"video": good, "text": "a red circle", "index": 0},
+        {"video": str(tmp_path / "broken.mp4"), "text": "broken", "index": 1},
+        {"video": np.zeros((2, 2, 4000, 3), np.uint8), "text": "a sliver", "index": 2},
+    ]
+    with pytest.raises(VideoDecodingError, match="broken.mp4"):
+        ClusterSTMDataCollator(processor, "captioning", num_frames=2)(items)
+    collator = ClusterSTMDataCollator(processor, "captioning", num_frames=2, skip_bad_samples=True)
+    batch = collator(items)
+    assert batch["pixel_values"].shape == (3, 2, 3, 64, 64) and collator.num_skipped == 2
+    # replaced items carry the good item's text too
+    assert (batch["input_ids"][1:] == batch["input_ids"][0]).all()
+    with pytest.raises(VideoDecodingError, match="Every video"):
+        collator(items[1:])
+
+
+def test_disk_full_names_the_disk_and_folder(tiny_checkpoint, tmp_path, monkeypatch):
+    import errno
+
+    from clusterstm.training.errors import DiskFullError, explain_disk_full
+    from clusterstm.training.finetuning import ClusterSTMTrainer
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "model.safetensors"))
+
+    monkeypatch.setattr(ClusterSTMTrainer, "save_model", full)
+    model_args = ModelArguments(task="retrieval", model_name_or_path=str(tiny_checkpoint))
+    with pytest.raises(
+        DiskFullError, match=r"disk is full.*the fine-tuned model.*model\.safetensors.*MiB free"
+    ) as info:
+        run_finetuning(model_args, synthetic_data_args(), training_args(tmp_path / "out", do_train=True, max_steps=1))
+    assert info.value.errno == errno.ENOSPC
+    with pytest.raises(DiskFullError, match=r"disk is full.*weights to .*out"):  # writers that raise RuntimeError
+        with explain_disk_full(tmp_path / "out", "weights"):
+            raise RuntimeError("safetensors: No space left on device (os error 28)")
+    with pytest.raises(PermissionError):  # other errors pass through
+        with explain_disk_full(tmp_path, "weights"):
+            raise PermissionError(errno.EACCES, "denied")
+
+
+def test_push_to_hub_goes_through_the_allow_list_with_a_clean_card(tiny_checkpoint, tmp_path, monkeypatch):
+    import huggingface_hub
+    from hub_server import HubServer
+
+    with HubServer() as server:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.endpoint)
+        output_dir = tmp_path / "out"
+        output_dir.mkdir()
+        (output_dir / ".env").write_text("SECRET=1")
+        args = training_args(
+            output_dir, do_train=True, max_steps=1, push_to_hub=True, hub_model_id="tester/ft", hub_token=server.token
+        )
+        model_args = ModelArguments(task="retrieval", model_name_or_path=str(tiny_checkpoint))
+        run_finetuning(model_args, synthetic_data_args(), args)
+        files = server.files("tester/ft")
+    assert {"config.json", "model.safetensors", "README.md", "modeling_clusterstm.py"} <= set(files)
+    assert ".env" not in files and not any(name.startswith(("runs/", "checkpoint-")) for name in files)
+    assert "training_args.bin" not in files and "trainer_state.json" not in files
+    card = files["README.md"].decode()
+    assert str(tiny_checkpoint) not in card and str(tmp_path) not in card
+    assert f"{tiny_checkpoint.name} (local checkpoint)" in card and "base_model" not in card

@@ -90,15 +90,18 @@ def test_push_then_load_by_repo_id_in_clean_subprocess(hub_server, checkpoint, t
 def test_hf_hub_download_and_revision_branch(hub_server, checkpoint, tmp_path):
     folder, _ = checkpoint
     push_checkpoint(folder, "tester/tinyvt", token=hub_server.token, endpoint=hub_server.endpoint)
-    (folder / "extra.txt").write_text("only on dev")
+    # Only allow-listed files are published (see test_security): change one of them on the branch.
+    (folder / "generation_config.json").write_text("only on dev")
     push_checkpoint(folder, "tester/tinyvt", revision="dev", token=hub_server.token, endpoint=hub_server.endpoint)
-    assert "extra.txt" in hub_server.files("tester/tinyvt", "dev")
-    assert "extra.txt" not in hub_server.files("tester/tinyvt", "main")
+    assert "generation_config.json" in hub_server.files("tester/tinyvt", "dev")
+    assert "generation_config.json" not in hub_server.files("tester/tinyvt", "main")
 
     cache = tmp_path / "cache"
     path = hf_hub_download("tester/tinyvt", "config.json", cache_dir=cache, endpoint=hub_server.endpoint)
     assert open(path, "rb").read() == (folder / "config.json").read_bytes()
-    dev = hf_hub_download("tester/tinyvt", "extra.txt", revision="dev", cache_dir=cache, endpoint=hub_server.endpoint)
+    dev = hf_hub_download(
+        "tester/tinyvt", "generation_config.json", revision="dev", cache_dir=cache, endpoint=hub_server.endpoint
+    )
     assert open(dev).read() == "only on dev"
 
 

@@ -278,3 +278,60 @@ def test_ptb_tokenizer_and_meteor_with_java():
     assert out["meteor"] == pytest.approx(1.0, abs=1e-6)
     worse = caption_metrics(["a man is slicing a potato", *_CAPTIONS[1:]], refs, tokenizer="ptb", meteor=False)
     assert worse["tokenizer"] == "ptb" and worse["cider"] < out["cider"]
+
+
+# every line-break class str.splitlines() knows, inside a caption
+_BREAKS = ["\r", "\n", "\r\n", "\u2028", "\u2029", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85"]
+_PERFECT = ["a man is singing on stage", "a dog runs on the grass", "two people cook pasta", "a red car drives fast"]
+
+
+def _fake_line_tokenizer(monkeypatch, extra_lines: int = 0):
+    """A stand-in for the Java PTB tokenizer that, like it, reads one sentence per line of the input file."""
+    import shutil
+    import subprocess
+
+    from clusterstm.tasks.metrics.captioning import captioning
+
+    def run(cmd, capture_output, check, timeout):
+        text = open(cmd[-1], encoding="utf-8", newline="").read()
+        lines = [line.lower() for line in text.splitlines()] + ["extra"] * extra_lines
+        return subprocess.CompletedProcess(cmd, 0, stdout=("\n".join(lines) + "\n").encode())
+
+    monkeypatch.setattr(captioning.subprocess, "run", run)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/java" if name == "java" else None)
+
+
+@pytest.mark.parametrize("brk", _BREAKS)
+def test_line_breaks_in_captions_never_shift_references(monkeypatch, brk):
+    _fake_line_tokenizer(monkeypatch)
+    clean = caption_metrics(_PERFECT, [[c] for c in _PERFECT], tokenizer="ptb", meteor=False)
+    broken = [_PERFECT[0].replace("is ", "is" + brk), *_PERFECT[1:]]
+    shifted = caption_metrics(broken, [[c] for c in broken], tokenizer="ptb", meteor=False)
+    assert shifted["cider"] == pytest.approx(clean["cider"]) and clean["cider"] > 9.9
+    assert shifted["bleu_4"] == pytest.approx(clean["bleu_4"])
+
+
+@pytest.mark.parametrize("extra", [1, -1])
+def test_ptb_line_count_is_checked_both_ways(monkeypatch, extra):
+    from clusterstm.tasks.metrics.captioning import captioning
+
+    _fake_line_tokenizer(monkeypatch, extra_lines=max(extra, 0))
+    if extra < 0:
+        original = captioning.subprocess.run
+
+        def fewer(cmd, **kwargs):
+            result = original(cmd, **kwargs)
+            result.stdout = b"\n".join(result.stdout.split(b"\n")[:-3]) + b"\n"
+            return result
+
+        monkeypatch.setattr(captioning.subprocess, "run", fewer)
+    with pytest.raises(RuntimeError, match="lines for 8 sentences"):
+        captioning._ptb_tokenize(_PERFECT * 2)
+
+
+@pytest.mark.skipif(not java_available(), reason="the real PTB tokenizer needs Java")
+def test_carriage_return_caption_with_the_real_ptb_tokenizer():
+    clean = caption_metrics(_PERFECT, [[c] for c in _PERFECT], tokenizer="ptb", meteor=False)
+    broken = [_PERFECT[0].replace("is ", "is\r"), *_PERFECT[1:]]
+    with_cr = caption_metrics(broken, [[c] for c in broken], tokenizer="ptb", meteor=False)
+    assert with_cr["cider"] == pytest.approx(clean["cider"])

@@ -114,3 +114,22 @@ def test_card_bad_input():
         build_model_card({}, RUN_INFO, [{"task": "qa", "dataset_name": "x", "metrics": {"foo": 1}}])
     with pytest.raises(ValueError, match="run_info"):
         build_model_card({}, None)
+
+
+def test_card_reads_what_training_records(tmp_path):
+    """The recipe table is filled from the config's `*_loss_weight`s, `train_results.json` and the demo's keys."""
+    from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
+
+    config = ClusterSTMConfig.from_preset("tiny").to_dict()
+    (tmp_path / "train_results.json").write_text(
+        '{"global_step": 40, "train_global_batch_size": 16, "mask_strategy": "cluster", "mask_ratio": 0.5}'
+    )
+    path = write_model_card(tmp_path, config, {"dataset": "ClusterSTM synthetic benchmark", "learning_rate": 0.0005})
+    text = path.read_text()
+    assert "n/a" not in text and "? / ?" not in text
+    weights = {k: config[f"{k}_loss_weight"] for k in ("contrastive", "matching", "mlm", "relevance")}
+    assert "Objectives (weights) | " + ", ".join(f"{k} ({v})" for k, v in weights.items() if v) in text
+    assert "| Pretraining data | ClusterSTM synthetic benchmark |" in text
+    assert "| Steps | 40 |" in text
+    assert "| Global batch size / learning rate | 16 / 0.0005 |" in text
+    assert "| Mask ratio | 0.5 |" in text

@@ -597,3 +597,32 @@ def test_masking_property_invariants(b, t, side, c, ratio, log2_scale, seed):
     # attention-guided masks with a scaled attention are the same draw
     again = attention_guided_mask(attention * scale, ratio, generator=torch.Generator().manual_seed(seed))
     assert torch.equal(again, masks["attention"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resource bounds: one small file with extreme frames is a skippable decoding error, never an OOM
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_extreme_aspect_clip_is_skipped_in_the_pretraining_data_path(tmp_path, processor):
+    from test_video_processing import write_extreme_clip
+
+    good = write_video(tmp_path / "good.mp4", ramp_frames(FRAMES))
+    wide = write_extreme_clip(tmp_path / "wide")
+    rows = [{"file_name": os.path.basename(good), "caption": "a ramp"}, {"file_name": wide.name, "caption": "wide"}]
+    annotations = tmp_path / "ann.jsonl"
+    annotations.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dataset = load_video_text_dataset(train_file=annotations)
+    with pytest.raises(VideoDecodingError, match=rf"{wide.name}.*16384x2"):
+        VideoTextCollator(processor)(list(dataset))
+    collator = VideoTextCollator(processor, skip_bad_samples=True)
+    loader = DataLoader(dataset, batch_size=2, collate_fn=collator, num_workers=1)
+    batch = next(iter(loader))
+    assert batch["pixel_values"].shape == (2, FRAMES, 3, SIZE, SIZE)
+    assert int(batch["num_skipped_samples"]) == 1
+    # In-memory clips with extreme frames are skipped the same way (before the processor resizes them).
+    clips = [
+        {"video": ramp_frames(FRAMES), "caption": "ok"},
+        {"video": np.zeros((2, 2, 4000, 3), np.uint8), "caption": "x"},
+    ]
+    assert int(collator(clips)["num_skipped_samples"]) == 1

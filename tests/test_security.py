@@ -341,3 +341,102 @@ def test_cli_push_never_prints_the_token(tmp_path):
     for path in home.rglob("*") if home.exists() else []:
         if path.is_file():
             assert b"CliFakeToken" not in path.read_bytes(), path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Publishing uploads an allow-list only; links out of the folder are refused; cards hold no local paths
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def _pushable(tmp_path_factory):
+    from clusterstm.hub.export import init_checkpoint
+
+    return init_checkpoint("tiny", tmp_path_factory.mktemp("push") / "ckpt", seed=0)
+
+
+def _leaky_copy(source: Path, tmp_path: Path) -> Path:
+    """A training output folder with everything that must never be published next to the checkpoint."""
+    folder = tmp_path / "run"
+    shutil.copytree(source, folder)
+    (folder / ".env").write_text("HF_TOKEN=hf_secret_in_dotenv\n")
+    (folder / "logs").mkdir()
+    (folder / "logs" / "train_log.jsonl").write_text('{"step": 1}\n')
+    for name in (".tmp-checkpoint-3", "checkpoint-2"):
+        (folder / name).mkdir()
+        (folder / name / "optimizer.bin").write_bytes(b"optimizer state")
+        (folder / name / "random_states_0.pkl").write_bytes(b"rng state")
+    (folder / "notes.txt").write_text("private notes")
+    (folder / "train_results.json").write_text("{}")
+    (folder / "teacher").mkdir()
+    (folder / "teacher" / "config.json").write_text("{}")
+    (folder / "teacher" / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    (folder / "teacher" / "secret.txt").write_text("not part of a teacher")
+    return folder
+
+
+def test_push_uploads_the_allow_list_only(hub_server, _pushable, tmp_path):
+    from clusterstm.hub.publish import push_checkpoint, select_upload_files
+
+    folder = _leaky_copy(_pushable, tmp_path)
+    private_key = tmp_path / "id_rsa"
+    private_key.write_text("-----BEGIN PRIVATE KEY----- private")
+    os.symlink(private_key, folder / "id_rsa")  # a link that is not allow-listed: stays local
+    os.symlink(folder / "config.json", folder / "generation_config.json")  # a link inside the folder: resolved
+    push_checkpoint(folder, "tester/allow", token=hub_server.token, endpoint=hub_server.endpoint)
+    files = hub_server.files("tester/allow")
+    uploaded = set(files) - {".gitattributes"}
+    expected = {name for name, _ in select_upload_files(folder)[0]}
+    assert uploaded == expected
+    assert {"config.json", "model.safetensors", "README.md", "modeling_clusterstm.py", "tokenizer.json"} <= uploaded
+    assert {"teacher/config.json", "teacher/model.safetensors", "generation_config.json"} <= uploaded
+    for name in uploaded:
+        assert not name.startswith((".env", "logs", ".tmp-checkpoint", "checkpoint-")), name
+        assert name not in ("notes.txt", "id_rsa", "train_results.json", "teacher/secret.txt"), name
+    assert files["generation_config.json"] == (folder / "config.json").read_bytes()
+    for content in files.values():
+        assert b"PRIVATE KEY" not in content and b"hf_secret_in_dotenv" not in content
+
+
+@pytest.mark.parametrize("linked", ["model.safetensors", "teacher"])
+def test_push_refuses_links_out_of_the_folder(hub_server, _pushable, tmp_path, linked):
+    from clusterstm.hub.publish import push_checkpoint
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(_pushable, folder)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    if linked == "teacher":
+        (outside / "config.json").write_text("{}")
+        target = outside
+    else:
+        target = outside / "model.safetensors"
+        shutil.move(folder / "model.safetensors", target)
+    os.symlink(target, folder / linked)
+    with pytest.raises(ValueError, match=f"{linked}.*symbolic link pointing outside"):
+        push_checkpoint(folder, "tester/links", token=hub_server.token, endpoint=hub_server.endpoint)
+    assert "tester/links" not in hub_server.repos  # refused before any request
+
+
+def test_model_card_never_holds_local_paths(tmp_path):
+    from huggingface_hub import metadata_load
+
+    from clusterstm.hub.model_card import build_model_card, hub_model_reference, write_model_card
+
+    local = tmp_path / "users" / "alice" / "my-pretrained"
+    local.mkdir(parents=True)
+    card = build_model_card({"teacher_name_or_path": str(tmp_path / "teachers" / "clip")}, {"base_model": str(local)})
+    text = str(card)
+    assert str(tmp_path) not in text and "alice" not in text
+    assert "my-pretrained (local checkpoint)" in text and "clip (local checkpoint)" in text
+    assert "base_model" not in card.data.to_dict()
+    write_model_card(tmp_path, {}, {"base_model": "./runs/pretrain"})
+    assert "base_model" not in metadata_load(tmp_path / "README.md")
+    assert hub_model_reference("openai/clip-vit-base-patch16") == (
+        "openai/clip-vit-base-patch16",
+        "openai/clip-vit-base-patch16",
+    )
+    assert hub_model_reference("/abs/path/ckpt") == (None, "ckpt (local checkpoint)")
+    assert hub_model_reference("a model trained here") == (None, "a model trained here")
+    card = build_model_card({}, {"base_model": "tester/clusterstm-base"})
+    assert card.data.base_model == "tester/clusterstm-base"

@@ -197,3 +197,119 @@ def test_save_load_round_trip(processor, tmp_path):
     torch.testing.assert_close(
         loaded(frames, return_tensors="pt")["pixel_values"], processor(frames, return_tensors="pt")["pixel_values"]
     )
+
+
+# ------------------------------------------------------------------ resource caps, float inputs, stream choice
+def write_extreme_clip(path, width: int = 16384, height: int = 2, frames: int = 4):
+    """A tiny file (a few KB) whose frames are `width` x `height`: resized to a 224 short side it would need GBs."""
+    for codec, suffix in (("libx264", ".mp4"), ("ffv1", ".mkv")):
+        target = path.with_suffix(suffix)
+        try:
+            with av.open(str(target), "w") as container:
+                stream = container.add_stream(codec, rate=4)
+                stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+                for t in range(frames):
+                    frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 40 * t, np.uint8), format="rgb24")
+                    for packet in stream.encode(frame):
+                        container.mux(packet)
+                for packet in stream.encode():
+                    container.mux(packet)
+            return target
+        except av.FFmpegError:
+            continue
+    pytest.skip("no PyAV encoder for extreme frame sizes")  # pragma: no cover
+
+
+def test_extreme_aspect_clip_is_refused_before_decoding(tmp_path, monkeypatch):
+    from clusterstm.models import video_processing_clusterstm as vp
+
+    path = write_extreme_clip(tmp_path / "wide")
+    assert path.stat().st_size < 50_000
+    base = ClusterSTMVideoProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+
+    def never(*args, **kwargs):
+        raise AssertionError("frames were decoded before the size check")
+
+    monkeypatch.setattr(vp, "_decode_selected_pyav", never)
+    with pytest.raises(VideoDecodingError, match=r"wide\.(mp4|mkv).*16384x2.*aspect ratio 8192") as info:
+        base([str(path)], return_tensors="pt")
+    assert "max_aspect_ratio=10.0" in str(info.value)
+    with pytest.raises(VideoDecodingError, match="16384x2"):
+        read_video_pyav(path, 4)
+
+
+def test_pixel_cap_is_configurable_and_saved(tmp_path):
+    path = tmp_path / "clip.mp4"
+    write_video_pyav(path, coloured_frames(8, 64, 64), fps=8)
+    small = ClusterSTMVideoProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, max_pixels_per_frame=1000
+    )
+    with pytest.raises(
+        VideoDecodingError, match=r"clip\.mp4.*64x64 frames \(4096 pixels\).*max_pixels_per_frame=1000"
+    ):
+        small([str(path)])
+    with pytest.raises(VideoDecodingError, match=r"in-memory video 0.*64x64"):
+        small(coloured_frames(8, 64, 64))
+    assert small([str(path)], max_pixels_per_frame=None, return_tensors="pt")["pixel_values"].shape[0] == 1
+    small.save_pretrained(tmp_path / "proc")
+    loaded = ClusterSTMVideoProcessor.from_pretrained(tmp_path / "proc")
+    assert (loaded.max_pixels_per_frame, loaded.max_aspect_ratio) == (1000, 10.0)
+    default = ClusterSTMVideoProcessor()
+    assert (default.max_pixels_per_frame, default.max_aspect_ratio) == (3840 * 2160, 10.0)
+    with pytest.raises(ValueError, match="max_aspect_ratio"):
+        ClusterSTMVideoProcessor(max_aspect_ratio=0.5)
+
+
+def test_float_unit_range_video_is_not_rescaled_twice(processor, caplog):
+    clip = np.random.default_rng(0).integers(0, 256, (8, 40, 48, 3), dtype=np.uint8)
+    reference = processor(clip, return_tensors="pt")["pixel_values"]
+    with caplog.at_level("WARNING"):
+        unit = processor(clip.astype(np.float32) / 255, return_tensors="pt")["pixel_values"]
+        processor(torch.from_numpy(clip).double() / 255, return_tensors="pt")
+    torch.testing.assert_close(unit, reference, rtol=0, atol=1e-6)
+    assert sum("already rescaled" in r.message for r in caplog.records) == 1  # warned once
+    # Floats beyond 1 keep [0, 255] semantics; do_rescale=False uses the values as given.
+    byte_range = processor(clip.astype(np.float32), return_tensors="pt")["pixel_values"]
+    assert (byte_range - reference).abs().mean() < 0.05
+    raw = processor(clip.astype(np.float32) / 255, do_rescale=False, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(raw, byte_range, rtol=0, atol=1e-4)  # the same float pipeline, scaled
+
+
+def test_still_image_stream_is_not_read(tmp_path):
+    """A 2-stream mkv whose first stream is a single still picture: the moving stream is decoded."""
+    path = tmp_path / "two_streams.mkv"
+    moving = coloured_frames(8)
+    with av.open(str(path), "w") as container:
+        still = container.add_stream("mjpeg", rate=1)
+        still.width, still.height, still.pix_fmt = 32, 32, "yuvj420p"
+        video = container.add_stream("libx264", rate=8)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        for packet in still.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")):
+            container.mux(packet)
+        for packet in still.encode():
+            container.mux(packet)
+        for frame in moving:
+            for packet in video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+    frames = read_video_pyav(path, 8)
+    assert [decoded_index(f, 8) for f in frames] == list(range(8))
+
+
+def test_attached_picture_is_never_chosen():
+    from types import SimpleNamespace
+
+    from clusterstm.models.video_processing_clusterstm import _pick_video_stream
+
+    attached, default = int(av.stream.Disposition.attached_pic), int(av.stream.Disposition.default)
+    cover = SimpleNamespace(index=0, frames=500, disposition=attached)
+    short = SimpleNamespace(index=1, frames=10, disposition=0)
+    longer = SimpleNamespace(index=2, frames=30, disposition=0)
+    tied = SimpleNamespace(index=3, frames=30, disposition=default)
+    container = SimpleNamespace(streams=SimpleNamespace(video=[cover, short, longer]))
+    assert _pick_video_stream(container, "x.mp4") == (2, 30)
+    container.streams.video.append(tied)
+    assert _pick_video_stream(container, "x.mp4") == (3, 30)
+    with pytest.raises(VideoDecodingError, match="attached picture"):
+        _pick_video_stream(SimpleNamespace(streams=SimpleNamespace(video=[cover])), "cover.mp4")

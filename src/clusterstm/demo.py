@@ -156,6 +156,10 @@ def _summary_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: Peak learning rate of the demo's pretraining stage (also written into the model card).
+PRETRAIN_LEARNING_RATE = 5e-4
+
+
 def run_demo(output_dir: str | Path = "demo_output", seed: int = 0, quick: bool = False) -> dict[str, Any]:
     """Runs the demo and returns (and writes to ``output_dir/results.json``) what it measured."""
     from tqdm.auto import tqdm
@@ -204,7 +208,7 @@ def run_demo(output_dir: str | Path = "demo_output", seed: int = 0, quick: bool 
             output_dir=str(pretrain_dir),
             max_steps=settings.pretrain_steps,
             per_device_train_batch_size=settings.batch_size,
-            learning_rate=5e-4,
+            learning_rate=PRETRAIN_LEARNING_RATE,
             warmup_ratio=0.1,
             seed=seed,
             logging_steps=5,
@@ -240,6 +244,7 @@ def run_demo(output_dir: str | Path = "demo_output", seed: int = 0, quick: bool 
             "teacher": "tiny CLIP trained by the demo (teacher/)",
             "dataset": "ClusterSTM synthetic benchmark",
             "steps": results["pretraining"]["global_step"],
+            "learning_rate": PRETRAIN_LEARNING_RATE,
             "seed": seed,
         },
         eval_results=[

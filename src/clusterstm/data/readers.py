@@ -7,6 +7,7 @@ torchcodec, which is not usable on CPU-only installs, so it is never used here.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -15,34 +16,152 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.video_processing_clusterstm import VideoDecodingError, read_video_pyav
+from ..models.video_processing_clusterstm import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_PIXELS_PER_FRAME,
+    VideoDecodingError,
+    check_frame_size,
+    read_video_pyav,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Column that holds the resolved video path in datasets returned by [`load_video_text_dataset`].
 VIDEO_PATH_COLUMN = "video_path"
+#: Where a user column that was already named `video_path` (but is not the video column) is kept.
+USER_VIDEO_PATH_COLUMN = "user_video_path"
 _SPLIT_ALIASES = {"validation": ("validation", "val", "valid", "dev"), "val": ("validation", "val", "valid", "dev")}
 
 
-def resolve_video_path(video_root: str, relative: str, row: int | str = "?", field: str = "file_name") -> str:
+def _where(source: str | None, row: int | str) -> str:
+    return f"{source}: Row {row}" if source else f"Row {row}"
+
+
+def resolve_video_path(
+    video_root: str, relative: str, row: int | str = "?", field: str = "file_name", source: str | None = None
+) -> str:
     """
     Join `relative` to `video_root` and check that the result stays inside the root (no `..` or absolute escapes).
 
+    This is the one path resolver of the package: pretraining corpora and fine-tuning annotations both use it.
+
+    Args:
+        source: the annotation file, named in errors.
+
     Raises:
-        `ValueError`: naming the row and field when the value is empty or the path escapes `video_root`.
+        `ValueError`: naming the file, the row and the field when the value is empty or not a string, or the path
+            escapes `video_root`.
     """
     if not isinstance(relative, str) or not relative.strip():
-        raise ValueError(f"Row {row}: field {field!r} is missing or empty (got {relative!r}).")
+        raise ValueError(f"{_where(source, row)}: field {field!r} is missing or empty (got {relative!r}).")
     root = os.path.realpath(video_root)
     resolved = os.path.realpath(os.path.join(root, relative))
     if os.path.commonpath([root, resolved]) != root:
-        raise ValueError(f"Row {row}: field {field!r} = {relative!r} points outside the video root {video_root!r}.")
+        raise ValueError(
+            f"{_where(source, row)}: field {field!r} = {relative!r} points outside the video root {video_root!r}."
+        )
     return resolved
 
 
-def _check_caption(caption: Any, row: int | str, field: str) -> None:
+def _check_caption(caption: Any, row: int | str, field: str, source: str | None = None) -> None:
     if not isinstance(caption, str) or not caption.strip():
-        raise ValueError(f"Row {row}: field {field!r} is missing or empty (got {caption!r}).")
+        raise ValueError(f"{_where(source, row)}: field {field!r} is missing or empty (got {caption!r}).")
+
+
+def _decode_line(raw: bytes, path: str, number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: line {number} is not valid UTF-8 (byte {error.start + 1} of the line: {raw[error.start : error.start + 4]!r}); "
+            "annotation files must be UTF-8 encoded."
+        ) from None
+
+
+def iter_jsonl_records(path: str | os.PathLike, max_records: int | None = None):
+    """
+    Yield `(line number, record)` for every non-blank line of a jsonl file, with errors that name the file and the
+    line: bytes that are not UTF-8 (and where), a line that is not JSON (and the column), a line that is not a
+    JSON object. At most `max_records` records when given.
+    """
+    path = os.fspath(path)
+    found = 0
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            text = _decode_line(raw, path, number).lstrip("\ufeff" if number == 1 else "")
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{path}: line {number} is not valid JSON ({error.msg} at column {error.colno})."
+                ) from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}: line {number} is a JSON {type(record).__name__}, expected an object.")
+            yield number, record
+            found += 1
+            if max_records is not None and found >= max_records:
+                return
+
+
+def read_jsonl_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a jsonl file (see [`iter_jsonl_records`]); an empty file is an error naming it."""
+    records = [record for _, record in iter_jsonl_records(path)]
+    if not records:
+        raise ValueError(f"{os.fspath(path)} holds no records (the file is empty or only has blank lines).")
+    return records
+
+
+def _diagnose_annotation_file(path: str, builder: str, streaming: bool) -> None:
+    """Raise a `ValueError` naming the file and the line of the first problem `datasets` would stumble on: bytes that
+    are not UTF-8, a jsonl line that is not a JSON object, no records at all.
+
+    One pass over the file (json files are parsed once more by `datasets`). Streaming only looks at the first record
+    (the point of streaming is not to read the whole file up front); later bad lines fail while streaming.
+    """
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty: an annotation file needs a header (csv) or at least one record.")
+    if path.lower().endswith(".gz"):
+        return
+    if builder == "json":
+        with open(path, "rb") as handle:
+            head = handle.read(1).lstrip()
+        if path.lower().endswith(".json") and head in (b"[", b"{") and not streaming:
+            raw = open(path, "rb").read()
+            try:
+                json.loads(_decode_line(raw, path, 1))
+            except json.JSONDecodeError as error:
+                if "Extra data" not in error.msg:  # otherwise it is jsonl content in a .json file
+                    raise ValueError(
+                        f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})."
+                    ) from None
+            else:
+                return
+        found = sum(1 for _ in iter_jsonl_records(path, max_records=1 if streaming else None))
+        if not found:
+            raise ValueError(f"{path} holds no records (the file is empty or only has blank lines).")
+    elif builder == "csv":
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                _decode_line(raw, path, number)
+                if streaming and number > 1:
+                    break
+
+
+def _load_annotation_file(path: str, streaming: bool):
+    from datasets import load_dataset
+
+    builder = _builder_for(path)
+    # "None", "NA", "null" ... are valid captions: no pandas NA guessing (an empty cell stays "" and is rejected).
+    extra = {"keep_default_na": False} if builder == "csv" else {}
+    # Checked before `datasets` reads the file: it stores invalid UTF-8 without complaint (the error only comes when a
+    # row is read) and reports bad JSON without a line. Streaming checks the first record only.
+    _diagnose_annotation_file(path, builder, streaming=streaming)
+    try:
+        return load_dataset(builder, data_files=path, split="train", streaming=streaming, **extra)
+    except Exception as error:
+        raise ValueError(f"Could not read annotation file {path}: {type(error).__name__}: {error}") from error
 
 
 def _builder_for(path: str) -> str:
@@ -116,7 +235,7 @@ def load_video_text_dataset(
         if not os.path.isfile(train_file):
             raise ValueError(f"Annotation file not found: {train_file!r}")
         root = os.fspath(video_root) if video_root is not None else os.path.dirname(os.path.abspath(train_file))
-        dataset = load_dataset(_builder_for(train_file), data_files=train_file, split="train", streaming=streaming)
+        dataset = _load_annotation_file(train_file, streaming)
     else:
         if video_root is None:
             raise ValueError(f"`video_root` is required to resolve video paths of dataset {dataset_name!r}.")
@@ -125,17 +244,23 @@ def load_video_text_dataset(
 
     if not os.path.isdir(root):
         raise ValueError(f"Video root folder not found: {root!r}")
+    source = train_file if train_file is not None else dataset_name
     columns = dataset.column_names
     if columns is not None:
         for name in (video_column, caption_column):
             if name not in columns:
-                raise ValueError(f"Column {name!r} not found in the annotations (columns: {columns}).")
+                raise ValueError(f"{source}: Column {name!r} not found in the annotations (columns: {columns}).")
+    # A user column that happens to be called `video_path` is kept under another name: `video_path` is where the
+    # resolved path goes.
+    keep_user_column = video_column != VIDEO_PATH_COLUMN
 
     def add_path(row: dict[str, Any], index: int) -> dict[str, Any]:
-        _check_caption(row.get(caption_column), index, caption_column)
-        path = resolve_video_path(root, row.get(video_column), index, video_column)
+        _check_caption(row.get(caption_column), index, caption_column, source)
+        path = resolve_video_path(root, row.get(video_column), index, video_column, source)
         if verify_files:
-            _check_video_file(path, index, video_column)
+            _check_video_file(path, index, video_column, source)
+        if keep_user_column and VIDEO_PATH_COLUMN in row:
+            return {USER_VIDEO_PATH_COLUMN: row[VIDEO_PATH_COLUMN], VIDEO_PATH_COLUMN: path}
         return {VIDEO_PATH_COLUMN: path}
 
     if streaming:
@@ -144,18 +269,36 @@ def load_video_text_dataset(
     videos, captions = dataset[video_column], dataset[caption_column]
     paths = []
     for index, (video, caption) in enumerate(zip(videos, captions)):
-        _check_caption(caption, index, caption_column)
-        paths.append(resolve_video_path(root, video, index, video_column))
+        _check_caption(caption, index, caption_column, source)
+        paths.append(resolve_video_path(root, video, index, video_column, source))
         if verify_files:
-            _check_video_file(paths[-1], index, video_column)
+            _check_video_file(paths[-1], index, video_column, source)
+    if VIDEO_PATH_COLUMN in dataset.column_names:
+        if keep_user_column:
+            if USER_VIDEO_PATH_COLUMN in dataset.column_names:
+                raise ValueError(
+                    f"{source}: columns {VIDEO_PATH_COLUMN!r} and {USER_VIDEO_PATH_COLUMN!r} both exist; rename one "
+                    f"({VIDEO_PATH_COLUMN!r} receives the resolved path of {video_column!r})."
+                )
+            logger.warning(
+                "%s: column %r is kept as %r; %r holds the resolved path of %r.",
+                source,
+                VIDEO_PATH_COLUMN,
+                USER_VIDEO_PATH_COLUMN,
+                VIDEO_PATH_COLUMN,
+                video_column,
+            )
+            dataset = dataset.rename_column(VIDEO_PATH_COLUMN, USER_VIDEO_PATH_COLUMN)
+        else:
+            dataset = dataset.remove_columns(VIDEO_PATH_COLUMN)
     return dataset.add_column(VIDEO_PATH_COLUMN, paths)
 
 
-def _check_video_file(path: str, row: int | str, field: str) -> None:
+def _check_video_file(path: str, row: int | str, field: str, source: str | None = None) -> None:
     if not os.path.isfile(path):
-        raise VideoDecodingError(f"Row {row}: field {field!r}: video file not found: {path!r}")
+        raise VideoDecodingError(f"{_where(source, row)}: field {field!r}: video file not found: {path!r}")
     if os.path.getsize(path) == 0:
-        raise VideoDecodingError(f"Row {row}: field {field!r}: video file is empty (0 bytes): {path!r}")
+        raise VideoDecodingError(f"{_where(source, row)}: field {field!r}: video file is empty (0 bytes): {path!r}")
 
 
 class VideoTextCollator:
@@ -224,26 +367,44 @@ class VideoTextCollator:
         self.num_skipped = 0
 
     def _video_source(self, row: dict[str, Any]) -> Any:
-        if "video" in row and row["video"] is not None and not isinstance(row["video"], (str, dict)):
-            return row["video"]
+        # A resolved path wins: a `video` column next to it may be an id or any other user field.
         for key in (self.video_column, VIDEO_PATH_COLUMN, "video"):
             value = row.get(key)
             if isinstance(value, dict):  # datasets Video(decode=False) gives {"path": ..., "bytes": ...}
                 value = value.get("path")
             if isinstance(value, (str, os.PathLike)):
                 return value
+        clip = row.get("video")
+        # Only an array-like with frames is an in-memory clip; a scalar `video` (an id, a count) is not.
+        if isinstance(clip, (np.ndarray, torch.Tensor, list, tuple)) and np.ndim(clip) in (3, 4):
+            return clip
+        if clip is not None:
+            raise ValueError(
+                f"Column 'video' holds {type(clip).__name__} {clip!r:.60}, neither a video path nor a (T, H, W[, C]) "
+                f"clip, and the row has no {self.video_column!r} path; keys: {sorted(row)}."
+            )
         raise ValueError(f"Row has no video (looked for 'video', {self.video_column!r}); keys: {sorted(row)}.")
+
+    def _limits(self) -> tuple[int | None, float | None]:
+        return (
+            getattr(self.video_processor, "max_pixels_per_frame", DEFAULT_MAX_PIXELS_PER_FRAME),
+            getattr(self.video_processor, "max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO),
+        )
 
     def _decode(self, row: dict[str, Any]) -> np.ndarray | torch.Tensor:
         source = self._video_source(row)
         if isinstance(source, (str, os.PathLike)):
-            return read_video_pyav(source, self.num_frames, self.sampling)
+            return read_video_pyav(source, self.num_frames, self.sampling, None, *self._limits())
         clip = source if isinstance(source, torch.Tensor) else np.asarray(source)
         if isinstance(clip, np.ndarray) and clip.dtype.kind in "iu" and clip.dtype != np.uint8:
             # Unformatted / streamed rows come back as int64 lists; pixel values are bytes.
             clip = clip.clip(0, 255).astype(np.uint8)
         if clip.ndim not in (3, 4) or clip.shape[0] == 0:
             raise ValueError(f"In-memory video must be (T, H, W[, C]) with T >= 1, got shape {tuple(clip.shape)}.")
+        # (T, H, W), (T, H, W, C) or (T, C, H, W): the frame size is checked here, where a bad sample can be skipped.
+        channels_first = clip.ndim == 4 and clip.shape[-1] not in (1, 3, 4) and clip.shape[1] in (1, 3, 4)
+        height, width = clip.shape[2:4] if channels_first else clip.shape[1:3]
+        check_frame_size(width, height, "<in-memory clip>", *self._limits())
         return clip
 
     def _describe(self, row: dict[str, Any]) -> str:
@@ -320,4 +481,12 @@ class VideoTextCollator:
         return rows[pick], clips[pick]
 
 
-__all__ = ["VIDEO_PATH_COLUMN", "VideoTextCollator", "load_video_text_dataset", "resolve_video_path"]
+__all__ = [
+    "USER_VIDEO_PATH_COLUMN",
+    "VIDEO_PATH_COLUMN",
+    "VideoTextCollator",
+    "iter_jsonl_records",
+    "load_video_text_dataset",
+    "read_jsonl_records",
+    "resolve_video_path",
+]

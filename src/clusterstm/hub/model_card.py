@@ -9,6 +9,9 @@ The template is the `MODEL_CARD_TEMPLATE` string below (see `model_cards/README.
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +111,33 @@ outputs = model(**inputs)
 """
 
 
+# `namespace/name` (or a bare canonical name) as the Hub spells repository ids; nothing with path syntax.
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_LOSS_WEIGHT_KEYS = ("contrastive", "matching", "mlm", "relevance", "alignment")
+
+
+def hub_model_reference(value: Any) -> tuple[str | None, str | None]:
+    """`(base_model for the card metadata, text naming the model)` of a model reference.
+
+    Only a value that looks like a Hub id (`namespace/name`, no path syntax) and is not an existing local folder
+    becomes `base_model` (which the Hub renders as a link). A local folder (absolute, `./`, `~` or existing path) is
+    named by its folder name only, so no local absolute path (user names, mount points) ever lands in a published
+    card and no broken Hub link is made; other free text is shown as given and never linked.
+    """
+    if value is None:
+        return None, None
+    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    if not text.strip():
+        return None, None
+    local = os.path.isabs(text) or text.startswith((".", "~")) or os.path.exists(text)
+    if not local and _HUB_ID.match(text) and ".." not in text:
+        return text, text
+    if not local:
+        return None, text  # free text ("tiny CLIP trained by the demo"): shown, never linked
+    name = Path(text.rstrip("/\\")).name
+    return None, f"{name} (local checkpoint)" if name else None
+
+
 def _config_dict(config_or_dict: Any) -> dict[str, Any]:
     if config_or_dict is None:
         return {}
@@ -185,6 +215,7 @@ def build_model_card(
     run_info: dict[str, Any],
     eval_results: list[dict[str, Any]] | None = None,
     pipeline_tag: str | None = "feature-extraction",
+    train_results: dict[str, Any] | None = None,
 ) -> ModelCard:
     """Build the model card of a ClusterSTM checkpoint.
 
@@ -193,12 +224,15 @@ def build_model_card(
             are read from it when `run_info` does not give them.
         run_info: facts about the run. Keys used (all optional): `model_name`, `repo_id`, `license` (default
             `apache-2.0`), `datasets` (list of dataset ids/names), `base_model`, `tags` (extra tags), `language`,
-            `teacher`, `mask_strategy`, `mask_ratio`, `objectives` (dict name -> weight), `train_data` (text),
-            `steps`, `num_frames`, `image_size`, `batch_size`, `learning_rate`, `summary` (free text),
-            `limitations` (text).
+            `teacher`, `mask_strategy`, `mask_ratio`, `objectives` (dict name -> weight), `train_data` (text; alias
+            `dataset`), `steps`, `num_frames`, `image_size`, `batch_size`, `learning_rate`, `summary` (free text),
+            `limitations` (text). `base_model` and `teacher` may be local folders: they are then named by their
+            folder name (see `hub_model_reference`), never by their path.
         eval_results: list of `{"task": "retrieval"|"qa"|"captioning", "dataset_name", "dataset_type",
             "dataset_split", "protocol", "metrics": <dict returned by clusterstm.metrics / eval_results.json>}`.
         pipeline_tag: Hub pipeline tag (`"feature-extraction"` for the base model, `None` to omit).
+        train_results: the `train_results.json` of the run (pretraining or `Trainer`); fills what `run_info` does
+            not give: steps (`global_step`), global batch size (`train_global_batch_size`), masking, learning rate.
 
     Returns:
         A `huggingface_hub.ModelCard` whose metadata holds the results as `model-index`.
@@ -210,7 +244,10 @@ def build_model_card(
     repo_id = run_info.get("repo_id") or f"your-username/{model_name}"
     results = _eval_results(eval_results)
 
+    train_results = dict(train_results or {})
     datasets = run_info.get("datasets")
+    base_model, base_model_text = hub_model_reference(run_info.get("base_model"))
+    _, teacher_text = hub_model_reference(_first(run_info.get("teacher"), config.get("teacher_name_or_path")))
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
@@ -219,41 +256,66 @@ def build_model_card(
         pipeline_tag=pipeline_tag,
         datasets=list(datasets) if datasets else None,
         language=run_info.get("language"),
-        base_model=run_info.get("base_model"),
+        base_model=base_model,
         eval_results=results or None,
     )
 
     masking = config.get("masking", {}) if isinstance(config.get("masking"), dict) else {}
-    objectives = run_info.get("objectives") or config.get("loss_weights")
+    # The config stores one `<name>_loss_weight` per objective (0 = off).
+    config_weights = {
+        name: config[f"{name}_loss_weight"] for name in _LOSS_WEIGHT_KEYS if config.get(f"{name}_loss_weight")
+    }
+    objectives = run_info.get("objectives") or config.get("loss_weights") or config_weights or None
+    train_data = _first(
+        run_info.get("train_data"), run_info.get("dataset"), ", ".join(datasets) if datasets else None, "n/a"
+    )
+    batch_size = _first(
+        run_info.get("batch_size"),
+        train_results.get("train_global_batch_size"),
+        train_results.get("total_train_batch_size"),
+        "?",
+    )
     recipe = [
-        ["Teacher", _first(run_info.get("teacher"), config.get("teacher_name_or_path"), "none")],
+        ["Teacher", _first(teacher_text, "none")],
         [
             "Masking strategy",
             _first(
                 run_info.get("mask_strategy"),
+                train_results.get("mask_strategy"),
                 config.get("mask_strategy"),
                 masking.get("strategy"),
                 "cluster-wise (ClusterSTM)",
             ),
         ],
-        ["Mask ratio", _first(run_info.get("mask_ratio"), config.get("mask_ratio"), masking.get("mask_ratio"), "n/a")],
+        [
+            "Mask ratio",
+            _first(
+                run_info.get("mask_ratio"),
+                train_results.get("mask_ratio"),
+                config.get("mask_ratio"),
+                masking.get("mask_ratio"),
+                "n/a",
+            ),
+        ],
         [
             "Objectives (weights)",
             ", ".join(f"{k} ({v})" for k, v in objectives.items())
             if isinstance(objectives, dict)
             else _first(objectives, "n/a"),
         ],
-        ["Pretraining data", _first(run_info.get("train_data"), ", ".join(datasets) if datasets else None, "n/a")],
-        ["Steps", _first(run_info.get("steps"), "n/a")],
+        ["Pretraining data", train_data],
+        ["Steps", _first(run_info.get("steps"), train_results.get("global_step"), "n/a")],
         [
             "Frames x resolution",
             f"{_first(run_info.get('num_frames'), config.get('vision_config', {}).get('num_frames'), '?')} x {_first(run_info.get('image_size'), config.get('vision_config', {}).get('image_size'), '?')}",
         ],
         [
-            "Batch size / learning rate",
-            f"{_first(run_info.get('batch_size'), '?')} / {_first(run_info.get('learning_rate'), '?')}",
+            "Global batch size / learning rate",
+            f"{batch_size} / {_first(run_info.get('learning_rate'), train_results.get('learning_rate'), '?')}",
         ],
     ]
+    if base_model_text is not None:
+        recipe.insert(0, ["Initialised from", base_model_text])
     if results:
         rows = [
             [
@@ -296,7 +358,16 @@ def write_model_card(
     eval_results: list[dict[str, Any]] | None = None,
     pipeline_tag: str | None = "feature-extraction",
 ) -> Path:
-    """Build the model card and save it as `folder/README.md`; returns the path."""
+    """Build the model card and save it as `folder/README.md`; returns the path.
+
+    A `train_results.json` in `folder` (written by pretraining and by `Trainer`) fills the recipe facts `run_info`
+    leaves out.
+    """
     path = Path(folder) / "README.md"
-    build_model_card(config_or_dict, run_info, eval_results, pipeline_tag=pipeline_tag).save(path)
+    results_path = Path(folder) / "train_results.json"
+    train_results = json.loads(results_path.read_text()) if results_path.is_file() else None
+    card = build_model_card(
+        config_or_dict, run_info, eval_results, pipeline_tag=pipeline_tag, train_results=train_results
+    )
+    card.save(path)
     return path

@@ -4,19 +4,55 @@
 model repository, after checking that the folder is complete: a checkpoint pushed without its remote-code `.py`
 files or its processor files loads nowhere (transformers#15224, #46165). The token is passed to `huggingface_hub`
 only; it is never printed, logged, or put in an error message.
+
+Only an allow-list of files is uploaded (`select_upload_files`): a training output folder also holds `.env` files,
+logs, optimizer/RNG states and half-written `.tmp-checkpoint-*` folders, none of which may leave the machine.
+Symbolic links are followed only when their target lies inside the folder; a link pointing outside is refused.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# Files of a training output folder that are not part of a published model.
+# Files of a published ClusterSTM checkpoint (`fnmatch` patterns on file names at the top of the folder).
+UPLOAD_ALLOW_PATTERNS = (
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "*_clusterstm.py",
+    "README.md",
+)
+# Sub-folders that are part of a documented checkpoint, with the files allowed inside them. `teacher/` is the frozen
+# CLIP/SigLIP teacher that `clusterstm visualize` finds next to the student (the demo checkpoint ships one): weights,
+# config, image processor and tokenizer only.
+UPLOAD_ALLOW_SUBFOLDERS: dict[str, tuple[str, ...]] = {
+    "teacher": tuple(p for p in UPLOAD_ALLOW_PATTERNS if p not in ("*_clusterstm.py", "README.md")),
+}
+
+# Training leftovers excluded even if a pattern above matched (kept for callers that pass extra ignore patterns).
 DEFAULT_IGNORE_PATTERNS = [
     "checkpoint-*",
     "checkpoint-*/**",
@@ -30,6 +66,72 @@ DEFAULT_IGNORE_PATTERNS = [
     "training_args.bin",
     "trainer_state.json",
 ]
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def select_upload_files(
+    folder: str | Path, ignore_patterns: Sequence[str] | None = None
+) -> tuple[list[tuple[str, Path]], list[str]]:
+    """The files of `folder` that `push_checkpoint` uploads, and those it leaves out.
+
+    A file is uploaded when its name matches `UPLOAD_ALLOW_PATTERNS` at the top of the folder, or the patterns of an
+    allowed sub-folder (`UPLOAD_ALLOW_SUBFOLDERS`, e.g. `teacher/config.json`), and no pattern of `ignore_patterns`.
+    Everything else (`.env`, `logs/`, `checkpoint-*/`, `.tmp-checkpoint-*/`, optimizer/RNG states, any other file)
+    stays local. A symbolic link (file or sub-folder) is followed only when its target is inside the folder.
+
+    Returns:
+        `([(path in the repo, real local path), ...], [left-out entries, relative to the folder])`, both sorted.
+
+    Raises:
+        `ValueError`: an allow-listed entry is a symbolic link whose target lies outside the folder (the message
+            names the link, not the target's content).
+    """
+    root = Path(folder).resolve()
+    ignore = list(DEFAULT_IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns)
+    selected: list[tuple[str, Path]] = []
+    left_out: list[str] = []
+
+    def real_inside(entry: Path, repo_path: str) -> Path:
+        real = entry.resolve()
+        if entry.is_symlink() and not _inside(real, root):
+            raise ValueError(
+                f"Refusing to upload {repo_path!r}: it is a symbolic link pointing outside the checkpoint folder "
+                f"{Path(folder).name!r}. Replace it by a copy of the file if it really belongs to the model."
+            )
+        return real
+
+    for entry in sorted(Path(folder).iterdir()):
+        name = entry.name
+        if name in UPLOAD_ALLOW_SUBFOLDERS and entry.is_dir():
+            sub_root = real_inside(entry, name + "/")
+            for child in sorted(sub_root.iterdir()):
+                repo_path = f"{name}/{child.name}"
+                if (
+                    child.is_file()
+                    and _matches(child.name, UPLOAD_ALLOW_SUBFOLDERS[name])
+                    and not _matches(repo_path, ignore)
+                ):
+                    selected.append((repo_path, real_inside(child, repo_path)))
+                else:
+                    left_out.append(repo_path + ("/" if child.is_dir() else ""))
+            continue
+        if entry.is_file() and _matches(name, UPLOAD_ALLOW_PATTERNS) and not _matches(name, ignore):
+            selected.append((name, real_inside(entry, name)))
+        else:
+            left_out.append(name + ("/" if entry.is_dir() else ""))
+    return selected, left_out
+
 
 _PROCESSOR_CONFIGS = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 _TOKENIZER_VOCABS = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
@@ -126,8 +228,10 @@ def push_checkpoint(
 ):
     """Upload a complete checkpoint folder to a Hub model repository.
 
-    Creates the repository if needed (`exist_ok`), creates the branch `revision` if given, then uploads the folder in
-    one commit (training leftovers such as `checkpoint-*/` and optimizer states are skipped).
+    Creates the repository if needed (`exist_ok`), creates the branch `revision` if given, then uploads the
+    allow-listed files of the folder (`select_upload_files`: weights, configs, processor/tokenizer files, remote
+    code, model card, `teacher/`) in one commit; nothing else leaves the machine. Every `--push_to_hub` of the
+    package goes through this function.
 
     Args:
         folder: checkpoint folder (`save_pretrained` output with processor files, remote code and README.md).
@@ -138,29 +242,33 @@ def push_checkpoint(
         commit_message: message of the upload commit.
         endpoint: Hub endpoint; `None` uses `HF_ENDPOINT` / huggingface.co.
         require_processor, require_model_card: relax the completeness check (e.g. for intermediate pushes).
-        ignore_patterns: glob patterns not to upload (defaults to `DEFAULT_IGNORE_PATTERNS`).
+        ignore_patterns: glob patterns excluded on top of the allow-list (defaults to `DEFAULT_IGNORE_PATTERNS`).
 
     Returns:
         `huggingface_hub.CommitInfo` of the upload (`.commit_url`, `.oid`, `.repo_url`).
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     if not isinstance(hub_model_id, str) or hub_model_id.count("/") != 1 or not all(hub_model_id.split("/")):
         raise ValueError(f"hub_model_id must look like 'namespace/name', got {hub_model_id!r}")
     check_checkpoint_folder(folder, require_processor=require_processor, require_model_card=require_model_card)
+    # Decide what is uploaded (and refuse outside links) before the first request.
+    files, left_out = select_upload_files(folder, ignore_patterns)
+    if left_out:
+        logger.info("Not uploaded (not part of a published checkpoint): %s", ", ".join(left_out))
 
     api = HfApi(endpoint=endpoint, token=token)
     repo_url = api.create_repo(hub_model_id, private=private, exist_ok=True, repo_type="model")
     logger.info("Pushing %s to %s", Path(folder).name, repo_url)
     if revision is not None and revision != "main":
         api.create_branch(hub_model_id, branch=revision, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(
-        folder_path=str(folder),
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files]
+    commit = api.create_commit(
         repo_id=hub_model_id,
+        operations=operations,
+        commit_message=commit_message,
         repo_type="model",
         revision=revision,
-        commit_message=commit_message,
-        ignore_patterns=list(DEFAULT_IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns),
     )
     logger.info("Pushed commit %s", commit.oid)
     return commit

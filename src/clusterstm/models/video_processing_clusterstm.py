@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,80 @@ except ImportError:  # pragma: no cover
 
 SAMPLING_MODES = ("uniform", "random")
 
+#: Default cap on the decoded pixels of one frame (4K UHD, 3840x2160): one video can never make a worker allocate more
+#: than `num_frames` such frames, whatever its file size.
+DEFAULT_MAX_PIXELS_PER_FRAME = 3840 * 2160
+#: Default cap on a frame's long side / short side. Resizing the short side to `size["shortest_edge"]` multiplies the
+#: long side by the same factor, so an extreme aspect (a 16384x2 clip) would otherwise become a multi-GB tensor.
+DEFAULT_MAX_ASPECT_RATIO = 10.0
+
 
 class VideoDecodingError(ValueError):
-    """Raised when a video file is missing, empty, corrupt or has no decodable video frames. The message names the file."""
+    """Raised when a video file is missing, empty, corrupt, has no decodable video frames, or frames larger than the
+    processor's caps (`max_pixels_per_frame`, `max_aspect_ratio`). The message names the file."""
+
+
+def check_frame_size(
+    width: int,
+    height: int,
+    source: str,
+    max_pixels_per_frame: int | None = DEFAULT_MAX_PIXELS_PER_FRAME,
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
+) -> None:
+    """
+    Refuse a frame size before anything of that size is decoded or allocated.
+
+    Raises:
+        [`VideoDecodingError`]: naming `source` and the size, when `width * height > max_pixels_per_frame` or
+            `max(width, height) / min(width, height) > max_aspect_ratio` (a cap of `None` is off).
+    """
+    width, height = int(width), int(height)
+    if width <= 0 or height <= 0:
+        raise VideoDecodingError(f"Video {source} has an invalid frame size {width}x{height}.")
+    if max_pixels_per_frame is not None and width * height > max_pixels_per_frame:
+        raise VideoDecodingError(
+            f"Video {source} has {width}x{height} frames ({width * height} pixels), more than max_pixels_per_frame="
+            f"{max_pixels_per_frame} of the video processor."
+        )
+    aspect = max(width, height) / min(width, height)
+    if max_aspect_ratio is not None and aspect > max_aspect_ratio:
+        raise VideoDecodingError(
+            f"Video {source} has {width}x{height} frames (aspect ratio {aspect:.1f}), more than max_aspect_ratio="
+            f"{max_aspect_ratio} of the video processor."
+        )
+
+
+def _is_attached_picture(stream: Any) -> bool:
+    import av
+
+    disposition = getattr(stream, "disposition", 0)
+    return bool(int(disposition) & int(av.stream.Disposition.attached_pic))
+
+
+def _is_default_stream(stream: Any) -> bool:
+    import av
+
+    return bool(int(getattr(stream, "disposition", 0)) & int(av.stream.Disposition.default))
+
+
+def _pick_video_stream(container: Any, path: str) -> tuple[int, int]:
+    """
+    `(stream index, frame count)` of the video stream to read.
+
+    Attached pictures (cover art, disposition `attached_pic`) are never chosen. Among the other video streams the one
+    with the most frames wins (frames counted from packets, without decoding, when the container does not store a
+    count); ties go to the stream marked default, then to the first one.
+    """
+    candidates = [s for s in container.streams.video if not _is_attached_picture(s)]
+    if not candidates:
+        if len(container.streams.video):
+            raise VideoDecodingError(f"The only video stream of {path!r} is an attached picture (cover art).")
+        raise VideoDecodingError(f"No video stream in file: {path!r}")
+    counts = {s.index: int(s.frames or 0) for s in candidates}
+    if any(count <= 0 for count in counts.values()):
+        counts = _count_frames_pyav(path, [s.index for s in candidates])
+    best = max(candidates, key=lambda s: (counts[s.index], _is_default_stream(s), -s.index))
+    return best.index, counts[best.index]
 
 
 def _random_offsets(num: int, generator: Any = None) -> np.ndarray:
@@ -96,26 +168,29 @@ def _check_video_file(path: str) -> None:
         raise VideoDecodingError(f"Video file is empty (0 bytes): {path!r}")
 
 
-def _count_frames_pyav(path: str) -> int:
-    """Count video frames by demuxing packets (no decoding) when the container does not store a frame count."""
+def _count_frames_pyav(path: str, stream_indices: list[int]) -> dict[int, int]:
+    """Count the frames of the given video streams by demuxing packets (no decoding), in one pass over the file."""
     import av
 
-    count = 0
+    counts = dict.fromkeys(stream_indices, 0)
     with av.open(path) as container:
-        stream = container.streams.video[0]
-        for packet in container.demux(stream):
+        streams = [container.streams[i] for i in stream_indices]
+        for packet in container.demux(streams):
             # The flush packet at the end has no data and no pts.
-            if packet.size > 0:
-                count += 1
-    return count
+            if packet.size > 0 and packet.stream.index in counts:
+                counts[packet.stream.index] += 1
+    return counts
 
 
-def _decode_selected_pyav(path: str, wanted: np.ndarray) -> tuple[dict[int, np.ndarray], int]:
+def _decode_selected_pyav(
+    path: str, wanted: np.ndarray, stream_index: int, limits: tuple[int | None, float | None]
+) -> tuple[dict[int, np.ndarray], int]:
     """
     Decode frames in presentation order and convert only the wanted indices to RGB arrays.
 
     Stops right after the last wanted frame, so memory holds at most `len(set(wanted))` frames whatever the length
-    of the video. Returns the kept frames by index and how many frames were decoded.
+    of the video. Every frame's size is checked against `limits` before it is converted (a header may lie).
+    Returns the kept frames by index and how many frames were decoded.
     """
     import av
 
@@ -124,8 +199,9 @@ def _decode_selected_pyav(path: str, wanted: np.ndarray) -> tuple[dict[int, np.n
     kept: dict[int, np.ndarray] = {}
     count = 0
     with av.open(path) as container:
-        stream = container.streams.video[0]
+        stream = container.streams[stream_index]
         for frame in container.decode(stream):
+            check_frame_size(frame.width, frame.height, repr(path), *limits)
             if count in needed:
                 # rgb24 conversion also turns grayscale / yuv444 / odd-sized sources into (H, W, 3) uint8.
                 kept[count] = frame.to_ndarray(format="rgb24")
@@ -140,9 +216,16 @@ def read_video_pyav(
     num_frames: int = 8,
     sampling: str = "uniform",
     generator: Any = None,
+    max_pixels_per_frame: int | None = DEFAULT_MAX_PIXELS_PER_FRAME,
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
 ) -> np.ndarray:
     """
     Decode `num_frames` frames of a video file with PyAV, sampling before decoding.
+
+    The frame size the stream declares is checked against `max_pixels_per_frame` and `max_aspect_ratio` before
+    anything is decoded (and every decoded frame again before conversion), so one small file with huge or extremely
+    elongated frames cannot exhaust memory. The stream read is the video stream with the most frames (ties: the
+    default stream), never an attached picture.
 
     Only the sampled frames are converted to arrays and decoding stops after the last one, so long videos are never
     held in memory. Frame indices come from [`sample_frame_indices`] over the container's frame count (counted from
@@ -155,34 +238,39 @@ def read_video_pyav(
         num_frames (`int`, *optional*, defaults to 8): Number of frames to return.
         sampling (`str`, *optional*, defaults to `"uniform"`): `"uniform"` (eval) or `"random"` (train).
         generator (*optional*): `torch.Generator`, `np.random.Generator` or int seed for random sampling.
+        max_pixels_per_frame (`int`, *optional*, defaults to 3840*2160): cap on `width * height` (`None`: off).
+        max_aspect_ratio (`float`, *optional*, defaults to 10): cap on long side / short side (`None`: off).
 
     Returns:
         `np.ndarray` of shape `(num_frames, H, W, 3)`, dtype uint8 (frames repeated when the video is shorter).
 
     Raises:
-        [`VideoDecodingError`]: the file is missing, empty, corrupt, or holds no decodable video stream.
+        [`VideoDecodingError`]: the file is missing, empty, corrupt, holds no decodable video stream, or its frames
+            exceed the caps (the message names the file and the size).
     """
     import av
 
     path = os.fspath(path)
     _check_video_file(path)
+    limits = (max_pixels_per_frame, max_aspect_ratio)
     try:
         with av.open(path) as container:
-            if len(container.streams.video) == 0:
-                raise VideoDecodingError(f"No video stream in file: {path!r}")
-            total = int(container.streams.video[0].frames or 0)
-        if total <= 0:
-            total = _count_frames_pyav(path)
+            stream_index, total = _pick_video_stream(container, path)
+            stream = container.streams[stream_index]
+            context = stream.codec_context  # None when the header is too damaged to describe the codec
+            width, height = (context.width, context.height) if context is not None else (0, 0)
+        if width and height:  # checked before any frame is decoded; unknown sizes are checked per decoded frame
+            check_frame_size(width, height, repr(path), *limits)
         if total <= 0:
             raise VideoDecodingError(f"No decodable video frames in file: {path!r}")
         indices = sample_frame_indices(total, num_frames, sampling, generator)
-        kept, decoded = _decode_selected_pyav(path, indices)
+        kept, decoded = _decode_selected_pyav(path, indices, stream_index, limits)
         if len(kept) < len(set(indices.tolist())):
             # The container lied about its length (truncated file, bad header): resample over what decodes.
             if decoded == 0:
                 raise VideoDecodingError(f"No decodable video frames in file: {path!r}")
             indices = sample_frame_indices(decoded, num_frames, sampling, generator)
-            kept, decoded = _decode_selected_pyav(path, indices)
+            kept, decoded = _decode_selected_pyav(path, indices, stream_index, limits)
             if len(kept) < len(set(indices.tolist())):
                 raise VideoDecodingError(f"Video file {path!r} decodes inconsistently ({decoded} frames).")
     except VideoDecodingError:
@@ -202,9 +290,15 @@ class ClusterSTMVideoProcessorKwargs(VideosKwargs, total=False):
     sampling (`str`, *optional*):
         `"uniform"` (middle frame of each of `num_frames` equal segments, for evaluation) or `"random"` (one random
         frame per segment, for training).
+    max_pixels_per_frame (`int`, *optional*):
+        Largest `width * height` of a frame accepted (checked before decoding); `None` turns the cap off.
+    max_aspect_ratio (`float`, *optional*):
+        Largest long side / short side of a frame accepted (checked before decoding); `None` turns the cap off.
     """
 
     sampling: str | None
+    max_pixels_per_frame: int | None
+    max_aspect_ratio: float | None
 
 
 class ClusterSTMVideoProcessor(BaseVideoProcessor):
@@ -223,6 +317,16 @@ class ClusterSTMVideoProcessor(BaseVideoProcessor):
 
     Extra call arguments: `sampling="uniform" | "random"` and `generator` (`torch.Generator`,
     `np.random.Generator` or int seed) for reproducible random sampling.
+
+    Resource caps (saved in the processor config): a video whose frames exceed `max_pixels_per_frame` pixels
+    (default 3840*2160) or whose aspect ratio exceeds `max_aspect_ratio` (default 10) raises [`VideoDecodingError`]
+    naming it and its size, before a file is decoded or an array is resized (`skip_bad_samples` skips such videos).
+
+    `do_rescale` and float inputs: integer videos are pixel values in [0, 255]. A floating-point video whose values
+    all lie in [0, 1] is taken as already rescaled: with `do_rescale=True` it is brought back to 8-bit pixel values
+    (`round(x * 255)`, the precision of decoded video) so it gives the same `pixel_values` as the uint8 video it came
+    from, instead of being divided by 255 a second time; a warning says so once per processor. Any other float video
+    is taken as values in [0, 255]. With `do_rescale=False` inputs are used as given.
     """
 
     # mlinter TRF016 (do_resize/do_center_crop/do_rescale/do_normalize/do_convert_rgb "never referenced"): the flags
@@ -243,6 +347,8 @@ class ClusterSTMVideoProcessor(BaseVideoProcessor):
     do_sample_frames = True
     num_frames = 8
     sampling = "uniform"
+    max_pixels_per_frame = DEFAULT_MAX_PIXELS_PER_FRAME
+    max_aspect_ratio = DEFAULT_MAX_ASPECT_RATIO
     valid_kwargs = ClusterSTMVideoProcessorKwargs
     model_input_names = ["pixel_values"]
 
@@ -252,6 +358,8 @@ class ClusterSTMVideoProcessor(BaseVideoProcessor):
             raise ValueError(f"`sampling` must be one of {SAMPLING_MODES}, got {self.sampling!r}.")
         if self.num_frames is None or int(self.num_frames) < 1:
             raise ValueError(f"`num_frames` must be a positive integer, got {self.num_frames!r}.")
+        _check_caps(self.max_pixels_per_frame, self.max_aspect_ratio)
+        self._warned_unit_float = False
 
     # ------------------------------------------------------------------ input handling
     @staticmethod
@@ -317,12 +425,40 @@ class ClusterSTMVideoProcessor(BaseVideoProcessor):
             tensor = tensor[:, :3]
         return tensor.contiguous()
 
-    def _load_video(self, video: Any, num_frames: int | None, sampling: str, generator: Any) -> torch.Tensor:
-        """Decode / sample one video to a (T, 3, H, W) tensor."""
+    def _load_video(
+        self,
+        video: Any,
+        num_frames: int | None,
+        sampling: str,
+        generator: Any,
+        limits: tuple[int | None, float | None] = (DEFAULT_MAX_PIXELS_PER_FRAME, DEFAULT_MAX_ASPECT_RATIO),
+        name: str = "<in-memory video>",
+    ) -> torch.Tensor:
+        """Decode / sample one video to a (T, 3, H, W) tensor, refusing frames larger than `limits`."""
         if isinstance(video, (str, Path, os.PathLike)):
             if num_frames is None:
                 raise ValueError("File inputs need frame sampling: set `do_sample_frames=True` and `num_frames`.")
-            return self._array_to_tchw(read_video_pyav(video, num_frames, sampling, generator))
+            return self._array_to_tchw(read_video_pyav(video, num_frames, sampling, generator, *limits))
+        tensor = self._load_array_video(video, num_frames, sampling, generator)
+        # In-memory frames already exist, but resizing an elongated one would allocate far more.
+        check_frame_size(tensor.shape[-1], tensor.shape[-2], name, *limits)
+        return tensor
+
+    def _unit_float_to_pixels(self, video: torch.Tensor) -> torch.Tensor:
+        """A float video with values in [0, 1] -> uint8 pixel values (see the class docstring on `do_rescale`)."""
+        if not video.is_floating_point() or video.numel() == 0 or video.min() < 0 or video.max() > 1:
+            return video
+        if not self._warned_unit_float:
+            # The logger is looked up here: remote-code modules run nothing at import time.
+            logging.getLogger(__name__).warning(
+                "A floating-point video with values in [0, 1] is taken as already rescaled: it is converted to pixel "
+                "values (x 255) instead of being divided by 255 again. Pass uint8 frames or values in [0, 255] to "
+                "silence this, or do_rescale=False to use the values as given."
+            )
+            self._warned_unit_float = True
+        return (video * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+    def _load_array_video(self, video: Any, num_frames: int | None, sampling: str, generator: Any) -> torch.Tensor:
         if isinstance(video, (list, tuple)):
             if len(video) == 0:
                 raise ValueError("Received a video with 0 frames.")
@@ -389,11 +525,18 @@ class ClusterSTMVideoProcessor(BaseVideoProcessor):
         if do_sample_frames and (num_frames is None or int(num_frames) < 1):
             raise ValueError(f"`num_frames` must be a positive integer, got {num_frames!r}.")
         num_frames = int(num_frames) if do_sample_frames else None
+        limits = (kwargs.pop("max_pixels_per_frame"), kwargs.pop("max_aspect_ratio"))
+        _check_caps(*limits)
         if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
             # One stream for the whole batch, so that videos of one call get different offsets.
             generator = np.random.default_rng(int(generator))
 
-        loaded = [self._load_video(v, num_frames, sampling, generator) for v in self._split_batch(videos)]
+        loaded = [
+            self._load_video(v, num_frames, sampling, generator, limits, f"<in-memory video {i} of the batch>")
+            for i, v in enumerate(self._split_batch(videos))
+        ]
+        if kwargs.get("do_rescale"):
+            loaded = [self._unit_float_to_pixels(video) for video in loaded]
         if device is not None:
             loaded = [video.to(device) for video in loaded]
 
@@ -413,4 +556,23 @@ class ClusterSTMVideoProcessor(BaseVideoProcessor):
         return BatchFeature(data={"pixel_values": list(processed)})
 
 
-__all__ = ["ClusterSTMVideoProcessor", "VideoDecodingError", "read_video_pyav", "sample_frame_indices"]
+def _check_caps(max_pixels_per_frame: Any, max_aspect_ratio: Any) -> None:
+    if max_pixels_per_frame is not None and (
+        isinstance(max_pixels_per_frame, bool)
+        or not isinstance(max_pixels_per_frame, (int, np.integer))
+        or max_pixels_per_frame < 1
+    ):
+        raise ValueError(f"`max_pixels_per_frame` must be a positive integer or None, got {max_pixels_per_frame!r}.")
+    if max_aspect_ratio is not None and (
+        isinstance(max_aspect_ratio, bool) or not isinstance(max_aspect_ratio, (int, float)) or max_aspect_ratio < 1
+    ):
+        raise ValueError(f"`max_aspect_ratio` must be a number >= 1 or None, got {max_aspect_ratio!r}.")
+
+
+__all__ = [
+    "ClusterSTMVideoProcessor",
+    "VideoDecodingError",
+    "check_frame_size",
+    "read_video_pyav",
+    "sample_frame_indices",
+]

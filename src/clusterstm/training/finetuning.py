@@ -31,6 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import speed_metrics
 
+from .errors import explain_disk_full
+
 logger = logging.getLogger(__name__)
 
 TASKS = ("retrieval", "qa", "captioning")
@@ -119,6 +121,13 @@ class DataArguments:
         default=False,
         metadata={"help": "Also report simple baselines (chance / majority answer / nearest-neighbour caption)."},
     )
+    skip_bad_samples: bool = field(
+        default=False,
+        metadata={
+            "help": "Training: replace an unreadable or over-sized video by another sample of the batch (warning naming "
+            "the file) instead of stopping. Evaluation never skips: its metrics need every video."
+        },
+    )
 
 
 def validate_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
@@ -155,6 +164,66 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
         raise ValueError(f"--num_beams must be >= 1, got {model_args.num_beams}.")
     if model_args.caption_tokenizer not in ("auto", "ptb", "python"):
         raise ValueError(f"--caption_tokenizer must be auto|ptb|python, got {model_args.caption_tokenizer!r}.")
+    # Everything the config would only refuse at the first forward pass, refused before any loading or training.
+    from ..models.configuration_clusterstm import MASK_STRATEGIES
+
+    if model_args.mask_strategy and model_args.mask_strategy not in MASK_STRATEGIES:
+        raise ValueError(f"--mask_strategy must be one of {MASK_STRATEGIES}, got {model_args.mask_strategy!r}.")
+    if model_args.mask_ratio is not None and not 0.0 <= model_args.mask_ratio < 1.0:
+        raise ValueError(
+            f"--mask_ratio must be in [0, 1) (1.0 would drop every video token), got {model_args.mask_ratio}."
+        )
+    if model_args.matching_loss_weight is not None and model_args.matching_loss_weight < 0:
+        raise ValueError(f"--matching_loss_weight must be >= 0, got {model_args.matching_loss_weight}.")
+    if model_args.dual_softmax_temperature <= 0:
+        raise ValueError(f"--dual_softmax_temperature must be > 0, got {model_args.dual_softmax_temperature}.")
+    if model_args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {model_args.max_new_tokens}.")
+    for flag, value in (
+        ("--num_frames", data_args.num_frames),
+        ("--max_text_length", data_args.max_text_length),
+        ("--max_train_samples", data_args.max_train_samples),
+        ("--max_eval_samples", data_args.max_eval_samples),
+        ("--max_answers", data_args.max_answers),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}.")
+    if data_args.dataset_name is None:
+        for flag, path in (
+            ("--train_file", data_args.train_file),
+            ("--validation_file", data_args.validation_file),
+            ("--test_file", data_args.test_file),
+            ("--answer_list", data_args.answer_list),
+        ):
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{flag} {path!r} is not a file.")
+        if data_args.video_root is not None and not os.path.isdir(data_args.video_root):
+            raise ValueError(f"--video_root {data_args.video_root!r} is not a folder.")
+    if training_args.push_to_hub:
+        hub_id = training_args.hub_model_id
+        if not hub_id or hub_id.count("/") != 1 or not all(hub_id.split("/")):
+            raise ValueError(f"--push_to_hub needs --hub_model_id in the form 'namespace/name', got {hub_id!r}.")
+    if model_args.task == "captioning" and training_args.do_eval:
+        check_captioning_dependencies()
+
+
+CAPTIONING_INSTALL = "pip install 'clusterstm[captioning]'"
+
+
+def check_captioning_dependencies() -> None:
+    """Raise `ImportError` with the install command when the captioning metrics' optional dependency is missing.
+
+    Called at start-up, so that a `--task captioning --do_eval` run never trains for hours and then fails to score.
+    """
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu  # noqa: F401
+        from pycocoevalcap.cider.cider import Cider  # noqa: F401
+        from pycocoevalcap.rouge.rouge import Rouge  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            f"--task captioning with --do_eval scores captions with pycocoevalcap, which is not installed ({error}). "
+            f"Install it with: {CAPTIONING_INSTALL}"
+        ) from error
 
 
 # ================================================================================================ annotations
@@ -204,14 +273,26 @@ class VideoQuestions:
 
 def read_annotation_file(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Records of a `.json` (list, or MSR-VTT `{"videos", "sentences"}` dict) or `.jsonl` annotation file."""
+    from ..data.readers import read_jsonl_records
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"Annotation file not found: {path!r}")
-    with open(path, encoding="utf-8") as handle:
-        if path.endswith(".jsonl"):
-            records = [json.loads(line) for line in handle if line.strip()]
-        else:
-            records = json.load(handle)
+    if path.endswith(".jsonl"):
+        records = read_jsonl_records(path)  # errors name the file and the line
+    else:
+        raw = Path(path).read_bytes()
+        try:
+            records = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            line = raw[: error.start].count(b"\n") + 1
+            raise ValueError(
+                f"{path}: line {line} is not valid UTF-8; annotation files must be UTF-8 encoded."
+            ) from None
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})."
+            ) from None
     if isinstance(records, dict):
         if "sentences" in records:  # the original MSR-VTT annotation layout
             records = [{"video_id": s["video_id"], "caption": s["caption"]} for s in records["sentences"]]
@@ -226,29 +307,41 @@ def read_annotation_file(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def _resolve_video(record: dict[str, Any], video_root: str | None, template: str, where: str) -> tuple[str, str]:
-    """(video id, file path) of one record."""
+def _resolve_video(
+    record: dict[str, Any], video_root: str, template: str, where: str, source: str, index: int
+) -> tuple[str, str]:
+    """(video id, file path) of one record; the path must stay inside `video_root` (`resolve_video_path`)."""
+    from ..data.readers import resolve_video_path
+
     for key in _PATH_KEYS:
-        if record.get(key):
-            rel = str(record[key])
-            path = rel if os.path.isabs(rel) or video_root is None else os.path.join(video_root, rel)
-            return str(record.get("video_id", Path(rel).stem)), path
+        value = record.get(key)
+        if isinstance(value, str) and value.strip():
+            path = resolve_video_path(video_root, value, index, key, source)
+            return str(record.get("video_id", Path(value).stem)), path
     if record.get("video_id") is not None:
         video_id = record["video_id"]
-        rel = template.format(video_id=video_id)
-        return str(video_id), rel if video_root is None else os.path.join(video_root, rel)
+        path = resolve_video_path(video_root, template.format(video_id=video_id), index, "video_id", source)
+        return str(video_id), path
     raise ValueError(f"{where}: the record has neither a video path ({'/'.join(_PATH_KEYS)}) nor a `video_id`.")
+
+
+def _annotation_root(path: str | os.PathLike, video_root: str | None) -> str:
+    # As for pretraining corpora: without --video_root, paths are relative to the annotation file's folder.
+    return os.fspath(video_root) if video_root is not None else os.path.dirname(os.path.abspath(path))
 
 
 def load_video_captions(
     path: str | os.PathLike, video_root: str | None = None, template: str = "{video_id}.mp4"
 ) -> VideoCaptions:
-    """Read an MSR-VTT-style retrieval / caption annotation file; records of the same video are merged."""
+    """Read an MSR-VTT-style retrieval / caption annotation file; records of the same video are merged.
+
+    Video paths resolve against `video_root` (default: the file's folder) and must stay inside it."""
     order: dict[str, int] = {}
     videos, ids, captions = [], [], []
+    root = _annotation_root(path, video_root)
     for i, record in enumerate(read_annotation_file(path)):
         where = f"{os.fspath(path)} record {i}"
-        video_id, video_path = _resolve_video(record, video_root, template, where)
+        video_id, video_path = _resolve_video(record, root, template, where, os.fspath(path), i)
         texts: list[str] = []
         for key in _CAPTION_KEYS:
             value = record.get(key)
@@ -270,11 +363,14 @@ def load_video_captions(
 def load_video_questions(
     path: str | os.PathLike, video_root: str | None = None, template: str = "{video_id}.mp4"
 ) -> VideoQuestions:
-    """Read an MSRVTT-QA-style annotation file (`{video|video_id, question, answer[, question_type]}`)."""
+    """Read an MSRVTT-QA-style annotation file (`{video|video_id, question, answer[, question_type]}`).
+
+    Video paths resolve against `video_root` (default: the file's folder) and must stay inside it."""
     videos, questions, answers, types = [], [], [], []
+    root = _annotation_root(path, video_root)
     for i, record in enumerate(read_annotation_file(path)):
         where = f"{os.fspath(path)} record {i}"
-        _, video_path = _resolve_video(record, video_root, template, where)
+        _, video_path = _resolve_video(record, root, template, where, os.fspath(path), i)
         question, answer = record.get("question"), record.get("answer")
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"{where}: missing `question`.")
@@ -412,6 +508,9 @@ class ClusterSTMDataCollator:
         max_text_length: truncation length of texts.
         num_frames: frames per video (default: the processor's).
         keep_index: keep the items' `index` in the batch.
+        skip_bad_samples: replace an item whose video raises [`VideoDecodingError`] (unreadable, or beyond the
+            processor's size caps) by another good item of the batch, with a warning naming the file; `num_skipped`
+            counts replacements in this process. A batch with no readable video still raises.
     """
 
     processor: Any
@@ -420,17 +519,42 @@ class ClusterSTMDataCollator:
     max_text_length: int = 32
     num_frames: int | None = None
     keep_index: bool = False
+    skip_bad_samples: bool = False
+    num_skipped: int = field(default=0, init=False)
+
+    def _pixel_values(self, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], torch.Tensor]:
+        from ..models.video_processing_clusterstm import VideoDecodingError
+
+        video_kwargs: dict[str, Any] = {"sampling": "random" if self.training else "uniform"}
+        if self.num_frames is not None:
+            video_kwargs["num_frames"] = self.num_frames
+        process = self.processor.video_processor
+        if not self.skip_bad_samples:
+            videos = [item["video"] for item in items]
+            return items, process(videos, return_tensors="pt", **video_kwargs)["pixel_values"]
+        processed: list[torch.Tensor | None] = []
+        for item in items:
+            try:
+                processed.append(process([item["video"]], return_tensors="pt", **video_kwargs)["pixel_values"][0])
+            except VideoDecodingError as error:
+                logger.warning("Skipping an unreadable video (replaced by another sample of the batch): %s", error)
+                processed.append(None)
+        good = [i for i, video in enumerate(processed) if video is not None]
+        if not good:
+            raise VideoDecodingError(f"Every video of the batch is unreadable ({len(items)} items).")
+        items = list(items)
+        for i, video in enumerate(processed):
+            if video is None:
+                pick = good[int(torch.randint(len(good), (1,)).item())]
+                items[i], processed[i] = items[pick], processed[pick]
+                self.num_skipped += 1
+        return items, torch.stack(processed)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
         if "video" in items[0]:
-            video_kwargs: dict[str, Any] = {"sampling": "random" if self.training else "uniform"}
-            if self.num_frames is not None:
-                video_kwargs["num_frames"] = self.num_frames
-            videos = [item["video"] for item in items]
-            batch["pixel_values"] = self.processor.video_processor(videos, return_tensors="pt", **video_kwargs)[
-                "pixel_values"
-            ]
+            # Replaced items keep video, text and label together.
+            items, batch["pixel_values"] = self._pixel_values(items)
         if "text" in items[0]:
             encoding = self.processor.tokenizer(
                 [item["text"] for item in items],
@@ -962,7 +1086,12 @@ def run_finetuning(
     model, processor = load_model_and_processor(model_args, checkpoint, answer_vocabulary)
 
     collator = ClusterSTMDataCollator(
-        processor, task, training=True, max_text_length=data_args.max_text_length, num_frames=data_args.num_frames
+        processor,
+        task,
+        training=True,
+        max_text_length=data_args.max_text_length,
+        num_frames=data_args.num_frames,
+        skip_bad_samples=data_args.skip_bad_samples,
     )
     eval_collator = ClusterSTMDataCollator(
         processor,
@@ -979,6 +1108,12 @@ def run_finetuning(
         if task == "qa":
             return QuestionDataset(data, model.config.label2id)
         return CaptionedVideoDataset(data) if training else data
+
+    # Every upload goes through `push_checkpoint` (allow-list, no links out of the folder, a clean model card): the
+    # Trainer's own pushes (`hub_strategy`) would upload the whole output folder.
+    push_to_hub = training_args.push_to_hub
+    training_args.push_to_hub = False
+    output_dir = training_args.output_dir
 
     qa_metrics = None
     if task == "qa":
@@ -998,15 +1133,21 @@ def run_finetuning(
     )
     results: dict[str, Any] = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()
-        if trainer.is_world_process_zero():
-            _complete_remote_code(trainer, processor)
+        with explain_disk_full(output_dir, "training checkpoints"):
+            train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        if collator.num_skipped:
+            logger.warning("%d unreadable training videos were replaced by other samples.", collator.num_skipped)
+        with explain_disk_full(output_dir, "the fine-tuned model"):
+            trainer.save_model()
+            if trainer.is_world_process_zero():
+                _complete_remote_code(trainer, processor)
         metrics = dict(train_result.metrics)
         metrics["train_samples"] = len(train_data)
+        metrics["train_bad_samples_skipped"] = collator.num_skipped
         trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
+        with explain_disk_full(output_dir, "train_results.json and the trainer state"):
+            trainer.save_metrics("train", metrics)
+            trainer.save_state()
         results.update(metrics)
 
     if training_args.do_eval:
@@ -1018,7 +1159,8 @@ def run_finetuning(
             baselines = baseline_metrics(task, train_data, eval_data, model_args.caption_tokenizer)
             metrics.update({f"eval_{k}": v for k, v in baselines.items()})
         trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+        with explain_disk_full(output_dir, "eval_results.json"):
+            trainer.save_metrics("eval", metrics)
         results.update(metrics)
 
     if training_args.do_predict:
@@ -1032,17 +1174,77 @@ def run_finetuning(
                     {"question": q, "prediction": p, "answer": a}
                     for q, p, a in zip(predict_data.questions, answers, predict_data.answers)
                 ]
-                Path(training_args.output_dir, "predict_answers.json").write_text(json.dumps(records, indent=2))
+                with explain_disk_full(output_dir, "predict_answers.json"):
+                    Path(output_dir, "predict_answers.json").write_text(json.dumps(records, indent=2))
         else:
             metrics = trainer.evaluate(predict_data, metric_key_prefix="predict")
         metrics["predict_samples"] = len(predict_data)
         trainer.log_metrics("predict", metrics)
-        trainer.save_metrics("predict", metrics)
+        with explain_disk_full(output_dir, "predict_results.json"):
+            trainer.save_metrics("predict", metrics)
         results.update(metrics)
 
-    if training_args.push_to_hub:
-        trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, tasks=_hub_task(task))
+    training_args.push_to_hub = push_to_hub
+    if push_to_hub and trainer.is_world_process_zero():
+        push_finetuned_model(trainer, processor, model_args, data_args, training_args, results)
     return results
+
+
+_CARD_TASKS = {"retrieval": "retrieval", "qa": "qa", "captioning": "captioning"}
+_PIPELINE_TAGS = {
+    "retrieval": "feature-extraction",
+    "qa": "visual-question-answering",
+    "captioning": "video-text-to-text",
+}
+
+
+def push_finetuned_model(
+    trainer: Trainer,
+    processor: Any,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    results: dict[str, Any],
+):
+    """Write a model card and upload the fine-tuned model with [`push_checkpoint`] (allow-listed files only).
+
+    The base model is named by its Hub id, or by its folder name when it is a local folder (never its path).
+    """
+    from ..hub.model_card import _metric_entries, write_model_card
+    from ..hub.publish import push_checkpoint
+
+    output_dir = training_args.output_dir
+    if not os.path.isfile(os.path.join(output_dir, "config.json")):  # evaluation-only runs: save what was evaluated
+        with explain_disk_full(output_dir, "the model to push"):
+            _complete_remote_code(trainer, processor)
+    task = model_args.task
+    dataset = "ClusterSTM synthetic benchmark" if data_args.dataset_name == "synthetic" else None
+    eval_results = []
+    eval_metrics = {k: v for k, v in results.items() if k.startswith("eval_")}
+    if eval_metrics and _metric_entries(_CARD_TASKS[task], eval_metrics):
+        name = dataset or Path(data_args.validation_file or "evaluation data").stem
+        eval_results.append({"task": task, "dataset_name": name, "dataset_type": name, "metrics": eval_metrics})
+    world = max(training_args.world_size, 1)
+    run_info = {
+        "repo_id": training_args.hub_model_id,
+        "base_model": model_args.model_name_or_path or f"preset {model_args.preset} (random initialisation)",
+        "summary": f"Fine-tuned for {task} with `scripts/finetune.py`.",
+        "train_data": dataset or (Path(data_args.train_file).name if data_args.train_file else None),
+        "batch_size": training_args.per_device_train_batch_size * world * training_args.gradient_accumulation_steps,
+        "learning_rate": training_args.learning_rate,
+    }
+    with explain_disk_full(output_dir, "the model card"):
+        write_model_card(
+            output_dir, trainer.model.config, run_info, eval_results or None, pipeline_tag=_PIPELINE_TAGS[task]
+        )
+    return push_checkpoint(
+        output_dir,
+        training_args.hub_model_id,
+        private=bool(training_args.hub_private_repo),
+        token=training_args.hub_token,
+        revision=training_args.hub_revision,
+        commit_message=f"ClusterSTM fine-tuned for {task}",
+    )
 
 
 def _complete_remote_code(trainer: Trainer, processor: Any) -> None:
@@ -1050,12 +1252,6 @@ def _complete_remote_code(trainer: Trainer, processor: Any) -> None:
     from ..hub.export import save_checkpoint
 
     save_checkpoint(trainer.accelerator.unwrap_model(trainer.model), trainer.args.output_dir, processor)
-
-
-def _hub_task(task: str) -> str:
-    return {"retrieval": "video-text-retrieval", "qa": "visual-question-answering", "captioning": "video-to-text"}[
-        task
-    ]
 
 
 def vocabulary_from_checkpoint(path: str) -> list[str] | None:
@@ -1103,8 +1299,10 @@ __all__ = [
     "load_synthetic_split",
     "load_video_captions",
     "load_video_questions",
+    "check_captioning_dependencies",
     "main",
     "nearest_neighbour_captions",
+    "push_finetuned_model",
     "QAComputeMetrics",
     "read_annotation_file",
     "run_finetuning",

@@ -60,6 +60,10 @@ _PUNCTUATIONS = {
     "...",
     ";",
 }
+# Every character `str.splitlines()` breaks on (\n, \r, \v, \f, \x1c-\x1e, \x85, \u2028, \u2029): the PTB tokenizer
+# reads one caption per line, so any of these inside a caption would shift every later caption onto the wrong
+# reference.
+_LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]+")
 _CONTRACTION_NT = re.compile(r"(\w)n't\b")
 _CONTRACTION_OTHER = re.compile(r"(\w)'(s|re|ve|ll|d|m)\b")
 _TOKEN = re.compile(r"n't|'\w+|\w+|[^\w\s]")
@@ -71,9 +75,16 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
+def normalize_caption(caption: str) -> str:
+    """One line of text: every line-break character (all of `str.splitlines()`'s classes) becomes a space."""
+    if not isinstance(caption, str):
+        raise ValueError(f"captions must be strings, got {type(caption).__name__} {caption!r:.60}")
+    return _LINE_BREAKS.sub(" ", caption)
+
+
 def python_tokenize(caption: str) -> str:
     """Pure-python approximation of the COCO PTB tokenisation: lower case, split contractions, drop punctuation."""
-    text = caption.replace("\n", " ").lower()
+    text = normalize_caption(caption).lower()
     text = _CONTRACTION_NT.sub(r"\1 n't", text)
     text = _CONTRACTION_OTHER.sub(r"\1 '\2", text)
     tokens = [tok for tok in _TOKEN.findall(text) if tok not in _PUNCTUATIONS and (_WORD.search(tok) or len(tok) > 1)]
@@ -88,15 +99,19 @@ def _ptb_tokenize(sentences: list[str]) -> list[str]:
     jar = os.path.join(
         os.path.dirname(os.path.abspath(ptbtokenizer.__file__)), ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR
     )
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as handle:
-        handle.write("\n".join(s.replace("\n", " ") for s in sentences))
+    lines_in = [normalize_caption(s) for s in sentences]
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8", newline="\n") as handle:
+        handle.write("\n".join(lines_in))
         path = handle.name
     try:
         cmd = ["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", path]
         result = subprocess.run(cmd, capture_output=True, check=True, timeout=600)
     finally:
         os.remove(path)
-    lines = result.stdout.decode("utf-8").split("\n")[: len(sentences)]
+    lines = result.stdout.decode("utf-8").split("\n")
+    if lines and lines[-1] == "" and len(lines) == len(sentences) + 1:
+        lines.pop()  # the final newline
+    # Both ways: a missing line or an extra one means captions and references no longer line up.
     if len(lines) != len(sentences):
         raise RuntimeError(f"PTB tokenizer returned {len(lines)} lines for {len(sentences)} sentences")
     return [" ".join(w for w in line.rstrip().split(" ") if w and w not in _PUNCTUATIONS) for line in lines]
@@ -123,8 +138,10 @@ def caption_metrics(
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    predictions = list(predictions)
-    references = [[r] if isinstance(r, str) else list(r) for r in references]
+    predictions = [normalize_caption(p) for p in predictions]
+    references = [
+        [normalize_caption(r)] if isinstance(r, str) else [normalize_caption(x) for x in r] for r in references
+    ]
     if len(predictions) != len(references):
         raise ValueError(f"got {len(predictions)} predictions but {len(references)} reference lists")
     if not predictions:
