@@ -290,7 +290,9 @@ def _upper_gram(chunk: torch.Tensor, t: int, n: int, gram: torch.Tensor) -> None
 def _group_size(num_values: int, n: int, count: int) -> int:
     """Rows per group for [`_largest_candidates`]: the divisor `r` of `n` that minimises the selection work, i.e. the
     `num_values / r` group maxima plus the `count * r` candidates (`r ~ sqrt(num_values / count)`)."""
-    return min((r for r in range(1, n + 1) if n % r == 0), key=lambda r: num_values // r + count * r)
+    # at least `count` groups, so that `count` group maxima exist
+    divisors = [r for r in range(1, n + 1) if n % r == 0 and num_values // r >= count]
+    return min(divisors, key=lambda r: num_values // r + count * r)
 
 
 def _largest_candidates(
@@ -307,7 +309,10 @@ def _largest_candidates(
     not an estimate: there is no sampling and no fallback.
 
     With `sync_free=True` every shape is fixed (`topk` of the group maxima, `M = count * r`): no host sync on a GPU.
-    Otherwise (CPU, `v = 1`) the groups at or above `thr` are found with `kthvalue` and a compaction, faster there.
+    Otherwise (CPU, `v = 1`, data-dependent shapes) the same bound is applied once more, to the maxima: `thr` is the
+    `count`-th largest maximum of groups of `r2` maxima (valid as well: at least `count` maxima, hence values, reach
+    it), found with `kthvalue` on `r * r2` times fewer values than the frame has, and only the values `>= thr` of the
+    groups whose maximum reaches it are returned (a few more than `count`).
     """
     v, size, _ = gram.shape
     t = size // n
@@ -315,28 +320,31 @@ def _largest_candidates(
     # (first row, first column, number of rows, width) of the frame's row block (frames u > s) and column block (u < s)
     regions = [(s * n, (s + 1) * n, n, (t - 1 - s) * n), (0, s * n, s * n, n)]
     regions = [region for region in regions if region[2] * region[3] > 0]
-    maxima = torch.cat(
-        [
-            gram[:, row : row + rows, column : column + width].unflatten(1, (rows // r, r)).amax(dim=2).flatten(1)
-            for row, column, rows, width in regions
-        ],
-        dim=1,
-    )
-    if sync_free:
-        group = torch.topk(maxima, count, dim=1, largest=True, sorted=False).indices
-    else:
-        threshold = torch.kthvalue(maxima[0], maxima.shape[1] - count + 1).values
-        group = (maxima[0] >= threshold).nonzero().flatten()[None]
-    # flat position of each chosen group's first value in `gram`, region by region
-    first, offset = None, 0
-    for row, column, rows, width in regions:
-        local = group - offset
-        position = (row + (local // width) * r) * size + column + local % width
-        first = position if first is None else torch.where(local >= 0, position, first)
-        offset += (rows // r) * width
-    first = first + torch.arange(v, device=gram.device)[:, None] * size * size
     steps = torch.arange(r, device=gram.device) * size
-    return gram.view(-1).index_select(0, (first[..., None] + steps).flatten()).view(v, -1)
+    blocks = [gram[:, row : row + rows, column : column + width] for row, column, rows, width in regions]
+    maxima = [block.unflatten(1, (block.shape[1] // r, r)).amax(dim=2) for block in blocks]
+    if sync_free:
+        group = torch.topk(torch.cat([m.flatten(1) for m in maxima], dim=1), count, dim=1, sorted=False).indices
+        # flat position of each chosen group's first value in `gram`, region by region
+        first, offset = None, 0
+        for row, column, rows, width in regions:
+            local = group - offset
+            position = (row + (local // width) * r) * size + column + local % width
+            first = position if first is None else torch.where(local >= 0, position, first)
+            offset += (rows // r) * width
+        first = first + torch.arange(v, device=gram.device)[:, None] * size * size
+        return gram.view(-1).index_select(0, (first[..., None] + steps).flatten()).view(v, -1)
+
+    # CPU: the threshold from maxima of r2 group rows, then the groups and values reaching it
+    r2 = next(r2 for r2 in (4, 2, 1) if all(m.shape[1] % r2 == 0 for m in maxima) and sum(m.numel() for m in maxima) // r2 >= count)
+    coarse = torch.cat([m[0].unflatten(0, (m.shape[1] // r2, r2)).amax(dim=1).flatten() for m in maxima])
+    threshold = torch.kthvalue(coarse, coarse.numel() - count + 1).values
+    first = []
+    for (row, column, _, _), m in zip(regions, maxima):
+        hit = (m[0] >= threshold).nonzero()
+        first.append((hit[:, 0] * r + row) * size + hit[:, 1] + column)
+    values = gram.view(-1).index_select(0, (torch.cat(first)[:, None] + steps).flatten())
+    return values[values >= threshold][None]
 
 
 def _descending_pair(values: torch.Tensor, below: int, above: int) -> tuple[torch.Tensor, torch.Tensor]:
