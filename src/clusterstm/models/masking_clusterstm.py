@@ -37,7 +37,6 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 
 # Upper bound, in elements, of the largest intermediate tensor built per chunk (2**25 float32 = 128 MiB).
 DEFAULT_MAX_CHUNK_ELEMENTS = 2**25
@@ -295,9 +294,7 @@ def _group_size(num_values: int, n: int, count: int) -> int:
     return min(divisors, key=lambda r: num_values // r + count * r)
 
 
-def _largest_candidates(
-    gram: torch.Tensor, s: int, n: int, count: int, sync_free: bool
-) -> torch.Tensor:
+def _largest_candidates(gram: torch.Tensor, s: int, n: int, count: int, sync_free: bool) -> torch.Tensor:
     """
     Candidates `(v, M)` that contain the `count` largest inner products of frame `s` with every other frame, per
     video, found without selecting among all of them; `gram` holds the blocks of [`_upper_gram`].
@@ -336,7 +333,11 @@ def _largest_candidates(
         return gram.view(-1).index_select(0, (first[..., None] + steps).flatten()).view(v, -1)
 
     # CPU: the threshold from maxima of r2 group rows, then the groups and values reaching it
-    r2 = next(r2 for r2 in (4, 2, 1) if all(m.shape[1] % r2 == 0 for m in maxima) and sum(m.numel() for m in maxima) // r2 >= count)
+    r2 = next(
+        r2
+        for r2 in (4, 2, 1)
+        if all(m.shape[1] % r2 == 0 for m in maxima) and sum(m.numel() for m in maxima) // r2 >= count
+    )
     coarse = torch.cat([m[0].unflatten(0, (m.shape[1] // r2, r2)).amax(dim=1).flatten() for m in maxima])
     threshold = torch.kthvalue(coarse, coarse.numel() - count + 1).values
     first = []
@@ -360,24 +361,75 @@ def _descending_pair(values: torch.Tensor, below: int, above: int) -> tuple[torc
     return torch.where(tie, largest_above, larger)[:, 0], largest_above[:, 0]
 
 
-def _temporal_density(x: torch.Tensor, dc_ratio: float, max_chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _video_density(
+    chunk: torch.Tensor,
+    t: int,
+    gram: torch.Tensor,
+    dist_buffer: torch.Tensor,
+    work_buffer: torch.Tensor,
+    below: int,
+    above: int,
+    weight: float,
+    sync_free: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised temporal density `(v, T, N)` and cut-off `(v, T)` of `v` videos `chunk` `(v, T*N, C)`, using
+    preallocated buffers (`gram` `(v, T*N, T*N)`, `dist_buffer` and `work_buffer` `(v, N, (T-1)*N)`). With
+    `sync_free=True` no operation has a data-dependent shape or reads a value on the host."""
+    v, size, _ = chunk.shape
+    n = size // t
+    one = torch.ones((), dtype=chunk.dtype, device=chunk.device)
+    _upper_gram(chunk, t, n, gram)
+
+    # cut-off per frame: the `below`-th and `above`-th smallest distances = 1 - the largest inner products
+    dc = torch.stack(
+        [
+            torch.lerp(
+                *(
+                    one - value
+                    for value in _descending_pair(_largest_candidates(gram, s, n, above + 1, sync_free), below, above)
+                ),
+                weight,
+            )
+            for s in range(t)
+        ],
+        dim=1,
+    ).clamp_min_(MIN_CUTOFF_DISTANCE)
+
+    # rho_si = sum over other frames' tokens of exp(-(dist / dc_s)^2); block (s, u) serves frame s through its row
+    # sums (cut-off dc_s) and frame u through its column sums (cut-off dc_u), each in cache-sized pieces
+    rho = torch.zeros(v, t, n, dtype=chunk.dtype, device=chunk.device)
+    for s in range(t - 1):
+        m = t - 1 - s
+        block = gram[:, s * n : (s + 1) * n, (s + 1) * n :]
+        dist = torch.sub(one, block, out=dist_buffer[:, :, : m * n])
+        work = torch.div(dist, dc[:, s, None, None], out=work_buffer[:, :, : m * n])
+        rho[:, s] += work.square_().neg_().exp_().sum(dim=-1)
+        work = torch.div(dist.view(v, n, m, n), dc[:, None, s + 1 :, None], out=work.view(v, n, m, n))
+        rho[:, s + 1 :] += work.square_().neg_().exp_().sum(dim=1)
+    return rho, dc
+
+
+def _temporal_density(
+    x: torch.Tensor, dc_ratio: float, max_chunk_elements: int, sync_free: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Temporal density `(B, T, N)` and cut-off distance `(B, T)` of normalised tokens `x` with `T >= 2`.
 
     Only the inner products of frame pairs `s < u` are computed (one `bmm` per frame into a buffer reused across
     chunks); each pair's block serves both frames. The distances are `fl(1 - <x_si, x_uj>)`, a non-increasing function
     of the inner product, so the quantile's order statistics are taken on the largest inner products directly.
+    `sync_free` (default: on any device but the CPU) selects the quantile path without host syncs.
     """
     b, t, n, c = x.shape
     below, above, weight = _quantile_positions((t - 1) * n * n, dc_ratio, x.dtype)
     # a Python float (exactly the float32/64 weight): no host-to-device copy
     weight = float(weight)
-    one = torch.ones((), dtype=x.dtype, device=x.device)
     on_cpu = x.device.type == "cpu"
+    sync_free = not on_cpu if sync_free is None else sync_free
 
     # on the CPU one video at a time keeps a video's blocks in cache; elsewhere as many as max_chunk_elements allows
     videos_per_chunk = 1 if on_cpu else max(1, min(b, max_chunk_elements // ((t * n) ** 2)))
     flat = x.reshape(b, t * n, c)
-    rho = torch.zeros(b, t, n, dtype=x.dtype, device=x.device)
+    rho = torch.empty(b, t, n, dtype=x.dtype, device=x.device)
     cutoff = torch.empty(b, t, dtype=x.dtype, device=x.device)
     gram_buffer = torch.empty(videos_per_chunk, t * n, t * n, dtype=x.dtype, device=x.device)
     dist_buffer = torch.empty(videos_per_chunk, n, (t - 1) * n, dtype=x.dtype, device=x.device)
@@ -385,27 +437,9 @@ def _temporal_density(x: torch.Tensor, dc_ratio: float, max_chunk_elements: int)
     for start in range(0, b, videos_per_chunk):
         end = min(start + videos_per_chunk, b)
         v = end - start
-        gram = gram_buffer[:v]
-        _upper_gram(flat[start:end], t, n, gram)
-
-        # cut-off per frame: the `below`-th and `above`-th smallest distances = 1 - the largest inner products
-        for s in range(t):
-            candidates = _largest_candidates(gram, s, n, above + 1, sync_free=not on_cpu)
-            largest_below, largest_above = _descending_pair(candidates, below, above)
-            dist_below, dist_above = one - largest_below, one - largest_above
-            cutoff[start:end, s] = torch.lerp(dist_below, dist_above, weight).clamp_min_(MIN_CUTOFF_DISTANCE)
-        dc = cutoff[start:end]
-
-        # rho_si = sum over other frames' tokens of exp(-(dist / dc_s)^2) / N; block (s, u) serves frame s through
-        # its row sums (cut-off dc_s) and frame u through its column sums (cut-off dc_u)
-        for s in range(t - 1):
-            m = t - 1 - s
-            block = gram[:, s * n : (s + 1) * n, (s + 1) * n :]
-            dist = torch.sub(one, block, out=dist_buffer[:v, :, : m * n])
-            work = torch.div(dist, dc[:, s, None, None], out=work_buffer[:v, :, : m * n])
-            rho[start:end, s] += work.square_().neg_().exp_().sum(dim=-1)
-            work = torch.div(dist.view(v, n, m, n), dc[:, None, s + 1 :, None], out=work.view(v, n, m, n))
-            rho[start:end, s + 1 :] += work.square_().neg_().exp_().sum(dim=1)
+        rho[start:end], cutoff[start:end] = _video_density(
+            flat[start:end], t, gram_buffer[:v], dist_buffer[:v], work_buffer[:v], below, above, weight, sync_free
+        )
     return rho.div_(n), cutoff
 
 
@@ -511,13 +545,20 @@ def cluster_wise_mask(
     b, t, n, c = x.shape
     num_keep = num_visible_tokens(n, mask_ratio)
     with _autocast_disabled(x), exact_float32_matmul():
-        x = _normalize(x, "x")
-        labels, _, local_rho = _dpc_knn(x.reshape(b * t, n, c), num_keep, k, max_chunk_elements)
-        if t == 1:
-            rho = local_rho
-        else:
-            rho = _temporal_density(x, dc_ratio, max_chunk_elements)[0].reshape(b * t, n)
-        return _keep_best_per_cluster(labels, rho, num_keep).reshape(b, t, n)
+        return _cluster_wise_mask(_normalize(x, "x"), num_keep, dc_ratio, k, max_chunk_elements)
+
+
+def _cluster_wise_mask(
+    x: torch.Tensor, num_keep: int, dc_ratio: float, k: int, max_chunk_elements: int, sync_free: bool | None = None
+) -> torch.Tensor:
+    """[`cluster_wise_mask`] on normalised, validated tokens: no host sync on a GPU (or with `sync_free=True`)."""
+    b, t, n, c = x.shape
+    labels, _, local_rho = _dpc_knn(x.reshape(b * t, n, c), num_keep, k, max_chunk_elements)
+    if t == 1:
+        rho = local_rho
+    else:
+        rho = _temporal_density(x, dc_ratio, max_chunk_elements, sync_free)[0].reshape(b * t, n)
+    return _keep_best_per_cluster(labels, rho, num_keep).reshape(b, t, n)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
