@@ -104,35 +104,42 @@ def _autocast_disabled(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _full_fp32_matmul_state() -> list[tuple[object, str]]:
-    # (namespace, attribute) pairs of every switch that lets a float32 matmul run in TF32 / bf16; the newer
-    # `fp32_precision` knobs exist only in recent torch releases
-    state = [(torch.backends.cuda.matmul, "allow_tf32")]
-    for namespace in (torch.backends.cuda.matmul, getattr(torch.backends, "mkldnn", None)):
-        matmul = getattr(namespace, "matmul", namespace)
-        if matmul is not None and hasattr(matmul, "fp32_precision"):
-            state.append((matmul, "fp32_precision"))
-    return state
+def _new_api_precisions() -> list[object]:
+    # the per-backend `fp32_precision` knobs of recent torch releases (absent in older ones)
+    owners = [torch.backends.cuda.matmul, getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)]
+    return [owner for owner in owners if owner is not None and hasattr(owner, "fp32_precision")]
 
 
 @contextlib.contextmanager
 def exact_float32_matmul():
     """
     Context in which float32 matmuls run in full float32 precision, whatever the global setting
-    (`torch.set_float32_matmul_precision("high" | "medium")`, `torch.backends.cuda.matmul.allow_tf32 = True`), and
-    which restores the previous setting on exit. TF32 / bf16 GEMMs round the token inner products to ~1e-3 and would
-    change the masks; the setting is process-global, so concurrent threads see it for the duration of the context.
+    (`torch.set_float32_matmul_precision("high" | "medium")`, `torch.backends.cuda.matmul.allow_tf32 = True`, or the
+    per-backend `fp32_precision` of recent torch releases), restoring the previous setting on exit. TF32 / bf16 GEMMs
+    round the token inner products to ~1e-3 and would change the masks. The setting is process-global: other threads
+    see it for the duration of the context.
     """
-    precision = torch.get_float32_matmul_precision()
-    saved = [(owner, name, getattr(owner, name)) for owner, name in _full_fp32_matmul_state()]
     try:
-        torch.set_float32_matmul_precision("highest")
-        torch.backends.cuda.matmul.allow_tf32 = False
+        precision = torch.get_float32_matmul_precision()
+    except RuntimeError:  # set through the per-backend API: torch refuses to summarise it, so that API is used here
+        precision = None
+    if precision is not None:
+        # only the global setter: it also sets `allow_tf32` and the per-backend values consistently, whereas
+        # touching those directly makes torch refuse the global getter afterwards ("mix of the legacy and new APIs")
+        try:
+            torch.set_float32_matmul_precision("highest")
+            yield
+        finally:
+            torch.set_float32_matmul_precision(precision)
+        return
+    saved = [(owner, owner.fp32_precision) for owner in _new_api_precisions()]
+    try:
+        for owner, _ in saved:
+            owner.fp32_precision = "ieee"
         yield
     finally:
-        torch.set_float32_matmul_precision(precision)
-        for owner, name, value in saved:
-            setattr(owner, name, value)
+        for owner, value in saved:
+            owner.fp32_precision = value
 
 
 def _normalize(x: torch.Tensor, name: str) -> torch.Tensor:
