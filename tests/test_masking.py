@@ -427,13 +427,14 @@ def test_numpy_scalars_are_accepted():
 def test_quantile_selection_matches_torch_quantile_beyond_float32_integers():
     # torch.quantile computes the rank q * (n - 1) in the input dtype; at n = 10^6 + 1 in float32 that rank is
     # 129999.99 rather than 130000, and the exact partial selection must reproduce that value
-    from clusterstm.models.masking_clusterstm import _kth_smallest_pair, _quantile_positions
+    from clusterstm.models.masking_clusterstm import _descending_pair, _quantile_positions
 
     n = 1_000_001
     values = torch.arange(n, dtype=torch.float32)[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
     below, above, weight = _quantile_positions(n, 0.13, torch.float32)
-    value_below, value_above = _kth_smallest_pair(values[None], below, above)
-    ours = torch.lerp(value_below, value_above, weight)[0]
+    # the k-th smallest value is minus the k-th largest of the negated values
+    largest_below, largest_above = _descending_pair(-values[None], below, above)
+    ours = torch.lerp(-largest_below, -largest_above, weight)[0]
     assert ours.item() == torch.quantile(values, 0.13).item() == 129999.9921875
 
 

@@ -24,8 +24,14 @@ Conventions shared by every function here:
 * Inputs of any floating dtype are accepted; the arithmetic runs in float32 (float64 inputs stay float64), also under
   `torch.autocast` (switched off locally), and every output lives on the input's device.
 * Masks and densities are not differentiable: everything runs under `torch.no_grad()`.
-* Nothing loops in Python over batch, frames or tokens; the only loops walk over memory chunks so that the largest
-  intermediate stays bounded (``max_chunk_elements``).
+* Nothing loops in Python over tokens. The temporal density walks over memory chunks of videos, so that the largest
+  intermediate stays bounded (``max_chunk_elements``; on the CPU one video at a time, which keeps its blocks in
+  cache), and over frames inside a chunk (one GEMM, one quantile selection and two exp-sums per frame).
+* Float32 matmuls run in full precision whatever the global TF32 / bf16 matmul setting ([`exact_float32_matmul`]):
+  a reduced-precision GEMM would change the masks.
+* On a GPU the masking makes one host sync, the finiteness check of the inputs (on the token norms); the algorithm
+  itself has no data-dependent shape and never reads a value on the host. On the CPU the quantile selection uses
+  data-dependent shapes, which are faster there.
 
 The file is Hub remote code: it only imports torch and never the ``clusterstm`` package itself.
 """
@@ -272,19 +278,6 @@ def _quantile_positions(num_values: int, q: float, dtype: torch.dtype) -> tuple[
     return below, above, weight
 
 
-def _kth_smallest_pair(values: torch.Tensor, below: int, above: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `below`-th and `above`-th (0-based) smallest values along the last dim, exactly, without sorting
-    everything."""
-    n = values.shape[-1]
-    if above + 1 <= max(1, n // 8):
-        # a partial selection of the smallest values is cheaper than two full selections for small quantiles
-        smallest = torch.topk(values, above + 1, dim=-1, largest=False, sorted=True).values
-        return smallest[..., below], smallest[..., above]
-    value_below = torch.kthvalue(values, below + 1, dim=-1).values
-    value_above = value_below if above == below else torch.kthvalue(values, above + 1, dim=-1).values
-    return value_below, value_above
-
-
 def _upper_gram(chunk: torch.Tensor, t: int, n: int, gram: torch.Tensor) -> None:
     """Writes `<x_si, x_uj>` for frame pairs `s < u` only into `gram` `(v, T*N, T*N)` (strided `bmm` outputs, no
     copy); the blocks `s > u` are their transposes and are never computed nor read, the diagonal blocks neither."""
@@ -464,7 +457,8 @@ def temporal_density(
     L2-normalised tokens. The cut-off `dc_t` is the `dc_ratio` quantile (linear interpolation, exactly as
     `torch.quantile`) of the `N * (T - 1) * N` distances of frame `t`, clamped to `>= 1e-6`, and
     `rho_ti = sum_j exp(-(dist / dc_t)^2) / N`. `torch.quantile` itself is not used: it refuses inputs above 2**24
-    elements; a partial selection per chunk gives the same value.
+    elements and sorts everything; an exact selection among the few candidates that can hold the quantile (see
+    `_largest_candidates`) gives the same order statistics.
 
     With a single frame (`T = 1`, an image) there are no other frames; the DPC-KNN local density (with `k`
     neighbours) is returned instead.
