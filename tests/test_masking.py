@@ -427,13 +427,14 @@ def test_numpy_scalars_are_accepted():
 def test_quantile_selection_matches_torch_quantile_beyond_float32_integers():
     # torch.quantile computes the rank q * (n - 1) in the input dtype; at n = 10^6 + 1 in float32 that rank is
     # 129999.99 rather than 130000, and the exact partial selection must reproduce that value
-    from clusterstm.models.masking_clusterstm import _kth_smallest_pair, _quantile_positions
+    from clusterstm.models.masking_clusterstm import _descending_pair, _quantile_positions
 
     n = 1_000_001
     values = torch.arange(n, dtype=torch.float32)[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
     below, above, weight = _quantile_positions(n, 0.13, torch.float32)
-    value_below, value_above = _kth_smallest_pair(values[None], below, above)
-    ours = torch.lerp(value_below, value_above, weight)[0]
+    # the k-th smallest value is minus the k-th largest of the negated values
+    largest_below, largest_above = _descending_pair(-values[None], below, above)
+    ours = torch.lerp(-largest_below, -largest_above, weight)[0]
     assert ours.item() == torch.quantile(values, 0.13).item() == 129999.9921875
 
 
@@ -445,3 +446,163 @@ def test_inputs_requiring_grad_build_no_graph():
     assert torch.equal(cluster_wise_mask(x, 0.5), cluster_wise_mask(x.detach(), 0.5))
     attention = torch.rand(1, 2, 9, requires_grad=True)
     assert attention_guided_mask(attention, 0.5, generator=torch.Generator().manual_seed(0)).shape == (1, 2, 9)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Full-precision GEMMs, exact quantile selection, host-sync-free path
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_matmul_precision():
+    precision = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(precision)  # also restores allow_tf32 and the per-backend values
+
+
+@pytest.mark.parametrize("precision", ["medium", "high"])
+def test_exact_float32_matmul_restores_the_global_setting(precision, restore_matmul_precision):
+    from clusterstm.models.masking_clusterstm import exact_float32_matmul
+
+    torch.set_float32_matmul_precision(precision)
+    assert torch.backends.cuda.matmul.allow_tf32
+    with exact_float32_matmul():
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert not torch.backends.cuda.matmul.allow_tf32
+    assert torch.get_float32_matmul_precision() == precision and torch.backends.cuda.matmul.allow_tf32
+    with pytest.raises(RuntimeError, match="inside"), exact_float32_matmul():
+        raise RuntimeError("inside")
+    assert torch.get_float32_matmul_precision() == precision and torch.backends.cuda.matmul.allow_tf32
+
+
+def test_exact_float32_matmul_with_the_per_backend_api(restore_matmul_precision):
+    from clusterstm.models.masking_clusterstm import exact_float32_matmul
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no per-backend fp32_precision")
+    matmul.fp32_precision = "tf32"
+    with exact_float32_matmul():
+        assert matmul.fp32_precision == "ieee"
+    assert matmul.fp32_precision == "tf32"
+    matmul.fp32_precision = "ieee"
+
+
+@pytest.mark.parametrize("precision", ["medium", "high"])
+def test_masks_ignore_a_reduced_global_matmul_precision(precision, restore_matmul_precision):
+    torch.manual_seed(15)
+    x = torch.randn(2, 3, 16, 8)  # float32: the only dtype the setting applies to
+    expected = ref_cluster_wise_mask(x, 0.75)
+    torch.set_float32_matmul_precision(precision)
+    assert torch.equal(cluster_wise_mask(x, 0.75), expected)
+    assert torch.equal(temporal_density(x), temporal_density(x))
+    assert torch.get_float32_matmul_precision() == precision  # restored after the call
+
+
+def _frame_values(gram: torch.Tensor, s: int, n: int) -> torch.Tensor:
+    """Frame s's values as stored by _upper_gram: its row block (u > s) and column block (u < s)."""
+    rows = slice(s * n, (s + 1) * n)
+    return torch.cat([gram[:, rows, (s + 1) * n :].flatten(1), gram[:, : s * n, rows].flatten(1)], dim=1)
+
+
+def _gram_cases():
+    generator = torch.Generator().manual_seed(16)
+    t, n = 4, 12
+    size = t * n
+    random = torch.randn(2, size, size, generator=generator)
+    ties = torch.randint(0, 4, (2, size, size), generator=generator).float()
+    constant = torch.full((2, size, size), 0.25)
+    # the largest values packed into a few rows, i.e. into few row groups: the candidates are whole groups
+    packed = torch.rand(2, size, size, generator=generator)
+    packed[:, 0:3] += 10.0
+    packed[:, :, 5 * n // 4] += 10.0
+    return {"random": random, "ties": ties, "constant": constant, "packed": packed}, t, n
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+@pytest.mark.parametrize("q", [0.0, 0.02, 0.13, 0.5, 1.0])
+def test_quantile_candidates_match_torch_quantile(sync_free, q):
+    from clusterstm.models.masking_clusterstm import _descending_pair, _largest_candidates, _quantile_positions
+
+    cases, t, n = _gram_cases()
+    below, above, weight = _quantile_positions((t - 1) * n * n, q, torch.float32)
+    for name, gram in cases.items():
+        for s in range(t):
+            # the quantile of the distances 1 - g is 1 - the (1 - q) quantile of g: compare the order statistics
+            values = _frame_values(gram, s, n)
+            largest = torch.sort(values, dim=1, descending=True).values
+            if sync_free:
+                candidates = _largest_candidates(gram, s, n, above + 1, sync_free=True)
+            else:  # the CPU path handles one video at a time
+                pairs = [
+                    _descending_pair(_largest_candidates(gram[i : i + 1], s, n, above + 1, False), below, above)
+                    for i in range(2)
+                ]
+                got_below, got_above = (torch.cat(values) for values in zip(*pairs))
+            if sync_free:
+                got_below, got_above = _descending_pair(candidates, below, above)
+            assert torch.equal(got_below, largest[:, below]), (name, s)
+            assert torch.equal(got_above, largest[:, above]), (name, s)
+            # and the interpolated cut-off is torch.quantile's (the order statistics above are exact; torch.quantile
+            # interpolates with its own formula, which may differ from torch.lerp in the last bit)
+            ours = torch.lerp(1 - got_below, 1 - got_above, weight)
+            assert torch.allclose(ours, torch.quantile(1 - values, q, dim=1), rtol=0, atol=1e-6), (name, s)
+
+
+@pytest.mark.parametrize("dc_ratio", [0.02, 0.3])
+def test_sync_free_temporal_density_matches_reference(dc_ratio):
+    torch.manual_seed(17)
+    x = torch.randn(2, 3, 9, 5, dtype=torch.float64)
+    ref_rho, ref_cutoff = ref_temporal_density(x, dc_ratio)
+    normalized = torch.nn.functional.normalize(x, dim=-1)
+    for sync_free in (False, True):
+        rho, cutoff = _temporal_density(normalized, dc_ratio, max_chunk_elements=2**20, sync_free=sync_free)
+        assert torch.allclose(cutoff, ref_cutoff, atol=1e-12)
+        assert torch.allclose(rho, ref_rho, atol=1e-12)
+
+
+def test_sync_free_path_gives_the_same_masks():
+    from clusterstm.models.masking_clusterstm import _cluster_wise_mask
+
+    torch.manual_seed(18)
+    x = torch.nn.functional.normalize(torch.randn(3, 4, 49, 16), dim=-1)
+    cpu = _cluster_wise_mask(x, 10, 0.02, 5, 2**25, sync_free=False)
+    assert torch.equal(_cluster_wise_mask(x, 10, 0.02, 5, 2**25, sync_free=True), cpu)
+    assert torch.equal(_cluster_wise_mask(x, 10, 0.02, 5, 1, sync_free=True), cpu)  # one video per chunk
+    assert torch.equal(cluster_wise_mask(x, 0.8), cpu)
+
+
+def test_sync_free_path_reads_no_value_on_the_host():
+    # meta tensors carry no data: any .item(), bool(tensor), .cpu() or data-dependent shape (nonzero, masked_select)
+    # raises on them, so the sync-free path running end to end on meta proves it never needs one
+    from clusterstm.models.masking_clusterstm import _cluster_wise_mask
+
+    x = torch.empty(2, 3, 16, 8, device="meta")
+    mask = _cluster_wise_mask(x, 4, 0.02, 5, 2**25, sync_free=True)
+    assert mask.shape == (2, 3, 16) and mask.dtype == torch.bool and mask.device.type == "meta"
+    # the check can fail: the CPU path (data-dependent compaction) does not run on meta
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        _cluster_wise_mask(x, 4, 0.02, 5, 2**25, sync_free=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.set_sync_debug_mode)")
+def test_cuda_masking_has_no_host_sync_after_validation():
+    from clusterstm.models.masking_clusterstm import _cluster_wise_mask
+
+    torch.manual_seed(19)
+    x = torch.nn.functional.normalize(torch.randn(2, 4, 16, 8, dtype=torch.float64), dim=-1)
+    expected = cluster_wise_mask(x, 0.75)
+    device_x = x.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mask = _cluster_wise_mask(device_x, 4, 0.02, 5, 2**25)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(mask.cpu(), expected)
+
+
+def test_tokens_too_large_to_normalise_are_refused():
+    x = torch.full((1, 2, 4, 3), 1e30)  # finite, but the squared norm overflows float32
+    with pytest.raises(ValueError, match="too large"):
+        cluster_wise_mask(x, 0.5)

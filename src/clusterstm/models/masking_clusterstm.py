@@ -24,8 +24,14 @@ Conventions shared by every function here:
 * Inputs of any floating dtype are accepted; the arithmetic runs in float32 (float64 inputs stay float64), also under
   `torch.autocast` (switched off locally), and every output lives on the input's device.
 * Masks and densities are not differentiable: everything runs under `torch.no_grad()`.
-* Nothing loops in Python over batch, frames or tokens; the only loops walk over memory chunks so that the largest
-  intermediate stays bounded (``max_chunk_elements``).
+* Nothing loops in Python over tokens. The temporal density walks over memory chunks of videos, so that the largest
+  intermediate stays bounded (``max_chunk_elements``; on the CPU one video at a time, which keeps its blocks in
+  cache), and over frames inside a chunk (one GEMM, one quantile selection and two exp-sums per frame).
+* Float32 matmuls run in full precision whatever the global TF32 / bf16 matmul setting ([`exact_float32_matmul`]):
+  a reduced-precision GEMM would change the masks.
+* On a GPU the masking makes one host sync, the finiteness check of the inputs (on the token norms); the algorithm
+  itself has no data-dependent shape and never reads a value on the host. On the CPU the quantile selection uses
+  data-dependent shapes, which are faster there.
 
 The file is Hub remote code: it only imports torch and never the ``clusterstm`` package itself.
 """
@@ -37,7 +43,6 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 
 # Upper bound, in elements, of the largest intermediate tensor built per chunk (2**25 float32 = 128 MiB).
 DEFAULT_MAX_CHUNK_ELEMENTS = 2**25
@@ -78,7 +83,7 @@ def _check_positive_int(value: int, name: str) -> None:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
-def _check_tokens(x: torch.Tensor, name: str, ndim: int, layout: str) -> None:
+def _check_tokens(x: torch.Tensor, name: str, ndim: int, layout: str, check_finite: bool = True) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"`{name}` must be a torch.Tensor of shape {layout}, got {type(x).__name__}.")
     if x.ndim != ndim:
@@ -87,7 +92,7 @@ def _check_tokens(x: torch.Tensor, name: str, ndim: int, layout: str) -> None:
         raise ValueError(f"`{name}` must be a floating point tensor, got dtype {x.dtype}.")
     if x.numel() == 0:
         raise ValueError(f"`{name}` must not be empty, got shape {tuple(x.shape)}.")
-    if not bool(torch.isfinite(x).all()):
+    if check_finite and not bool(torch.isfinite(x).all()):
         raise ValueError(f"`{name}` contains non-finite values (NaN or inf).")
 
 
@@ -105,8 +110,54 @@ def _autocast_disabled(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.to(_compute_dtype(x.dtype)), p=2.0, dim=-1)
+def _new_api_precisions() -> list[object]:
+    # the per-backend `fp32_precision` knobs of recent torch releases (absent in older ones)
+    owners = [torch.backends.cuda.matmul, getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)]
+    return [owner for owner in owners if owner is not None and hasattr(owner, "fp32_precision")]
+
+
+@contextlib.contextmanager
+def exact_float32_matmul():
+    """
+    Context in which float32 matmuls run in full float32 precision, whatever the global setting
+    (`torch.set_float32_matmul_precision("high" | "medium")`, `torch.backends.cuda.matmul.allow_tf32 = True`, or the
+    per-backend `fp32_precision` of recent torch releases), restoring the previous setting on exit. TF32 / bf16 GEMMs
+    round the token inner products to ~1e-3 and would change the masks. The setting is process-global: other threads
+    see it for the duration of the context.
+    """
+    try:
+        precision = torch.get_float32_matmul_precision()
+    except RuntimeError:  # set through the per-backend API: torch refuses to summarise it, so that API is used here
+        precision = None
+    if precision is not None:
+        # only the global setter: it also sets `allow_tf32` and the per-backend values consistently, whereas
+        # touching those directly makes torch refuse the global getter afterwards ("mix of the legacy and new APIs")
+        try:
+            torch.set_float32_matmul_precision("highest")
+            yield
+        finally:
+            torch.set_float32_matmul_precision(precision)
+        return
+    saved = [(owner, owner.fp32_precision) for owner in _new_api_precisions()]
+    try:
+        for owner, _ in saved:
+            owner.fp32_precision = "ieee"
+        yield
+    finally:
+        for owner, value in saved:
+            owner.fp32_precision = value
+
+
+def _normalize(x: torch.Tensor, name: str) -> torch.Tensor:
+    """L2-normalised tokens in the compute dtype (the arithmetic of `F.normalize`), checking finiteness on the norms:
+    a NaN or inf anywhere in a token makes its norm non-finite, and this reads `C` times fewer values than
+    `isfinite(x)`. (Finite tokens whose squared norm overflows are refused too: they cannot be normalised.) The
+    check is the masking's only host sync."""
+    x = x.to(_compute_dtype(x.dtype))
+    norms = torch.linalg.vector_norm(x, ord=2, dim=-1, keepdim=True)
+    if not bool(torch.isfinite(norms).all()):
+        raise ValueError(f"`{name}` contains non-finite values (NaN or inf), or tokens too large to normalise.")
+    return x / norms.clamp_min(1e-12).expand_as(x)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -201,14 +252,14 @@ def dpc_knn(
         `[0, K)` (label `c` is the cluster of `centers[:, c]`), and `centers` of shape `(batch_size, K)`: token
         indices of the centres in decreasing score order.
     """
-    _check_tokens(x, "x", 3, "(batch_size, num_tokens, hidden_size)")
+    _check_tokens(x, "x", 3, "(batch_size, num_tokens, hidden_size)", check_finite=False)
     _check_positive_int(k, "k")
     _check_positive_int(max_chunk_elements, "max_chunk_elements")
     n = x.shape[1]
     if isinstance(num_clusters, bool) or not isinstance(num_clusters, numbers.Integral) or not 1 <= num_clusters <= n:
         raise ValueError(f"`num_clusters` must be an integer in [1, num_tokens={n}], got {num_clusters!r}.")
-    with _autocast_disabled(x):
-        labels, centers, _ = _dpc_knn(_normalize(x), int(num_clusters), int(k), int(max_chunk_elements))
+    with _autocast_disabled(x), exact_float32_matmul():
+        labels, centers, _ = _dpc_knn(_normalize(x, "x"), int(num_clusters), int(k), int(max_chunk_elements))
     return labels, centers
 
 
@@ -227,48 +278,169 @@ def _quantile_positions(num_values: int, q: float, dtype: torch.dtype) -> tuple[
     return below, above, weight
 
 
-def _kth_smallest_pair(values: torch.Tensor, below: int, above: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `below`-th and `above`-th (0-based) smallest values along the last dim, exactly, without sorting
-    everything."""
-    n = values.shape[-1]
-    if above + 1 <= max(1, n // 8):
-        # a partial selection of the smallest values is cheaper than two full selections for small quantiles
-        smallest = torch.topk(values, above + 1, dim=-1, largest=False, sorted=True).values
-        return smallest[..., below], smallest[..., above]
-    value_below = torch.kthvalue(values, below + 1, dim=-1).values
-    value_above = value_below if above == below else torch.kthvalue(values, above + 1, dim=-1).values
-    return value_below, value_above
+def _upper_gram(chunk: torch.Tensor, t: int, n: int, gram: torch.Tensor) -> None:
+    """Writes `<x_si, x_uj>` for frame pairs `s < u` only into `gram` `(v, T*N, T*N)` (strided `bmm` outputs, no
+    copy); the blocks `s > u` are their transposes and are never computed nor read, the diagonal blocks neither."""
+    for s in range(t - 1):
+        rows = slice(s * n, (s + 1) * n)
+        torch.bmm(chunk[:, rows], chunk[:, (s + 1) * n :].transpose(1, 2), out=gram[:, rows, (s + 1) * n :])
 
 
-def _temporal_density(x: torch.Tensor, dc_ratio: float, max_chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temporal density `(B, T, N)` and cut-off distance `(B, T)` of normalised tokens `x` with `T >= 2`."""
+def _group_size(num_values: int, n: int, count: int) -> int:
+    """Rows per group for [`_largest_candidates`]: the divisor `r` of `n` that minimises the selection work, i.e. the
+    `num_values / r` group maxima plus the `count * r` candidates (`r ~ sqrt(num_values / count)`)."""
+    # at least `count` groups, so that `count` group maxima exist
+    divisors = [r for r in range(1, n + 1) if n % r == 0 and num_values // r >= count]
+    return min(divisors, key=lambda r: num_values // r + count * r)
+
+
+def _largest_candidates(gram: torch.Tensor, s: int, n: int, count: int, sync_free: bool) -> torch.Tensor:
+    """
+    Candidates `(v, M)` that contain the `count` largest inner products of frame `s` with every other frame, per
+    video, found without selecting among all of them; `gram` holds the blocks of [`_upper_gram`].
+
+    The values are split into groups of `r` rows and each group is reduced to its maximum (one vectorised pass);
+    `thr` is the `count`-th largest group maximum. At least `count` values are `>= thr` (one per group at or above it)
+    and every value `> thr` lies in a group whose maximum is `> thr`, i.e. among the `count` groups of largest maximum.
+    The values of those groups therefore contain the `count` largest values exactly, ties included. This is a bound,
+    not an estimate: there is no sampling and no fallback.
+
+    With `sync_free=True` every shape is fixed (`topk` of the group maxima, `M = count * r`): no host sync on a GPU.
+    Otherwise (CPU, `v = 1`, data-dependent shapes) the same bound is applied once more, to the maxima: `thr` is the
+    `count`-th largest maximum of groups of `r2` maxima (valid as well: at least `count` maxima, hence values, reach
+    it), found with `kthvalue` on `r * r2` times fewer values than the frame has, and only the values `>= thr` of the
+    groups whose maximum reaches it are returned (a few more than `count`).
+    """
+    v, size, _ = gram.shape
+    t = size // n
+    r = _group_size((t - 1) * n * n, n, count)
+    # (first row, first column, number of rows, width) of the frame's row block (frames u > s) and column block (u < s)
+    regions = [(s * n, (s + 1) * n, n, (t - 1 - s) * n), (0, s * n, s * n, n)]
+    regions = [region for region in regions if region[2] * region[3] > 0]
+    steps = torch.arange(r, device=gram.device) * size
+    blocks = [gram[:, row : row + rows, column : column + width] for row, column, rows, width in regions]
+    maxima = [block.unflatten(1, (block.shape[1] // r, r)).amax(dim=2) for block in blocks]
+    if sync_free:
+        group = torch.topk(torch.cat([m.flatten(1) for m in maxima], dim=1), count, dim=1, sorted=False).indices
+        # flat position of each chosen group's first value in `gram`, region by region
+        first, offset = None, 0
+        for row, column, rows, width in regions:
+            local = group - offset
+            position = (row + (local // width) * r) * size + column + local % width
+            first = position if first is None else torch.where(local >= 0, position, first)
+            offset += (rows // r) * width
+        first = first + torch.arange(v, device=gram.device)[:, None] * size * size
+        return gram.view(-1).index_select(0, (first[..., None] + steps).flatten()).view(v, -1)
+
+    # CPU: the threshold from maxima of r2 group rows, then the groups and values reaching it
+    r2 = next(
+        r2
+        for r2 in (4, 2, 1)
+        if all(m.shape[1] % r2 == 0 for m in maxima) and sum(m.numel() for m in maxima) // r2 >= count
+    )
+    coarse = torch.cat([m[0].unflatten(0, (m.shape[1] // r2, r2)).amax(dim=1).flatten() for m in maxima])
+    threshold = torch.kthvalue(coarse, coarse.numel() - count + 1).values
+    first = []
+    for (row, column, _, _), m in zip(regions, maxima):
+        hit = (m[0] >= threshold).nonzero()
+        first.append((hit[:, 0] * r + row) * size + hit[:, 1] + column)
+    values = gram.view(-1).index_select(0, (torch.cat(first)[:, None] + steps).flatten())
+    return values[values >= threshold][None]
+
+
+def _descending_pair(values: torch.Tensor, below: int, above: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `below`-th and `above`-th largest (0-based, `above - below` in {0, 1}) of each row of `values`, with one
+    selection: the `below`-th largest is the `above`-th one when enough values equal it, else the next larger value."""
+    size = values.shape[1]
+    largest_above = torch.kthvalue(values, size - above, dim=1, keepdim=True).values
+    if above == below:
+        return largest_above[:, 0], largest_above[:, 0]
+    # the (size - above + 1)-th smallest value: a tie with the previous one, or the smallest value above it
+    tie = (values <= largest_above).sum(dim=1, keepdim=True) > size - above
+    larger = torch.where(values > largest_above, values, torch.inf).amin(dim=1, keepdim=True)
+    return torch.where(tie, largest_above, larger)[:, 0], largest_above[:, 0]
+
+
+def _video_density(
+    chunk: torch.Tensor,
+    t: int,
+    gram: torch.Tensor,
+    dist_buffer: torch.Tensor,
+    work_buffer: torch.Tensor,
+    below: int,
+    above: int,
+    weight: float,
+    sync_free: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised temporal density `(v, T, N)` and cut-off `(v, T)` of `v` videos `chunk` `(v, T*N, C)`, using
+    preallocated buffers (`gram` `(v, T*N, T*N)`, `dist_buffer` and `work_buffer` `(v, N, (T-1)*N)`). With
+    `sync_free=True` no operation has a data-dependent shape or reads a value on the host."""
+    v, size, _ = chunk.shape
+    n = size // t
+    one = torch.ones((), dtype=chunk.dtype, device=chunk.device)
+    _upper_gram(chunk, t, n, gram)
+
+    # cut-off per frame: the `below`-th and `above`-th smallest distances = 1 - the largest inner products
+    dc = torch.stack(
+        [
+            torch.lerp(
+                *(
+                    one - value
+                    for value in _descending_pair(_largest_candidates(gram, s, n, above + 1, sync_free), below, above)
+                ),
+                weight,
+            )
+            for s in range(t)
+        ],
+        dim=1,
+    ).clamp_min_(MIN_CUTOFF_DISTANCE)
+
+    # rho_si = sum over other frames' tokens of exp(-(dist / dc_s)^2); block (s, u) serves frame s through its row
+    # sums (cut-off dc_s) and frame u through its column sums (cut-off dc_u), each in cache-sized pieces
+    rho = torch.zeros(v, t, n, dtype=chunk.dtype, device=chunk.device)
+    for s in range(t - 1):
+        m = t - 1 - s
+        block = gram[:, s * n : (s + 1) * n, (s + 1) * n :]
+        dist = torch.sub(one, block, out=dist_buffer[:, :, : m * n])
+        work = torch.div(dist, dc[:, s, None, None], out=work_buffer[:, :, : m * n])
+        rho[:, s] += work.square_().neg_().exp_().sum(dim=-1)
+        work = torch.div(dist.view(v, n, m, n), dc[:, None, s + 1 :, None], out=work.view(v, n, m, n))
+        rho[:, s + 1 :] += work.square_().neg_().exp_().sum(dim=1)
+    return rho, dc
+
+
+def _temporal_density(
+    x: torch.Tensor, dc_ratio: float, max_chunk_elements: int, sync_free: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temporal density `(B, T, N)` and cut-off distance `(B, T)` of normalised tokens `x` with `T >= 2`.
+
+    Only the inner products of frame pairs `s < u` are computed (one `bmm` per frame into a buffer reused across
+    chunks); each pair's block serves both frames. The distances are `fl(1 - <x_si, x_uj>)`, a non-increasing function
+    of the inner product, so the quantile's order statistics are taken on the largest inner products directly.
+    `sync_free` (default: on any device but the CPU) selects the quantile path without host syncs.
+    """
     b, t, n, c = x.shape
     below, above, weight = _quantile_positions((t - 1) * n * n, dc_ratio, x.dtype)
-    weight = weight.to(x.device)
+    # a Python float (exactly the float32/64 weight): no host-to-device copy
+    weight = float(weight)
+    on_cpu = x.device.type == "cpu"
+    sync_free = not on_cpu if sync_free is None else sync_free
 
-    # one video at a time keeps every (frame, token) x (other frame, token) distance of that video together
-    videos_per_chunk = max(1, max_chunk_elements // ((t * n) ** 2))
+    # on the CPU one video at a time keeps a video's blocks in cache; elsewhere as many as max_chunk_elements allows
+    videos_per_chunk = 1 if on_cpu else max(1, min(b, max_chunk_elements // ((t * n) ** 2)))
     flat = x.reshape(b, t * n, c)
     rho = torch.empty(b, t, n, dtype=x.dtype, device=x.device)
     cutoff = torch.empty(b, t, dtype=x.dtype, device=x.device)
+    gram_buffer = torch.empty(videos_per_chunk, t * n, t * n, dtype=x.dtype, device=x.device)
+    dist_buffer = torch.empty(videos_per_chunk, n, (t - 1) * n, dtype=x.dtype, device=x.device)
+    work_buffer = torch.empty_like(dist_buffer)
     for start in range(0, b, videos_per_chunk):
         end = min(start + videos_per_chunk, b)
-        chunk = flat[start:end]
-        # dist[v, s, i, u, j] = 1 - <x_si, x_uj>
-        dist = torch.baddbmm(
-            torch.ones((), dtype=x.dtype, device=x.device), chunk, chunk.transpose(1, 2), beta=1.0, alpha=-1.0
-        ).view(end - start, t, n, t, n)
-        # the frame's own tokens are excluded: +inf is never among the smallest values and exp(-inf) adds 0
-        dist.diagonal(dim1=1, dim2=3).fill_(float("inf"))
-
-        value_below, value_above = _kth_smallest_pair(dist.view(end - start, t, -1), below, above)
-        dc = torch.lerp(value_below, value_above, weight).clamp_min_(MIN_CUTOFF_DISTANCE)
-        cutoff[start:end] = dc
-
-        dist.div_(dc[:, :, None, None, None]).square_().neg_().exp_()
-        rho[start:end] = dist.view(end - start, t, n, t * n).sum(dim=-1).div_(n)
-        del dist
-    return rho, cutoff
+        v = end - start
+        rho[start:end], cutoff[start:end] = _video_density(
+            flat[start:end], t, gram_buffer[:v], dist_buffer[:v], work_buffer[:v], below, above, weight, sync_free
+        )
+    return rho.div_(n), cutoff
 
 
 @torch.no_grad()
@@ -285,7 +457,8 @@ def temporal_density(
     L2-normalised tokens. The cut-off `dc_t` is the `dc_ratio` quantile (linear interpolation, exactly as
     `torch.quantile`) of the `N * (T - 1) * N` distances of frame `t`, clamped to `>= 1e-6`, and
     `rho_ti = sum_j exp(-(dist / dc_t)^2) / N`. `torch.quantile` itself is not used: it refuses inputs above 2**24
-    elements; a partial selection per chunk gives the same value.
+    elements and sorts everything; an exact selection among the few candidates that can hold the quantile (see
+    `_largest_candidates`) gives the same order statistics.
 
     With a single frame (`T = 1`, an image) there are no other frames; the DPC-KNN local density (with `k`
     neighbours) is returned instead.
@@ -300,13 +473,13 @@ def temporal_density(
         `torch.Tensor` of shape `(batch_size, num_frames, num_tokens)`: float32 (float64 for float64 inputs), on the
         input's device.
     """
-    _check_tokens(x, "x", 4, "(batch_size, num_frames, num_tokens, hidden_size)")
+    _check_tokens(x, "x", 4, "(batch_size, num_frames, num_tokens, hidden_size)", check_finite=False)
     _check_dc_ratio(dc_ratio)
     _check_positive_int(k, "k")
     _check_positive_int(max_chunk_elements, "max_chunk_elements")
     dc_ratio, k, max_chunk_elements = float(dc_ratio), int(k), int(max_chunk_elements)
-    with _autocast_disabled(x):
-        x = _normalize(x)
+    with _autocast_disabled(x), exact_float32_matmul():
+        x = _normalize(x, "x")
         b, t, n, c = x.shape
         if t == 1:
             _, _, rho = _dpc_knn(x.reshape(b, n, c), 1, k, max_chunk_elements)
@@ -365,21 +538,28 @@ def cluster_wise_mask(
     Returns:
         `torch.BoolTensor` of shape `(batch_size, num_frames, num_tokens)`, `True` = masked, on the input's device.
     """
-    _check_tokens(x, "x", 4, "(batch_size, num_frames, num_tokens, hidden_size)")
+    _check_tokens(x, "x", 4, "(batch_size, num_frames, num_tokens, hidden_size)", check_finite=False)
     _check_dc_ratio(dc_ratio)
     _check_positive_int(k, "k")
     _check_positive_int(max_chunk_elements, "max_chunk_elements")
     dc_ratio, k, max_chunk_elements = float(dc_ratio), int(k), int(max_chunk_elements)
     b, t, n, c = x.shape
     num_keep = num_visible_tokens(n, mask_ratio)
-    with _autocast_disabled(x):
-        x = _normalize(x)
-        labels, _, local_rho = _dpc_knn(x.reshape(b * t, n, c), num_keep, k, max_chunk_elements)
-        if t == 1:
-            rho = local_rho
-        else:
-            rho = _temporal_density(x, dc_ratio, max_chunk_elements)[0].reshape(b * t, n)
-        return _keep_best_per_cluster(labels, rho, num_keep).reshape(b, t, n)
+    with _autocast_disabled(x), exact_float32_matmul():
+        return _cluster_wise_mask(_normalize(x, "x"), num_keep, dc_ratio, k, max_chunk_elements)
+
+
+def _cluster_wise_mask(
+    x: torch.Tensor, num_keep: int, dc_ratio: float, k: int, max_chunk_elements: int, sync_free: bool | None = None
+) -> torch.Tensor:
+    """[`cluster_wise_mask`] on normalised, validated tokens: no host sync on a GPU (or with `sync_free=True`)."""
+    b, t, n, c = x.shape
+    labels, _, local_rho = _dpc_knn(x.reshape(b * t, n, c), num_keep, k, max_chunk_elements)
+    if t == 1:
+        rho = local_rho
+    else:
+        rho = _temporal_density(x, dc_ratio, max_chunk_elements, sync_free)[0].reshape(b * t, n)
+    return _keep_best_per_cluster(labels, rho, num_keep).reshape(b, t, n)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
