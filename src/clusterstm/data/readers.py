@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.video_processing_clusterstm import VideoDecodingError, read_video_pyav
+from ..models.video_processing_clusterstm import VideoDecodingError
+from .decoding import read_video
+from .streaming import STREAM_POSITION_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +202,7 @@ class VideoTextCollator:
         video_column: str = VIDEO_PATH_COLUMN,
         dataset: Any = None,
         max_retries: int = 10,
+        resolver: Any = None,
     ) -> None:
         if sampling not in ("uniform", "random"):
             raise ValueError(f"`sampling` must be 'uniform' or 'random', got {sampling!r}.")
@@ -222,6 +225,16 @@ class VideoTextCollator:
         self.dataset = dataset
         self.max_retries = max_retries
         self.num_skipped = 0
+        # Corpus rows (webdataset samples, bytes columns, templates) are turned into {video, caption, clip_key} by a
+        # `clusterstm.data.sources.ClipResolver`; its errors are bad samples like unreadable videos.
+        self.resolver = resolver
+
+    def _prepare(self, row: dict[str, Any]) -> dict[str, Any]:
+        if self.resolver is None:
+            return row
+        clip = self.resolver(row)
+        return {"video": clip["video"], self.caption_column: clip["caption"], "clip_key": clip["clip_key"],
+                "__name__": clip["name"]}
 
     def _video_source(self, row: dict[str, Any]) -> Any:
         if "video" in row and row["video"] is not None and not isinstance(row["video"], (str, dict)):
@@ -229,15 +242,16 @@ class VideoTextCollator:
         for key in (self.video_column, VIDEO_PATH_COLUMN, "video"):
             value = row.get(key)
             if isinstance(value, dict):  # datasets Video(decode=False) gives {"path": ..., "bytes": ...}
-                value = value.get("path")
-            if isinstance(value, (str, os.PathLike)):
+                value = value.get("bytes") or value.get("path")
+            if isinstance(value, (str, os.PathLike, bytes, bytearray, memoryview)):
                 return value
         raise ValueError(f"Row has no video (looked for 'video', {self.video_column!r}); keys: {sorted(row)}.")
 
     def _decode(self, row: dict[str, Any]) -> np.ndarray | torch.Tensor:
         source = self._video_source(row)
-        if isinstance(source, (str, os.PathLike)):
-            return read_video_pyav(source, self.num_frames, self.sampling)
+        if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+            # Same frames as `read_video_pyav`, fewer decoded (see data/decoding.py); bytes decode from memory.
+            return read_video(source, self.num_frames, self.sampling, name=row.get("__name__"))
         clip = source if isinstance(source, torch.Tensor) else np.asarray(source)
         if isinstance(clip, np.ndarray) and clip.dtype.kind in "iu" and clip.dtype != np.uint8:
             # Unformatted / streamed rows come back as int64 lists; pixel values are bytes.
@@ -251,21 +265,26 @@ class VideoTextCollator:
             source = self._video_source(row)
         except ValueError:
             return "<no video>"
+        if row.get("__name__"):
+            return row["__name__"]
         return repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else "<in-memory clip>"
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if len(rows) == 0:
             raise ValueError("Cannot collate an empty batch.")
-        rows = list(rows)
+        rows = [dict(row) for row in rows]
+        # Streamed rows carry their reader's position; the last row's is the reader's position after this batch.
+        positions = [row.pop(STREAM_POSITION_KEY, None) for row in rows]
         clips: list[Any] = [None] * len(rows)
         bad: list[int] = []
         for i, row in enumerate(rows):
             try:
+                rows[i] = row = self._prepare(row)
                 clips[i] = self._decode(row)
-            except VideoDecodingError:
+            except VideoDecodingError as error:
                 if not self.skip_bad_samples:
                     raise
-                logger.warning("Skipping unreadable video %s (replaced by another sample).", self._describe(row))
+                logger.warning("Skipping bad sample (replaced by another sample): %s", error)
                 bad.append(i)
         skipped = len(bad)
         for i in bad:
@@ -300,6 +319,12 @@ class VideoTextCollator:
             batch["teacher_attention_mask"] = teacher["attention_mask"]
         if self.skip_bad_samples:
             batch["num_skipped_samples"] = torch.tensor(skipped)
+        keys = [row.get("clip_key") for row in rows]
+        if all(isinstance(key, str) for key in keys):
+            # A stable per-clip key (file/shard + key + caption digest), e.g. for caches of teacher targets.
+            batch["clip_key"] = keys
+        if positions[-1] is not None:
+            batch["stream_position"] = positions[-1]
         return batch
 
     def _replacement(self, rows: list[dict[str, Any]], clips: list[Any]) -> tuple[dict[str, Any], Any]:
@@ -308,6 +333,7 @@ class VideoTextCollator:
                 index = int(torch.randint(len(self.dataset), (1,)).item())
                 row = self.dataset[index]
                 try:
+                    row = self._prepare(row)
                     return row, self._decode(row)
                 except VideoDecodingError:
                     logger.warning("Replacement video %s is unreadable too.", self._describe(row))
