@@ -86,6 +86,8 @@ def resolve_data_files(train_file: str) -> tuple[str, list[str]]:
     files and the builder that reads them. Local patterns that match nothing raise `ValueError` naming the pattern.
     """
     files: list[str] = []
+    missing: list[str] = []
+    builder_for_file(os.fspath(train_file))  # unsupported extensions fail before any file access
     for pattern in expand_braces(os.fspath(train_file)):
         if _is_remote(pattern):
             files.append(pattern)
@@ -96,8 +98,13 @@ def resolve_data_files(train_file: str) -> tuple[str, list[str]]:
             files.extend(matched)
         else:
             if not os.path.isfile(pattern):
-                raise ValueError(f"--train_file: file not found: {pattern!r}")
+                missing.append(pattern)
             files.append(pattern)
+    if missing:
+        raise ValueError(
+            f"--train_file {os.fspath(train_file)!r}: {len(missing)} of {len(files)} file(s) not found, e.g. "
+            f"{missing[0]!r}" + (f" ... {missing[-1]!r}" if len(missing) > 1 else "")
+        )
     builders = {builder_for_file(path) for path in files}
     if len(builders) != 1:
         raise ValueError(f"--train_file {train_file!r} mixes formats ({sorted(builders)}); use one format.")
@@ -133,6 +140,29 @@ def _corrupt_shard_error(files: list[str], error: BaseException) -> ValueError |
     shard, message, last_key = found
     after = f" after sample key {last_key!r}" if last_key else " before its first sample"
     return ValueError(f"Corrupt or truncated webdataset shard {shard!r}: {message}{after} ({type(error).__name__}).")
+
+
+def _mixed_members_error(shard: str, error: BaseException) -> ValueError | None:
+    """`datasets`' webdataset builder infers columns from the first 5 samples of the first shard and refuses samples
+    with different members there; name the samples that differ."""
+    if _is_remote(shard) or "don't share the same prefix or the same types" not in str(error):
+        return None
+    samples: dict[str, list[str]] = {}
+    with tarfile.open(shard, "r:*") as archive:
+        for member in archive:
+            key, _, extension = member.name.partition(".")
+            if key not in samples and len(samples) == 5:
+                break
+            samples.setdefault(key, []).append(extension)
+    layouts = {key: sorted(extensions) for key, extensions in samples.items()}
+    first_key, first = next(iter(layouts.items()))
+    different = {key: value for key, value in layouts.items() if value != first}
+    return ValueError(
+        f"Webdataset shard {shard!r}: the first samples do not have the same members (sample key {first_key!r}: "
+        f"{first}; " + "; ".join(f"sample key {k!r}: {v}" for k, v in different.items()) + "). Columns are inferred "
+        "from the first 5 samples of the first shard, so these must all carry the same members "
+        "(e.g. mp4 + txt + json)."
+    )
 
 
 @dataclass
@@ -325,9 +355,10 @@ def load_training_corpus(
         try:
             dataset = load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
         except Exception as error:
-            corrupt = _corrupt_shard_error(files, error) if builder == "webdataset" else None
-            if corrupt is not None:
-                raise corrupt from error
+            if builder == "webdataset":
+                explained = _corrupt_shard_error(files, error) or _mixed_members_error(files[0], error)
+                if explained is not None:
+                    raise explained from error
             raise
         source = train_file
         if builder == "webdataset":
