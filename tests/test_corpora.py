@@ -79,7 +79,9 @@ def test_brace_and_glob_patterns(corpora):
     assert resolve_data_files(str(shards / "*.tar"))[1] == files
     with pytest.raises(ValueError, match="matches no file"):
         resolve_data_files(str(shards / "nothing-*.tar"))
-    with pytest.raises(ValueError, match=r"6 of 10 file\(s\) not found, e.g. '.*train-000004\.tar' ... '.*train-000009\.tar'"):
+    with pytest.raises(
+        ValueError, match=r"6 of 10 file\(s\) not found, e.g. '.*train-000004\.tar' ... '.*train-000009\.tar'"
+    ):
         resolve_data_files(str(shards / "train-{000000..000009}.tar"))
     with pytest.raises(ValueError, match="Unsupported --train_file"):
         resolve_data_files(str(corpora / "jsonl" / "benchmark_config.json.txt"))
@@ -244,7 +246,9 @@ def _encode(path, frames_count, keyint, size=32, bframes=True):
             container.mux(packet)
 
 
-@pytest.mark.parametrize("frames_count, keyint, bframes", [(60, 10, True), (60, 250, True), (37, 7, False), (3, 10, True)])
+@pytest.mark.parametrize(
+    "frames_count, keyint, bframes", [(60, 10, True), (60, 250, True), (37, 7, False), (3, 10, True)]
+)
 def test_fast_reader_returns_todays_frames(tmp_path, frames_count, keyint, bframes):
     path = tmp_path / "clip.mp4"
     _encode(path, frames_count, keyint, bframes=bframes)
@@ -313,7 +317,9 @@ def test_bad_webdataset_samples_are_named_or_skipped_and_counted(processor, tmp_
     # Members differing among the first samples (from which `datasets` infers the columns) are named too.
     mixed = tmp_path / "mixed-000000.tar"
     _write_shard(mixed, [sample("a"), sample("b", txt=None)])
-    with pytest.raises(ValueError, match=r"mixed-000000.tar.*sample key 'a': \['json', 'mp4', 'txt'\]; sample key 'b'"):
+    with pytest.raises(
+        ValueError, match=r"mixed-000000.tar.*sample key 'a': \['json', 'mp4', 'txt'\]; sample key 'b'"
+    ):
         load_training_corpus(train_file=str(mixed))
 
 
@@ -324,8 +330,20 @@ def test_corrupt_or_truncated_shard_is_named_with_the_last_good_key(tmp_path):
     truncated = tmp_path / "train-000001.tar"
     data = good.read_bytes()
     truncated.write_bytes(data[: len(data) // 2 + 100])
-    with pytest.raises(ValueError, match=r"Corrupt or truncated webdataset shard '.*train-000001\.tar'.*after sample key 'k"):
+    with pytest.raises(
+        ValueError, match=r"Corrupt or truncated webdataset shard '.*train-000001\.tar'.*after sample key 'k"
+    ):
         load_training_corpus(train_file=str(tmp_path / "train-{000000..000001}.tar"))
+    # --skip_bad_samples leaves the shard out of a map-style load (and says which) ...
+    corpus = load_training_corpus(train_file=str(tmp_path / "train-{000000..000001}.tar"), skip_bad_shards=True)
+    assert corpus.skipped_shards == [str(truncated)] and len(corpus.dataset) == 6
+    # ... and a stream that hits it stops naming it.
+    from clusterstm.data.streaming import ShardedStream
+
+    corpus = load_training_corpus(train_file=str(tmp_path / "train-{000000..000001}.tar"), streaming=True)
+    stream = ShardedStream(corpus.dataset, shard_files=corpus.shard_files)
+    with pytest.raises(ValueError, match=r"Corrupt or truncated webdataset shard '.*train-000001\.tar'"):
+        list(stream)
 
 
 def test_template_naming_no_file_and_bytes_columns(processor, tmp_path):
@@ -353,3 +371,14 @@ def test_template_naming_no_file_and_bytes_columns(processor, tmp_path):
     raw = load_training_corpus(train_file=str(tmp_path / "raw.parquet"), video_column="video")
     batch = VideoTextCollator(processor, resolver=raw.resolver)([raw.dataset[0], raw.dataset[1]])
     assert batch["pixel_values"].shape[:2] == (2, 4) and batch["clip_key"][0].startswith("bytes-")
+
+
+def test_uint8_batches_normalised_later_equal_the_float_batches(processor, corpora):
+    corpus = load_training_corpus(train_file=str(corpora / "parquet" / "train.parquet"), video_column="video")
+    rows = [corpus.dataset[i] for i in range(3)]
+    float_batch = VideoTextCollator(processor, resolver=corpus.resolver)(rows)
+    uint8_collator = VideoTextCollator(processor, resolver=corpus.resolver, uint8_pixels=True)
+    uint8_batch = uint8_collator(rows)
+    assert uint8_batch["pixel_values"].dtype == torch.uint8
+    assert uint8_batch["pixel_values"].shape == float_batch["pixel_values"].shape
+    assert torch.equal(uint8_collator.normalize_pixel_values(uint8_batch["pixel_values"]), float_batch["pixel_values"])

@@ -88,8 +88,13 @@ def export_synthetic(
 
         for split in splits:
             records = [
-                {"video": {"bytes": data, "path": f"{row['video_id']}.mp4"}, "caption": row["caption"],
-                 "video_id": row["video_id"], "questions": row["questions"], "answers": row["answers"]}
+                {
+                    "video": {"bytes": data, "path": f"{row['video_id']}.mp4"},
+                    "caption": row["caption"],
+                    "video_id": row["video_id"],
+                    "questions": row["questions"],
+                    "answers": row["answers"],
+                }
                 for row, data in _records(config, split)
             ]
             features = Features(

@@ -203,6 +203,7 @@ class VideoTextCollator:
         dataset: Any = None,
         max_retries: int = 10,
         resolver: Any = None,
+        uint8_pixels: bool = False,
     ) -> None:
         if sampling not in ("uniform", "random"):
             raise ValueError(f"`sampling` must be 'uniform' or 'random', got {sampling!r}.")
@@ -228,6 +229,9 @@ class VideoTextCollator:
         # Corpus rows (webdataset samples, bytes columns, templates) are turned into {video, caption, clip_key} by a
         # `clusterstm.data.sources.ClipResolver`; its errors are bad samples like unreadable videos.
         self.resolver = resolver
+        # Workers hand over resized/cropped uint8 frames (4x less to copy between processes); the main process or
+        # the device finishes with `normalize_pixel_values`, the processor's own fused rescale + normalise.
+        self.uint8_pixels = uint8_pixels
 
     def _prepare(self, row: dict[str, Any]) -> dict[str, Any]:
         if self.resolver is None:
@@ -295,8 +299,9 @@ class VideoTextCollator:
         for i, caption in enumerate(captions):
             _check_caption(caption, f"{i} of the batch", self.caption_column)
         # Sampling happened at decode time for files; arrays are (re)sampled here to `num_frames`.
+        extra = {"do_rescale": False, "do_normalize": False} if self.uint8_pixels else {}
         pixel_values = self.video_processor(
-            clips, num_frames=self.num_frames, sampling=self.sampling, return_tensors="pt"
+            clips, num_frames=self.num_frames, sampling=self.sampling, return_tensors="pt", **extra
         )["pixel_values"]
         text = self.tokenizer(
             captions,
@@ -326,6 +331,22 @@ class VideoTextCollator:
         if positions[-1] is not None:
             batch["stream_position"] = positions[-1]
         return batch
+
+    def normalize_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Finish uint8 `pixel_values` of a `uint8_pixels` batch (on any device): the video processor's fused
+        rescale + normalise, so the result equals what the processor returns in one go. Float input is returned
+        unchanged."""
+        if pixel_values.dtype != torch.uint8:
+            return pixel_values
+        processor = self.video_processor
+        return processor.rescale_and_normalize(
+            pixel_values,
+            processor.do_rescale,
+            processor.rescale_factor,
+            processor.do_normalize,
+            processor.image_mean,
+            processor.image_std,
+        )
 
     def _replacement(self, rows: list[dict[str, Any]], clips: list[Any]) -> tuple[dict[str, Any], Any]:
         if self.dataset is not None and hasattr(self.dataset, "__len__") and len(self.dataset) > 0:

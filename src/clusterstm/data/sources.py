@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..models.video_processing_clusterstm import VideoDecodingError
@@ -247,7 +247,9 @@ class ClipResolver:
             key = f"{reference or 'bytes-' + digest}|{_caption_digest(caption)}"
             return {"video": data, "caption": caption, "clip_key": key, "name": f"{name} (video bytes)"}
         if not isinstance(reference, str) or not reference.strip():
-            raise BadSampleError(f"{name}: field {self.video_column!r} holds no video path or bytes (got {_short(value)}).")
+            raise BadSampleError(
+                f"{name}: field {self.video_column!r} holds no video path or bytes (got {_short(value)})."
+            )
         if self.video_root is None and os.path.isabs(reference):
             path = reference  # produced by a datasets loader (videofolder), not by the annotation author
         else:
@@ -312,6 +314,10 @@ class Corpus:
     dataset: Any
     resolver: ClipResolver
     num_shards: int = 1
+    #: Webdataset shards (to name a corrupt one when a stream fails), else empty.
+    shard_files: list[str] = field(default_factory=list)
+    #: Corrupt shards left out (map-style loads with `skip_bad_shards=True`).
+    skipped_shards: list[str] = field(default_factory=list)
 
 
 def load_training_corpus(
@@ -325,6 +331,7 @@ def load_training_corpus(
     split: str = "train",
     streaming: bool = False,
     validate: bool = True,
+    skip_bad_shards: bool = False,
 ) -> Corpus:
     """
     Open a training corpus with `datasets`, without decoding any video.
@@ -340,6 +347,8 @@ def load_training_corpus(
         streaming: Return an `IterableDataset` (nothing is loaded up front).
         validate: For map-style annotation rows holding paths, check every row's caption and path up front (strings
             only, no file access), so a bad row fails before training.
+        skip_bad_shards: Map-style webdataset loads leave corrupt or truncated shards out (a warning names each,
+            `Corpus.skipped_shards` lists them) instead of raising.
 
     Raises:
         `ValueError`: a missing file or column, an unsupported format, a corrupt shard (named, with the last good key).
@@ -351,22 +360,34 @@ def load_training_corpus(
     num_shards = 1
     if train_file is not None:
         builder, files = resolve_data_files(train_file)
-        num_shards = len(files)
-        try:
-            dataset = load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
-        except Exception as error:
-            if builder == "webdataset":
+        skipped: list[str] = []
+        while True:
+            try:
+                dataset = load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
+                break
+            except Exception as error:
+                if builder != "webdataset":
+                    raise
+                found = find_corrupt_shard(files)
+                if found is not None and skip_bad_shards and not streaming and len(files) > 1:
+                    logger.warning("Leaving out %s", _corrupt_shard_error([found[0]], error))
+                    skipped.append(found[0])
+                    files = [path for path in files if path != found[0]]
+                    continue
                 explained = _corrupt_shard_error(files, error) or _mixed_members_error(files[0], error)
                 if explained is not None:
                     raise explained from error
-            raise
+                raise
+        num_shards = len(files)
         source = train_file
         if builder == "webdataset":
             dataset = _undecoded_videos(dataset)
             resolver = ClipResolver(source=source, caption_column=caption_column, webdataset=True)
-            return Corpus(dataset, resolver, num_shards)
+            return Corpus(dataset, resolver, num_shards, shard_files=files, skipped_shards=skipped)
         local = not _is_remote(files[0])
-        root = video_root if video_root is not None else (os.path.dirname(os.path.abspath(files[0])) if local else None)
+        root = (
+            video_root if video_root is not None else (os.path.dirname(os.path.abspath(files[0])) if local else None)
+        )
     else:
         source = dataset_name
         if os.path.isdir(dataset_name) and (

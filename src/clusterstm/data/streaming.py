@@ -32,12 +32,22 @@ class ShardedStream(torch.utils.data.IterableDataset):
         dataset: The full stream (every process passes the same one).
         rank / world_size: This process and the number of processes.
         seed: Seed of the per-epoch shard order and shuffle buffer (the same on every process).
+        shard_files: Webdataset shards of `dataset`, checked to name the corrupt one when reading fails.
         shuffle_buffer_size: Samples in each reader's shuffle buffer; with a buffer the shard order is reshuffled
             every epoch too (`IterableDataset.shuffle`). 0: the corpus order, restored by `load_state_dict`.
     """
 
-    def __init__(self, dataset: Any, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer_size: int = 0):
+    def __init__(
+        self,
+        dataset: Any,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer_size: int = 0,
+        shard_files: list[str] | None = None,
+    ):
         super().__init__()
+        self.shard_files = list(shard_files or [])
         self.dataset = dataset
         self.rank = rank
         self.world_size = world_size
@@ -86,7 +96,7 @@ class ShardedStream(torch.utils.data.IterableDataset):
             else:
                 skip = count
         track_state = self.shuffle_buffer_size == 0
-        for i, batch in enumerate(reader.iter(batch_size=1)):
+        for i, batch in enumerate(self._rows(reader)):
             if i < skip:
                 continue  # replaying a shuffled reader up to its saved position: rows only, nothing decoded
             count += 1
@@ -97,6 +107,22 @@ class ShardedStream(torch.utils.data.IterableDataset):
                 "state_dict": reader.state_dict() if track_state else None,
             }
             yield row
+
+    def _rows(self, reader: Any):
+        try:
+            yield from reader.iter(batch_size=1)
+        except Exception as error:
+            if self.shard_files:
+                from .sources import find_corrupt_shard
+
+                found = find_corrupt_shard(self.shard_files)
+                if found is not None:
+                    shard, message, last_key = found
+                    after = f" after sample key {last_key!r}" if last_key else " before its first sample"
+                    raise ValueError(
+                        f"Corrupt or truncated webdataset shard {shard!r}: {message}{after} ({type(error).__name__})."
+                    ) from error
+            raise
 
 
 class StreamTracker:

@@ -561,6 +561,7 @@ def build_train_corpus(args: PretrainingArguments, num_frames: int, image_size: 
             dataset_config_name=args.dataset_config_name,
             split=args.train_split_name,
             streaming=args.streaming,
+            skip_bad_shards=args.skip_bad_samples,
         )
     if args.max_train_samples is not None:
         dataset = corpus.dataset
@@ -771,6 +772,7 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
         caption_column=args.caption_column,
         dataset=dataset if (args.skip_bad_samples and not args.streaming) else None,
         resolver=corpus.resolver,
+        uint8_pixels=True,
     )
     is_streaming = args.streaming
     sampler = None
@@ -788,6 +790,7 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
             world_size=accelerator.num_processes,
             seed=args.seed,
             shuffle_buffer_size=args.shuffle_buffer_size,
+            shard_files=corpus.shard_files,
         )
         tracker = StreamTracker(args.dataloader_num_workers)
         train_dataloader = DataLoader(
@@ -813,7 +816,9 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
             num_workers=args.dataloader_num_workers,
             # Every process must see full, equal batches: the contrastive all-gather needs equal shapes.
             drop_last=True,
-            persistent_workers=False,
+            # Workers outlive epochs (no re-spawn, no re-import per epoch); the sampler runs in this process.
+            persistent_workers=args.dataloader_num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
         )
 
     # ---- optimizer and schedule
@@ -821,6 +826,7 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
         probe = collator([row for _, row in zip(range(args.per_device_train_batch_size), iter(dataset))])
         probe.pop("num_skipped_samples", None)
         probe = {k: v for k, v in probe.items() if isinstance(v, torch.Tensor)}
+        probe["pixel_values"] = collator.normalize_pixel_values(probe["pixel_values"])
         model.to(accelerator.device)
         torch.manual_seed(derive_seed(args.seed, "probe"))
         with accelerator.autocast():
@@ -941,6 +947,8 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
                 step_loss, step_objectives, step_bad = 0.0, {}, False
             for batch in loader:
                 batch.pop("clip_key", None)
+                # uint8 frames from the workers, normalised here (on the device when there is one).
+                batch["pixel_values"] = collator.normalize_pixel_values(batch["pixel_values"])
                 skipped = batch.pop("num_skipped_samples", None)
                 if skipped is not None:
                     state["bad_samples_skipped"] += int(
@@ -1090,6 +1098,7 @@ def run_pretraining(args: PretrainingArguments) -> dict[str, Any]:
         "mask_strategy": config.mask_strategy,
         "mask_ratio": config.mask_ratio,
         "bad_samples_skipped": state["bad_samples_skipped"],
+        "bad_shards_skipped": len(corpus.skipped_shards),
         "nan_steps_skipped": state["nan_steps_skipped"],
         **{f"train_{name}": value / max(steps_done, 1) for name, value in state["objective_sums"].items()},
     }
