@@ -1,6 +1,6 @@
 """Benchmark of clip decoding per data-loader worker: today's reader vs the new one, side by side in one run.
 
-Readers (8 frames per clip, uniform sampling, one process = one worker, clips read one after another):
+Readers (8 frames per clip, uniform sampling, one process = one worker, clips read one after another; rates per CPU-second):
 
 * ``today``: `read_video_pyav` (models/video_processing_clusterstm.py): opens the file twice (three times without a
   frame count), decodes every frame from the first to the last sampled one;
@@ -160,6 +160,7 @@ def measure_readers(folder: Path, quick: bool, rounds: int) -> list[dict]:
         blobs = [path.read_bytes() for path in paths]
         reference = [readers["today"](p, b) for p, b in zip(paths, blobs)]
         times: dict[str, list[float]] = {name: [] for name in readers}
+        walls: dict[str, list[float]] = {name: [] for name in readers}
         identical = {}
         failed = {}
         for name, reader in readers.items():  # warm-up + correctness
@@ -172,10 +173,11 @@ def measure_readers(folder: Path, quick: bool, rounds: int) -> list[dict]:
             for name, reader in readers.items():
                 if name in failed:
                     continue
-                start = time.perf_counter()
+                start, wall = time.process_time(), time.perf_counter()
                 for p, b in zip(paths, blobs):
                     reader(p, b)
-                times[name].append(time.perf_counter() - start)
+                times[name].append(time.process_time() - start)
+                walls[name].append(time.perf_counter() - wall)
         row = {
             "set": spec["name"],
             "clips": spec["clips"],
@@ -187,7 +189,14 @@ def measure_readers(folder: Path, quick: bool, rounds: int) -> list[dict]:
                 row[name] = {"error": failed[name]}
                 continue
             rate = len(paths) / statistics.median(times[name])
-            row[name] = {"clips_per_s": rate, "ratio": rate / base, "identical": identical[name]}
+            wall_rate = len(paths) / statistics.median(walls[name])
+            row[name] = {
+                "clips_per_s": rate,
+                "ratio": rate / base,
+                "wall_clips_per_s": wall_rate,
+                "wall_ratio": wall_rate / (len(paths) / statistics.median(walls["today"])),
+                "identical": identical[name],
+            }
         rows.append(row)
         print(
             f"{spec['name']:<45} "
@@ -220,10 +229,10 @@ def collate_rate(folder: Path, quick: bool, image_size: int, num_frames: int) ->
     repeats = 3 if quick else 8
     times = []
     for _ in range(repeats + 1):
-        start = time.perf_counter()
+        start = time.process_time()
         clip = read_video(path, num_frames, "uniform")
         processor([clip], num_frames=num_frames, return_tensors="pt")
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return {"clips_per_s": 1 / statistics.median(times[1:]), "num_frames": num_frames, "image_size": image_size}
 
 
@@ -308,6 +317,7 @@ def main(argv=None) -> dict:
             "num_frames": NUM_FRAMES,
             "rounds": rounds,
             "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+            "versions": _versions(),
         },
         "readers": rows,
         "unavailable": unavailable,
@@ -322,6 +332,16 @@ def main(argv=None) -> dict:
     return result
 
 
+def _versions() -> dict:
+    versions = {}
+    for module in ("av", "decord", "torchcodec"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:  # not installed / does not load
+            continue
+    return versions
+
+
 def _markdown(result: dict) -> str:
     names = [k for k in result["readers"][0] if k not in ("set", "clips", "file_kb")]
     lines = [
@@ -329,9 +349,11 @@ def _markdown(result: dict) -> str:
         "",
         f"`{result['meta']['command']}` on {result['meta']['machine']} (1-min load average "
         f"{result['meta']['load_average_before_after'][0]} before, {result['meta']['load_average_before_after'][1]} "
-        f"after: absolute rates are low and noisy, the side-by-side ratios are the point); {NUM_FRAMES} frames per clip, uniform "
-        f"sampling, median of {result['meta']['rounds']} interleaved rounds; clips/s of one process (= one worker). "
-        "*x*: ratio to today's reader, measured in the same run. *same frames*: byte-identical to today's frames.",
+        f"after); {NUM_FRAMES} frames per clip, uniform sampling, median of {result['meta']['rounds']} interleaved "
+        "rounds. Rates are clips per CPU-second of the process (= one worker on a dedicated core; CPU time because "
+        "the shared machine's wall clock depends on the other jobs; wall-clock rates and ratios are in data.json). "
+        "*x*: ratio to today's reader in the same run; *frames differ* marks a reader whose frames are not "
+        "byte-identical to today's.",
         "",
         "| clips | KB/clip | " + " | ".join(names) + " |",
         "|---|---|" + "---|" * len(names),
@@ -348,6 +370,8 @@ def _markdown(result: dict) -> str:
         lines.append(f"| {row['set']} | {row['file_kb']} | " + " | ".join(cells) + " |")
     for name, why in result["unavailable"].items():
         lines.append(f"\n{name}: {why}")
+    versions = ", ".join(f"{k} {v}" for k, v in result["meta"].get("versions", {}).items())
+    lines.append(f"\nVersions: {versions} (decord and torchcodec are not dependencies of the package).")
     collate = result["collate"]
     lines += [
         "",
@@ -363,8 +387,8 @@ def _markdown(result: dict) -> str:
             "counted with `torch.utils.flop_counter` on CPU; the online teacher is a CLIP ViT-B/16 forward over all "
             f"frames) / an assumed {estimate['assumed_gpu_tflops']:.0f} TFLOP/s sustained (`--gpu_tflops`), batch "
             f"{estimate['batch_per_gpu']} per GPU; workers = ceil(0.8 x GPU clips/s / worker-job clips/s above). "
-            "The worker rate was measured on this loaded 2-core machine; a dedicated core decodes faster, which "
-            "lowers the counts in proportion.",
+            "The worker rate is per CPU-second (one dedicated core per worker); longer, larger or more frequently "
+            "keyframed clips change it as in the table above.",
             "",
             "| step | TFLOP/clip | step ms | GPU clips/s | workers for 0.8 busy | compute-bound |",
             "|---|---|---|---|---|---|",
