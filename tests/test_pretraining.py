@@ -348,7 +348,7 @@ def test_latest_checkpoint_ignores_incomplete(tmp_path):
         ({"teacher_targets": "cache", "frame_sampling": "random"}, "frame_sampling uniform"),
         ({"nan_policy": "ignore"}, "nan_policy"),
         ({"train_file": "x.jsonl"}, "exactly one"),
-        ({"dataset_name": None, "train_file": "x.txt"}, "jsonl or .csv"),
+        ({"dataset_name": None, "train_file": "x.txt"}, "Unsupported --train_file .*jsonl.*parquet.*tar"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
         ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
         ({"push_to_hub": True}, "hub_model_id"),

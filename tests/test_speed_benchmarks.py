@@ -13,7 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(
     "script, outputs",
-    [("bench_masking.py", ("masking.md", "masking.json")), ("bench_pretrain.py", ("pretrain.md", "pretrain.json"))],
+    [
+        ("bench_masking.py", ("masking.md", "masking.json")),
+        ("bench_pretrain.py", ("pretrain.md", "pretrain.json")),
+        ("bench_data.py", ("data.md", "data.json")),
+    ],
 )
 def test_quick_benchmark_writes_its_tables(script, outputs, tmp_path):
     done = subprocess.run(

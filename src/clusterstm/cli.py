@@ -49,6 +49,27 @@ def _cmd_precompute_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_synthetic(args: argparse.Namespace) -> int:
+    from .data.export import export_synthetic
+    from .data.synthetic import SyntheticVideoTextConfig
+
+    config = SyntheticVideoTextConfig(
+        num_frames=args.num_frames,
+        image_size=args.image_size,
+        num_train=args.num_train,
+        num_val=args.num_eval,
+        num_test=args.num_eval,
+        num_compositional=args.num_eval,
+        seed=args.seed,
+    )
+    written = export_synthetic(
+        args.format, args.output_dir, config, splits=args.splits, samples_per_shard=args.samples_per_shard
+    )
+    for split, paths in written.items():
+        print(f"{split}: {len(paths)} file(s), e.g. {paths[0]}" if paths else f"{split}: nothing written")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clusterstm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a minutes-long smoke version (used by the tests)")
     demo.set_defaults(func=_cmd_demo)
+
+    export = sub.add_parser(
+        "export-synthetic", help="write the synthetic benchmark as jsonl+mp4, parquet (bytes) or webdataset shards"
+    )
+    export.add_argument("--format", choices=["jsonl", "parquet", "webdataset"], required=True)
+    export.add_argument("--output_dir", required=True)
+    export.add_argument("--splits", nargs="+", default=["train", "validation", "test", "compositional"])
+    export.add_argument("--num_train", type=int, default=2000)
+    export.add_argument("--num_eval", type=int, default=200, help="clips in each of validation/test/compositional")
+    export.add_argument("--num_frames", type=int, default=8)
+    export.add_argument("--image_size", type=int, default=64)
+    export.add_argument("--samples_per_shard", type=int, default=256, help="webdataset: samples per tar shard")
+    export.add_argument("--seed", type=int, default=0)
+    export.set_defaults(func=_cmd_export_synthetic)
 
     vis = sub.add_parser("visualize", help="relevance heatmaps and cluster/mask figures for one video")
     vis.add_argument("checkpoint", help="a ClusterSTM checkpoint with a teacher, or a CLIP/SigLIP teacher folder")

@@ -21,8 +21,9 @@ from ..models.video_processing_clusterstm import (
     DEFAULT_MAX_PIXELS_PER_FRAME,
     VideoDecodingError,
     check_frame_size,
-    read_video_pyav,
 )
+from .decoding import read_video
+from .streaming import STREAM_POSITION_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -343,6 +344,8 @@ class VideoTextCollator:
         video_column: str = VIDEO_PATH_COLUMN,
         dataset: Any = None,
         max_retries: int = 10,
+        resolver: Any = None,
+        uint8_pixels: bool = False,
     ) -> None:
         if sampling not in ("uniform", "random"):
             raise ValueError(f"`sampling` must be 'uniform' or 'random', got {sampling!r}.")
@@ -365,14 +368,27 @@ class VideoTextCollator:
         self.dataset = dataset
         self.max_retries = max_retries
         self.num_skipped = 0
+        # Corpus rows (webdataset samples, bytes columns, templates) are turned into {video, caption, clip_key} by a
+        # `clusterstm.data.sources.ClipResolver`; its errors are bad samples like unreadable videos.
+        self.resolver = resolver
+        # Workers hand over resized/cropped uint8 frames (4x less to copy between processes); the main process or
+        # the device finishes with `normalize_pixel_values`, the processor's own fused rescale + normalise.
+        self.uint8_pixels = uint8_pixels
+
+    def _prepare(self, row: dict[str, Any]) -> dict[str, Any]:
+        if self.resolver is None:
+            return row
+        clip = self.resolver(row)
+        return {"video": clip["video"], self.caption_column: clip["caption"], "clip_key": clip["clip_key"],
+                "__name__": clip["name"]}
 
     def _video_source(self, row: dict[str, Any]) -> Any:
         # A resolved path wins: a `video` column next to it may be an id or any other user field.
         for key in (self.video_column, VIDEO_PATH_COLUMN, "video"):
             value = row.get(key)
             if isinstance(value, dict):  # datasets Video(decode=False) gives {"path": ..., "bytes": ...}
-                value = value.get("path")
-            if isinstance(value, (str, os.PathLike)):
+                value = value.get("bytes") or value.get("path")
+            if isinstance(value, (str, os.PathLike, bytes, bytearray, memoryview)):
                 return value
         clip = row.get("video")
         # Only an array-like with frames is an in-memory clip; a scalar `video` (an id, a count) is not.
@@ -393,8 +409,9 @@ class VideoTextCollator:
 
     def _decode(self, row: dict[str, Any]) -> np.ndarray | torch.Tensor:
         source = self._video_source(row)
-        if isinstance(source, (str, os.PathLike)):
-            return read_video_pyav(source, self.num_frames, self.sampling, None, *self._limits())
+        if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+            # Same frames as `read_video_pyav`, fewer decoded (see data/decoding.py); bytes decode from memory.
+            return read_video(source, self.num_frames, self.sampling, name=row.get("__name__"), limits=self._limits())
         clip = source if isinstance(source, torch.Tensor) else np.asarray(source)
         if isinstance(clip, np.ndarray) and clip.dtype.kind in "iu" and clip.dtype != np.uint8:
             # Unformatted / streamed rows come back as int64 lists; pixel values are bytes.
@@ -412,21 +429,26 @@ class VideoTextCollator:
             source = self._video_source(row)
         except ValueError:
             return "<no video>"
+        if row.get("__name__"):
+            return row["__name__"]
         return repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else "<in-memory clip>"
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if len(rows) == 0:
             raise ValueError("Cannot collate an empty batch.")
-        rows = list(rows)
+        rows = [dict(row) for row in rows]
+        # Streamed rows carry their reader's position; the last row's is the reader's position after this batch.
+        positions = [row.pop(STREAM_POSITION_KEY, None) for row in rows]
         clips: list[Any] = [None] * len(rows)
         bad: list[int] = []
         for i, row in enumerate(rows):
             try:
+                rows[i] = row = self._prepare(row)
                 clips[i] = self._decode(row)
-            except VideoDecodingError:
+            except VideoDecodingError as error:
                 if not self.skip_bad_samples:
                     raise
-                logger.warning("Skipping unreadable video %s (replaced by another sample).", self._describe(row))
+                logger.warning("Skipping bad sample (replaced by another sample): %s", error)
                 bad.append(i)
         skipped = len(bad)
         for i in bad:
@@ -437,8 +459,9 @@ class VideoTextCollator:
         for i, caption in enumerate(captions):
             _check_caption(caption, f"{i} of the batch", self.caption_column)
         # Sampling happened at decode time for files; arrays are (re)sampled here to `num_frames`.
+        extra = {"do_rescale": False, "do_normalize": False} if self.uint8_pixels else {}
         pixel_values = self.video_processor(
-            clips, num_frames=self.num_frames, sampling=self.sampling, return_tensors="pt"
+            clips, num_frames=self.num_frames, sampling=self.sampling, return_tensors="pt", **extra
         )["pixel_values"]
         text = self.tokenizer(
             captions,
@@ -461,7 +484,29 @@ class VideoTextCollator:
             batch["teacher_attention_mask"] = teacher["attention_mask"]
         if self.skip_bad_samples:
             batch["num_skipped_samples"] = torch.tensor(skipped)
+        keys = [row.get("clip_key") for row in rows]
+        if all(isinstance(key, str) for key in keys):
+            # A stable per-clip key (file/shard + key + caption digest), e.g. for caches of teacher targets.
+            batch["clip_key"] = keys
+        if positions[-1] is not None:
+            batch["stream_position"] = positions[-1]
         return batch
+
+    def normalize_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Finish uint8 `pixel_values` of a `uint8_pixels` batch (on any device): the video processor's fused
+        rescale + normalise, so the result equals what the processor returns in one go. Float input is returned
+        unchanged."""
+        if pixel_values.dtype != torch.uint8:
+            return pixel_values
+        processor = self.video_processor
+        return processor.rescale_and_normalize(
+            pixel_values,
+            processor.do_rescale,
+            processor.rescale_factor,
+            processor.do_normalize,
+            processor.image_mean,
+            processor.image_std,
+        )
 
     def _replacement(self, rows: list[dict[str, Any]], clips: list[Any]) -> tuple[dict[str, Any], Any]:
         if self.dataset is not None and hasattr(self.dataset, "__len__") and len(self.dataset) > 0:
@@ -469,6 +514,7 @@ class VideoTextCollator:
                 index = int(torch.randint(len(self.dataset), (1,)).item())
                 row = self.dataset[index]
                 try:
+                    row = self._prepare(row)
                     return row, self._decode(row)
                 except VideoDecodingError:
                     logger.warning("Replacement video %s is unreadable too.", self._describe(row))

@@ -224,6 +224,10 @@ class CachedTargetsCollator:
             batch["bool_masked_pos"] = torch.from_numpy(self.masks[indices].copy())
         return batch
 
+    def normalize_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The wrapped collator's normalisation (its workers hand over uint8 frames)."""
+        return self.inner.normalize_pixel_values(pixel_values)
+
 
 def _nested_to_numpy(column: Any, dtype: Any) -> np.ndarray:
     """A `list<list<x>>` parquet column with equal inner lengths as a `(rows, frames, tokens)` array."""

@@ -165,10 +165,10 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
     if model_args.caption_tokenizer not in ("auto", "ptb", "python"):
         raise ValueError(f"--caption_tokenizer must be auto|ptb|python, got {model_args.caption_tokenizer!r}.")
     # Everything the config would only refuse at the first forward pass, refused before any loading or training.
-    from ..models.configuration_clusterstm import MASK_STRATEGIES
+    from ..models.masking_clusterstm import MASK_STRATEGIES
 
     if model_args.mask_strategy and model_args.mask_strategy not in MASK_STRATEGIES:
-        raise ValueError(f"--mask_strategy must be one of {MASK_STRATEGIES}, got {model_args.mask_strategy!r}.")
+        raise ValueError(f"--mask_strategy must be one of {tuple(MASK_STRATEGIES)}, got {model_args.mask_strategy!r}.")
     if model_args.mask_ratio is not None and not 0.0 <= model_args.mask_ratio < 1.0:
         raise ValueError(
             f"--mask_ratio must be in [0, 1) (1.0 would drop every video token), got {model_args.mask_ratio}."

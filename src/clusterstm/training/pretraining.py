@@ -64,19 +64,45 @@ class PretrainingArguments:
         default=None, metadata={"help": "A CLIP- or SigLIP-like checkpoint folder used as the frozen teacher."}
     )
     dataset_name: str | None = field(
-        default=None, metadata={"help": "`synthetic`: the embedded synthetic video-text benchmark (no download)."}
+        default=None,
+        metadata={
+            "help": "`synthetic` (the embedded benchmark, no download), a `save_to_disk` folder, or any local folder "
+            "or Hub id `datasets.load_dataset` reads (e.g. a videofolder with metadata.jsonl). See docs/DATA_FORMATS.md."
+        },
     )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Configuration name passed to `datasets.load_dataset` with --dataset_name."}
+    )
+    train_split_name: str = field(default="train", metadata={"help": "Split of --dataset_name to train on."})
     train_file: str | None = field(
-        default=None, metadata={"help": "A jsonl or csv file with one row per clip (video path + caption)."}
+        default=None,
+        metadata={
+            "help": "Annotations (.jsonl/.json, .csv, .parquet; one row per clip) or webdataset .tar shards given as a "
+            "path, a glob or a brace pattern (shards/train-{000000..000127}.tar)."
+        },
     )
     video_root: str | None = field(
         default=None,
-        metadata={"help": "Folder the video paths of --train_file are relative to (default: its folder)."},
+        metadata={"help": "Folder relative video paths are resolved against (default: the annotation file's folder)."},
     )
-    video_column: str = field(default="file_name", metadata={"help": "Column of --train_file holding the video path."})
-    caption_column: str = field(default="caption", metadata={"help": "Column of --train_file holding the caption."})
+    video_column: str = field(
+        default="file_name",
+        metadata={"help": "Column holding the video: a path, the file's bytes, or a {bytes, path} struct."},
+    )
+    caption_column: str = field(
+        default="caption", metadata={"help": "Column holding the caption (webdataset: key of the json member)."}
+    )
+    video_path_template: str | None = field(
+        default=None,
+        metadata={"help": "Build each video path from its row, e.g. '{video_id}.mp4' (MSR-VTT csv/json files)."},
+    )
     streaming: bool = field(
-        default=False, metadata={"help": "Stream --train_file instead of loading it (corpora too big for memory)."}
+        default=False,
+        metadata={"help": "Stream the corpus (larger than memory or disk), split over processes and workers."},
+    )
+    shuffle_buffer_size: int = field(
+        default=1000,
+        metadata={"help": "--streaming: per-reader shuffle buffer (0: corpus order, resumed via state_dict)."},
     )
     num_train_clips: int | None = field(
         default=None, metadata={"help": "Synthetic benchmark: number of training clips (default: the benchmark's)."}
@@ -179,11 +205,13 @@ def validate_masking_arguments(args: Any) -> None:
 def validate_pretraining_arguments(args: PretrainingArguments) -> None:
     """Raises `ValueError` naming the flag for every inconsistent or out-of-range argument."""
     if (args.dataset_name is None) == (args.train_file is None):
-        raise ValueError("Pass exactly one of --dataset_name synthetic or --train_file.")
-    if args.dataset_name is not None and args.dataset_name != "synthetic":
-        raise ValueError(f"--dataset_name must be 'synthetic' (got {args.dataset_name!r}); use --train_file for data.")
-    if args.train_file is not None and Path(args.train_file).suffix.lower() not in (".jsonl", ".json", ".csv"):
-        raise ValueError(f"--train_file must be a .jsonl or .csv file, got {args.train_file!r}.")
+        raise ValueError("Pass exactly one of --dataset_name (synthetic, a dataset folder or Hub id) or --train_file.")
+    if args.train_file is not None:
+        from ..data.sources import builder_for_file, expand_braces
+
+        builder_for_file(expand_braces(args.train_file)[0])  # raises naming the supported formats
+    if args.shuffle_buffer_size < 0:
+        raise ValueError(f"--shuffle_buffer_size must be >= 0, got {args.shuffle_buffer_size}.")
     validate_masking_arguments(args)
     if args.teacher_targets is not None:
         if args.teacher_name_or_path is not None:
@@ -229,8 +257,8 @@ def validate_pretraining_arguments(args: PretrainingArguments) -> None:
         raise ValueError(f"--frame_sampling must be uniform or random, got {args.frame_sampling!r}.")
     if args.dataloader_num_workers < 0:
         raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
-    if args.streaming and args.train_file is None:
-        raise ValueError("--streaming needs --train_file.")
+    if args.streaming and args.dataset_name == "synthetic":
+        raise ValueError("--streaming needs --train_file or a dataset folder / Hub id (not the synthetic benchmark).")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id.")
     if args.max_text_length < 4:
@@ -354,7 +382,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_training_checkpoint(
-    accelerator: Accelerator, output_dir: str | os.PathLike, step: int, training_state: dict[str, Any]
+    accelerator: Accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    training_state: dict[str, Any],
+    stream_state: dict[str, Any] | None = None,
 ) -> Path:
     """
     Saves model, optimizer, scheduler and RNG states (`accelerator.save_state`) plus `training_state` as
@@ -373,6 +405,9 @@ def save_training_checkpoint(
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    if stream_state is not None:
+        # Streaming: each process' readers' positions (written before the marker, so complete with it).
+        stream_state_file(tmp, accelerator.process_index).write_text(json.dumps(stream_state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         marker = tmp / CHECKPOINT_MARKER
@@ -509,11 +544,15 @@ def _objective_losses(outputs: Any) -> dict[str, torch.Tensor]:
     return losses
 
 
-def build_train_dataset(args: PretrainingArguments, num_frames: int, image_size: int):
-    """The training split: the synthetic benchmark in memory, or `--train_file` (optionally streamed)."""
-    from ..data.readers import load_video_text_dataset
+def build_train_corpus(args: PretrainingArguments, num_frames: int, image_size: int):
+    """
+    The training corpus (`clusterstm.data.sources.Corpus`: a `datasets` object and the resolver its rows need): the
+    synthetic benchmark in memory, or any format of docs/DATA_FORMATS.md (optionally streamed).
+    """
+    from ..data.sources import Corpus, load_training_corpus
 
     if args.dataset_name == "synthetic":
+        from ..data.readers import load_video_text_dataset
         from ..data.synthetic import SyntheticVideoTextConfig
 
         sizes = {"num_val": 0, "num_test": 0, "num_compositional": 0}
@@ -522,22 +561,59 @@ def build_train_dataset(args: PretrainingArguments, num_frames: int, image_size:
         config = SyntheticVideoTextConfig(
             num_frames=max(num_frames, 2), image_size=image_size, seed=args.synthetic_seed, **sizes
         )
-        dataset = load_video_text_dataset("synthetic", split="train", synthetic_config=config)
+        corpus = Corpus(load_video_text_dataset("synthetic", split="train", synthetic_config=config), None)
     else:
-        dataset = load_video_text_dataset(
+        corpus = load_training_corpus(
+            dataset_name=args.dataset_name,
             train_file=args.train_file,
             video_root=args.video_root,
             video_column=args.video_column,
             caption_column=args.caption_column,
+            video_path_template=args.video_path_template,
+            dataset_config_name=args.dataset_config_name,
+            split=args.train_split_name,
             streaming=args.streaming,
+            skip_bad_shards=args.skip_bad_samples,
         )
     if args.max_train_samples is not None:
-        dataset = (
+        dataset = corpus.dataset
+        corpus.dataset = (
             dataset.take(args.max_train_samples)
             if args.streaming
             else dataset.select(range(min(len(dataset), args.max_train_samples)))
         )
-    return dataset
+    return corpus
+
+
+def build_train_dataset(args: PretrainingArguments, num_frames: int, image_size: int):
+    """The training split's `datasets` object (see [`build_train_corpus`], which also returns its row resolver)."""
+    return build_train_corpus(args, num_frames, image_size).dataset
+
+
+def stream_batches(loader: Any, accelerator: Accelerator, tracker: Any) -> Iterator[dict[str, Any]]:
+    """
+    The batches of one streamed epoch, ending on every process as soon as one process' readers are exhausted (the
+    contrastive all-gather needs every process in every step), moved to the device, each reader's position recorded
+    in `tracker` as the batch is handed out.
+    """
+    from accelerate.utils import send_to_device
+
+    iterator = iter(loader)
+    while True:
+        batch = next(iterator, None)
+        if accelerator.num_processes > 1:
+            available = torch.tensor([0 if batch is None else 1], device=accelerator.device)
+            if int(accelerator.gather(available).min().item()) == 0:
+                return
+        elif batch is None:
+            return
+        tracker.update(batch.pop("stream_position", None))
+        yield send_to_device(batch, accelerator.device)
+
+
+def stream_state_file(checkpoint: str | os.PathLike, process_index: int) -> Path:
+    """Where a checkpoint keeps the stream position of one process (each process reads its own share)."""
+    return Path(checkpoint) / f"stream_state_{process_index}.json"
 
 
 def _unused_parameters_probe(model: torch.nn.Module, batch: dict[str, torch.Tensor], forward: Any) -> list[str]:
@@ -782,7 +858,13 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
 
     # ---- data
     vision = config.vision_config
-    dataset = train_dataset if train_dataset is not None else build_train_dataset(args, vision.num_frames, vision.image_size)
+    if train_dataset is not None:
+        from ..data.sources import Corpus
+
+        corpus = Corpus(train_dataset, None)
+    else:
+        corpus = build_train_corpus(args, vision.num_frames, vision.image_size)
+    dataset = corpus.dataset
     collator = VideoTextCollator(
         processor,
         teacher_tokenizer=teacher.tokenizer if teacher is not None else None,
@@ -792,6 +874,8 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
         max_length=args.max_text_length,
         caption_column=args.caption_column,
         dataset=dataset if (args.skip_bad_samples and not args.streaming) else None,
+        resolver=corpus.resolver,
+        uint8_pixels=True,
     )
     if target_cache is not None:
         if not args.streaming:
@@ -799,10 +883,31 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
         collator = target_cache.collator(collator, caption_column=args.caption_column, video_column=args.video_column)
     is_streaming = args.streaming
     sampler = None
+    stream = tracker = None
     if is_streaming:
-        dataset = dataset.shuffle(seed=args.seed, buffer_size=1000)
+        from ..data.streaming import ShardedStream, StreamTracker
+
         if args.max_steps <= 0:
             raise ValueError("--streaming needs --max_steps (a streamed corpus has no length).")
+        # Not prepared by Accelerate: each process reads its own shards (Accelerate would make every process read
+        # the whole stream, or dispatch batches from process 0).
+        stream = ShardedStream(
+            dataset,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            seed=args.seed,
+            shuffle_buffer_size=args.shuffle_buffer_size,
+            shard_files=corpus.shard_files,
+        )
+        tracker = StreamTracker(args.dataloader_num_workers)
+        train_dataloader = DataLoader(
+            stream,
+            batch_size=args.per_device_train_batch_size,
+            collate_fn=collator,
+            num_workers=args.dataloader_num_workers,
+            drop_last=True,
+            pin_memory=torch.cuda.is_available(),
+        )
     else:
         if len(dataset) < args.per_device_train_batch_size * accelerator.num_processes:
             raise ValueError(
@@ -810,21 +915,25 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
                 f"({args.per_device_train_batch_size} x {accelerator.num_processes} processes)."
             )
         sampler = EpochShuffleSampler(len(dataset), args.seed)
-    train_dataloader = DataLoader(
-        dataset,
-        batch_size=args.per_device_train_batch_size,
-        sampler=sampler,
-        collate_fn=collator,
-        num_workers=args.dataloader_num_workers,
-        # Every process must see full, equal batches: the contrastive all-gather needs equal shapes.
-        drop_last=True,
-        persistent_workers=False,
-    )
+        train_dataloader = DataLoader(
+            dataset,
+            batch_size=args.per_device_train_batch_size,
+            sampler=sampler,
+            collate_fn=collator,
+            num_workers=args.dataloader_num_workers,
+            # Every process must see full, equal batches: the contrastive all-gather needs equal shapes.
+            drop_last=True,
+            # Workers outlive epochs (no re-spawn, no re-import per epoch); the sampler runs in this process.
+            persistent_workers=args.dataloader_num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     # ---- optimizer and schedule
     if accelerator.num_processes > 1:
         probe = collator([row for _, row in zip(range(args.per_device_train_batch_size), iter(dataset))])
         probe.pop("num_skipped_samples", None)
+        probe = {k: v for k, v in probe.items() if isinstance(v, torch.Tensor)}
+        probe["pixel_values"] = collator.normalize_pixel_values(probe["pixel_values"])
         model.to(accelerator.device)
         torch.manual_seed(derive_seed(args.seed, "probe"))
         with accelerator.autocast():
@@ -841,7 +950,10 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
                 "Frozen %d parameter tensors that this configuration never uses (e.g. %s).", len(unused), unused[0]
             )
     optimizer = build_optimizer(model, args)
-    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    if is_streaming:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
 
     accum = args.gradient_accumulation_steps
     if is_streaming:
@@ -877,6 +989,15 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
         state.update({k: v for k, v in saved.items() if k in state})
         logger.info("Resumed from %s at step %d.", resume_path, state["global_step"])
     global_step = state["global_step"]
+    resume_stream = None
+    if is_streaming and resume_path is not None and global_step > 0:
+        stream_file = stream_state_file(resume_path, accelerator.process_index)
+        if not stream_file.is_file():
+            raise ValueError(
+                f"{resume_path} has no stream position for process {accelerator.process_index} ({stream_file.name}): "
+                "resume a streaming run with the same number of processes, from a checkpoint of a streaming run."
+            )
+        resume_stream = json.loads(stream_file.read_text())
 
     metrics_logger = MetricsLogger(output_dir, args.report_to, accelerator.is_main_process)
     logger.info(
@@ -903,25 +1024,42 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
     window_loss, window_objectives = 0.0, {}
     unwrapped = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    start_epoch = global_step // steps_per_epoch if steps_per_epoch else 0
+    if is_streaming:
+        start_epoch = resume_stream["epoch"] if resume_stream else 0
+    else:
+        start_epoch = global_step // steps_per_epoch if steps_per_epoch else 0
     done = global_step >= max_steps
+    micro = 0
+    step_loss, step_objectives, step_bad = 0.0, {}, False
     try:
         for epoch in range(start_epoch, num_epochs):
             if done:
                 break
-            loader = train_dataloader
-            resume_micro = (global_step - epoch * steps_per_epoch) * accum if steps_per_epoch else global_step * accum
-            if resume_micro > 0:
-                loader = accelerator.skip_first_batches(train_dataloader, resume_micro)
-            # Accelerate's loaders re-apply their own iteration counter as the epoch on every `iter()`, so the
-            # epoch must be set on the loader actually iterated (a fresh skipping loader would otherwise say 0).
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            micro = 0
-            step_loss, step_objectives, step_bad = 0.0, {}, False
+            if is_streaming:
+                # A stream is never skipped through: each reader restarts where the checkpoint says it was.
+                stream.set_epoch(epoch)
+                stream.load_state_dict(resume_stream if resume_stream and resume_stream["epoch"] == epoch else None)
+                tracker.start_epoch(epoch, resume_stream)
+                resume_stream = None
+                loader = stream_batches(train_dataloader, accelerator, tracker)
+                epoch_start_step, epoch_start_micro = global_step, micro
+            else:
+                loader = train_dataloader
+                resume_micro = (global_step - epoch * steps_per_epoch) * accum
+                if resume_micro > 0:
+                    loader = accelerator.skip_first_batches(train_dataloader, resume_micro)
+                # Accelerate's loaders re-apply their own iteration counter as the epoch on every `iter()`, so the
+                # epoch must be set on the loader actually iterated (a fresh skipping loader would otherwise say 0).
+                if hasattr(loader, "set_epoch"):
+                    loader.set_epoch(epoch)
+                if sampler is not None:
+                    sampler.set_epoch(epoch)
+                micro = 0
+                step_loss, step_objectives, step_bad = 0.0, {}, False
             for batch in loader:
+                batch.pop("clip_key", None)
+                # uint8 frames from the workers, normalised here (on the device when there is one).
+                batch["pixel_values"] = collator.normalize_pixel_values(batch["pixel_values"])
                 skipped = batch.pop("num_skipped_samples", None)
                 if skipped is not None:
                     state["bad_samples_skipped"] += int(
@@ -1037,12 +1175,20 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
                         output_dir,
                         global_step,
                         {**state, "runtime_before": runtime, "scheduler": scheduler.state_dict()},
+                        stream_state=tracker.state_dict() if tracker is not None else None,
                     )
                     if accelerator.is_main_process:
                         rotate_checkpoints(output_dir, args.save_total_limit)
                 if global_step >= max_steps:
                     done = True
                     break
+            if is_streaming and not done and global_step == epoch_start_step and micro == epoch_start_micro:
+                raise ValueError(
+                    f"The stream gave no full batch in epoch {epoch}: it holds fewer than "
+                    f"{args.per_device_train_batch_size} samples per reader ({accelerator.num_processes} processes x "
+                    f"{max(1, args.dataloader_num_workers)} workers); lower --per_device_train_batch_size or "
+                    "--dataloader_num_workers."
+                )
     finally:
         if progress is not None:
             progress.close()
@@ -1064,6 +1210,7 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
         "mask_ratio": args.mask_ratio,
         "teacher": teacher_record(args, config),
         "bad_samples_skipped": state["bad_samples_skipped"],
+        "bad_shards_skipped": len(corpus.skipped_shards),
         "nan_steps_skipped": state["nan_steps_skipped"],
         **{f"train_{name}": value / max(steps_done, 1) for name, value in state["objective_sums"].items()},
     }
