@@ -156,3 +156,12 @@ def test_quickstart_test_command_reports_durations_and_skips():
     quickstart = (REPO / "quickstart.sh").read_text()
     test_line = next(line for line in quickstart.splitlines() if line.strip().startswith("test)"))
     assert "--durations 15" in test_line and "-rs" in test_line
+
+
+def test_pyproject_license_is_an_spdx_string():
+    """A `{text = ...}` table makes setuptools>=77 print a deprecation warning on every build."""
+    import re
+
+    text = (REPO / "pyproject.toml").read_text()  # (tomllib is 3.11+; the package supports 3.10)
+    assert re.search(r'^license = "Apache-2.0"$', text, re.M)
+    assert re.search(r'^requires = \[.*"setuptools>=77"', text, re.M)
