@@ -32,6 +32,17 @@ def test_readme_quickstart_is_what_ci_runs():
     assert demo_command == "bash quickstart.sh demo"
 
 
+def test_readme_first_screen_table_is_the_demo_results_file():
+    """The README's results table is the `results.md` a full demo run wrote (kept in docs/demo/), verbatim."""
+    readme = (REPO / "README.md").read_text()
+    first_screen = readme.split("\n## Quickstart", 1)[0]
+    table = (REPO / "docs" / "demo" / "results.md").read_text()
+    assert table.strip() in first_screen
+    results = json.loads((REPO / "docs" / "demo" / "results.json").read_text())
+    assert f"{results['zero_shot_pretrained']['eval_t2v_r1']:.1f}" in table
+    assert "![" in first_screen
+
+
 def test_cli_rejects_unknown_subcommand():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train-everything"])
@@ -70,6 +81,8 @@ def test_quickstart_demo_runs_end_to_end_and_reproduces(tmp_path):
     assert "(majority answer)" in table and " - " not in table
     assert results["chance"] == {"r1": 100 / 32, "r5": 500 / 32, "r10": 1000 / 32, "medr": 16.5}
     assert results["environment"]["deterministic_algorithms"] is True
+    markdown = (out / "results.md").read_text()
+    assert "| video->text R@1 (%) |" in markdown and "Machine:" in markdown
 
     # The same seed reproduces its own numbers exactly (same machine and software).
     again = tmp_path / "again"

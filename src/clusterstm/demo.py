@@ -262,35 +262,71 @@ def chance_retrieval(num_candidates: int) -> dict[str, float]:
     }
 
 
-def _summary_table(results: dict[str, Any]) -> str:
-    untrained = results["zero_shot_untrained"]
-    pretrained = results["zero_shot_pretrained"]
-    chance = results["chance"]
+_TABLE_ROWS = (
+    ("text->video R@1 (%)", "eval_t2v_r1", "r1"),
+    ("text->video R@5 (%)", "eval_t2v_r5", "r5"),
+    ("video->text R@1 (%)", "eval_v2t_r1", "r1"),
+    ("text->video median rank", "eval_t2v_medr", "medr"),
+)
+
+
+def _table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(metric, baseline, untrained, pretrained) cells of the results table, formatted."""
+    untrained, pretrained, chance = results["zero_shot_untrained"], results["zero_shot_pretrained"], results["chance"]
     rows = [
-        ("text->video R@1 (%)", "eval_t2v_r1", "r1"),
-        ("text->video R@5 (%)", "eval_t2v_r5", "r5"),
-        ("video->text R@1 (%)", "eval_v2t_r1", "r1"),
-        ("text->video median rank", "eval_t2v_medr", "medr"),
-    ]
-    steps = results["pretraining"]["global_step"]
-    header = f"ClusterSTM ({steps} steps)"
-    lines = [f"{'zero-shot retrieval (synthetic test)':<40}{'chance':>22}{'untrained':>12}{header:>24}"]
-    for name, key, chance_key in rows:
-        lines.append(
-            f"{name:<40}{chance[chance_key]:>22.1f}{untrained.get(key, float('nan')):>12.1f}"
-            f"{pretrained.get(key, float('nan')):>24.1f}"
+        (
+            name,
+            f"{chance[chance_key]:.1f}",
+            f"{untrained.get(key, float('nan')):.1f}",
+            f"{pretrained.get(key, float('nan')):.1f}",
         )
+        for name, key, chance_key in _TABLE_ROWS
+    ]
     qa = results.get("qa_finetuned")
     if qa:
         majority = f"{qa.get('eval_baseline_majority_accuracy', float('nan')):.1f} (majority answer)"
-        lines.append(
-            f"{'QA accuracy after fine-tuning (%)':<40}{majority:>22}{'':>12}{qa.get('eval_accuracy', float('nan')):>24.1f}"
+        rows.append(
+            (
+                f"QA accuracy after a {results['settings']['finetune_steps']}-step fine-tune (%)",
+                majority,
+                "",
+                f"{qa.get('eval_accuracy', float('nan')):.1f}",
+            )
         )
-    lines.append(
-        f"pretraining: {steps} steps in {results['pretraining']['train_runtime']:.0f} s; "
-        f"whole demo {results['wall_time_seconds']:.0f} s"
+    return rows
+
+
+def _machine_line(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    return (
+        f"{env['machine']} {env['device']} ({env['cpu_count']} CPUs, {env['torch_num_threads']} torch threads, "
+        f"{env['cpu_capability']}), torch {env['torch']}, transformers {env['transformers']}; seed {results['seed']}; "
+        f"whole demo {results['wall_time_seconds']:.0f} s, pretraining {results['pretraining']['train_runtime']:.0f} s"
     )
+
+
+def _summary_table(results: dict[str, Any]) -> str:
+    """The console table printed at the end of the demo."""
+    header = f"ClusterSTM ({results['pretraining']['global_step']} steps)"
+    lines = [f"{'zero-shot retrieval (synthetic test)':<44}{'chance':>22}{'untrained':>12}{header:>24}"]
+    for name, baseline, untrained, pretrained in _table_rows(results):
+        lines.append(f"{name:<44}{baseline:>22}{untrained:>12}{pretrained:>24}")
+    lines.append(f"machine: {_machine_line(results)}")
     return "\n".join(lines)
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    """The same table as Markdown (``results.md``), for a README or a model card, with machine and time."""
+    header = f"ClusterSTM ({results['pretraining']['global_step']} steps)"
+    lines = [
+        f"| zero-shot retrieval (synthetic test, {results['settings']['eval_clips']} clips) | chance | untrained | "
+        f"{header} |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {' | '.join(row)} |" for row in _table_rows(results)]
+    lines.append("")
+    lines.append(f"Machine: {_machine_line(results)}.")
+    return "\n".join(lines) + "\n"
 
 
 def run_demo(output_dir: str | Path = "demo_output", seed: int = 0, quick: bool = False) -> dict[str, Any]:
@@ -401,13 +437,9 @@ def _run_demo(output_dir: Path, seed: int, quick: bool) -> dict[str, Any]:
         ],
     )
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    environment = results["environment"]
+    (output_dir / "results.md").write_text(summary_markdown(results))
     print("\n" + _summary_table(results))
-    print(
-        f"machine: {environment['machine']} {environment['device']}, {environment['torch_num_threads']} torch threads, "
-        f"torch {environment['torch']}, seed {seed}"
-    )
-    print(f"\nCheckpoint: {checkpoint_dir}\nResults:    {output_dir / 'results.json'}\nFigures:")
+    print(f"\nCheckpoint: {checkpoint_dir}\nResults:    {output_dir / 'results.json'} (table: results.md)\nFigures:")
     for path in results["figures"]:
         print(f"  {path}: {FIGURE_NOTES.get(Path(path).name, '')}")
     return results
