@@ -20,7 +20,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 
 case "$job" in
-  test) exec "$venv/bin/python" -m pytest tests -q -n 2 "$@" ;;
+  test) exec "$venv/bin/python" -m pytest tests -q -n 2 --durations 15 -rs "$@" ;;
   demo) exec "$venv/bin/clusterstm" demo "$@" ;;
   *) echo "usage: bash quickstart.sh [test|demo] [ARGS...]" >&2; exit 2 ;;
 esac

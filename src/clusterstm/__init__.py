@@ -1,7 +1,9 @@
 """ClusterSTM: cluster-wise spatio-temporal masking for efficient video-language pretraining.
 
-Importing the package registers ClusterSTM with the transformers Auto classes (so ``AutoModel`` and
-``AutoProcessor`` load ClusterSTM folders without ``trust_remote_code``); public names are resolved lazily.
+With ``import clusterstm``, the transformers Auto classes (``AutoModel``, ``AutoProcessor``, ...) load ClusterSTM
+folders without ``trust_remote_code``. The registration is lazy so that importing the package (and
+``clusterstm --help``) does not import torch: it happens as soon as ``transformers`` is imported (at once if it
+already is). Public names are resolved lazily too.
 """
 
 from __future__ import annotations
@@ -111,10 +113,81 @@ class _AliasLoader(importlib.abc.Loader):
 sys.meta_path.append(_MovedModuleFinder())
 
 
-def _register() -> None:
-    from .hub.export import register_auto_classes
+class _LoaderWithCallback(importlib.abc.Loader):
+    """Wraps a module's real loader and calls ``callback`` once the module has finished executing."""
 
-    register_auto_classes()
+    def __init__(self, loader: importlib.abc.Loader, callback: Any):
+        self._loader = loader
+        self._callback = callback
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._loader.exec_module(module)
+        self._callback(finished=module.__name__)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, is_package, ...
+        return getattr(self._loader, name)
 
 
-_register()
+class _RegisterWhenImportedFinder(importlib.abc.MetaPathFinder):
+    """Runs the Auto class registration after ``transformers`` (or one of our own modules) finishes importing.
+
+    Why our own modules too: when a ClusterSTM module is what imports transformers, registering right then would
+    re-enter that half-imported module, so the registration waits until no ClusterSTM module is mid-import.
+    """
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if _registration["done"] or not (fullname == "transformers" or fullname.startswith(f"{__name__}.")):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or isinstance(finder, _MovedModuleFinder) or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _LoaderWithCallback(spec.loader, _register_if_ready)
+                return spec
+        return None
+
+
+_registration = {"done": False, "running": False}
+
+
+def _clusterstm_module_initializing(finished: str | None = None) -> bool:
+    """Whether a ClusterSTM submodule other than ``finished`` is mid-import (importlib marks its spec
+    ``_initializing`` until its loader returns, so the module that just finished still carries the mark)."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith(f"{__name__}.") and name != finished:
+            spec = getattr(module, "__spec__", None)
+            if spec is not None and getattr(spec, "_initializing", False):
+                return True
+    return False
+
+
+def _register_if_ready(finished: str | None = None) -> None:
+    """Registers ClusterSTM with the Auto classes once transformers is imported and no ClusterSTM import is open."""
+    state = _registration
+    if (
+        state["done"]
+        or state["running"]
+        or "transformers" not in sys.modules
+        or _clusterstm_module_initializing(finished)
+    ):
+        return
+    state["running"] = True
+    try:
+        from .hub.export import register_auto_classes
+
+        register_auto_classes()
+        state["done"] = True
+    finally:
+        state["running"] = False
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _RegisterWhenImportedFinder)]
+
+
+if "transformers" in sys.modules:
+    _register_if_ready()
+if not _registration["done"]:
+    sys.meta_path.insert(0, _RegisterWhenImportedFinder())

@@ -1,6 +1,7 @@
 """The ``clusterstm`` console command.
 
-Sub-commands import what they need only when they run, so ``clusterstm --help`` is instant.
+Sub-commands import what they need only when they run, and ``import clusterstm`` does not import torch or
+transformers, so ``clusterstm --help`` (and every sub-command's ``--help``) answers without loading them.
 """
 
 from __future__ import annotations
@@ -71,26 +72,30 @@ def _cmd_export_synthetic(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``clusterstm`` command (no heavy imports: help must stay instant)."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="clusterstm", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     init = sub.add_parser("init", help="write a Hub-ready checkpoint folder with random weights")
-    init.add_argument("--preset", choices=["tiny", "base"], default="tiny")
-    init.add_argument("--output_dir", required=True)
+    init.add_argument("--preset", choices=["tiny", "base"], default="tiny", help="model size (default: %(default)s)")
+    init.add_argument("--output_dir", required=True, help="folder to write the checkpoint to")
     init.add_argument("--tokenizer", default=None, help="a local BERT-style tokenizer folder (default: train one)")
-    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     init.set_defaults(func=_cmd_init)
 
     push = sub.add_parser("push", help="upload a checkpoint folder to the Hub")
-    push.add_argument("folder")
-    push.add_argument("--hub_model_id", required=True)
-    push.add_argument("--private", action="store_true")
-    push.add_argument("--revision", default=None)
+    push.add_argument("folder", help="a checkpoint folder written by this package")
+    push.add_argument("--hub_model_id", required=True, help="the Hub repository, e.g. user/clusterstm-tiny")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--revision", default=None, help="branch to push to (default: the main branch)")
     push.set_defaults(func=_cmd_push)
 
     demo = sub.add_parser("demo", help="the end-to-end demo on the embedded synthetic benchmark")
-    demo.add_argument("--output_dir", default="demo_output")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--output_dir", default="demo_output", help="where everything goes (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of data, weights and training (default: %(default)s)")
     demo.add_argument("--quick", action="store_true", help="a minutes-long smoke version (used by the tests)")
     demo.set_defaults(func=_cmd_demo)
 
@@ -110,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     vis = sub.add_parser("visualize", help="relevance heatmaps and cluster/mask figures for one video")
     vis.add_argument("checkpoint", help="a ClusterSTM checkpoint with a teacher, or a CLIP/SigLIP teacher folder")
-    vis.add_argument("video")
-    vis.add_argument("caption")
-    vis.add_argument("--output_dir", default=".")
+    vis.add_argument("video", help="a video file (anything PyAV reads)")
+    vis.add_argument("caption", help="the text whose relevance to show")
+    vis.add_argument("--output_dir", default=".", help="where the PNG files go (default: %(default)s)")
     vis.set_defaults(func=_cmd_visualize)
 
     # The flags are those of scripts/precompute_teacher_targets.py (parsed there; `--help` lists them).

@@ -1,5 +1,5 @@
 """Figures in the style of the paper: relevance heatmaps (supplementary Figure I), cluster maps and kept
-tokens (Figure II), and training curves.
+tokens (Figure II), cluster-wise vs random kept tokens, and training curves.
 
 ``clusterstm visualize CHECKPOINT_OR_TEACHER VIDEO "caption"`` calls :func:`visualize_video`.
 """
@@ -10,6 +10,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -18,10 +19,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .models.masking_clusterstm import cluster_wise_mask, dpc_knn, num_visible_tokens  # noqa: E402
+from .models.masking_clusterstm import cluster_wise_mask, dpc_knn, num_visible_tokens, random_mask  # noqa: E402
 from .models.video_processing_clusterstm import ClusterSTMVideoProcessor, read_video_pyav  # noqa: E402
 from .teacher.targets import compute_teacher_targets  # noqa: E402
 from .teacher.teacher import ClusterSTMTeacher  # noqa: E402
+
+# Perceptually uniform, and drawn half-transparent with contour lines, so the objects stay visible underneath
+# (jet at full strength hid red objects behind red "hot" patches).
+RELEVANCE_CMAP = "viridis"
+RELEVANCE_ALPHA = 0.5
 
 
 def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -31,38 +37,71 @@ def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
     return grid[rows][:, cols]
 
 
+def _clean_axes(axes: np.ndarray) -> None:
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def _row_label(ax: Any, text: str) -> None:
+    ax.set_ylabel(text, fontsize=8, rotation=0, ha="right", va="center", labelpad=6)
+
+
 def plot_relevance_heatmaps(
     frames: np.ndarray, relevance_by_window: dict[int, np.ndarray], caption: str, path: str | Path
 ) -> Path:
     """Frames on top, then one row of relevance heatmaps per window size (Figure I of the supplementary).
 
+    Each heatmap row has its own colour bar in the relevance's units (cosine similarity between pooled patch
+    features and the caption); the same scale holds for every frame of a row, so frames are comparable.
+
     Args:
         frames: uint8 array (T, H, W, 3).
-        relevance_by_window: window size -> relevance (T, L, L).
+        relevance_by_window: window size -> relevance (T, L, L), cosine similarities.
         caption: the text the relevance refers to (figure title).
         path: output PNG.
     """
     num_frames, height, width = frames.shape[:3]
     rows = 1 + len(relevance_by_window)
-    fig, axes = plt.subplots(rows, num_frames, figsize=(1.6 * num_frames, 1.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, num_frames, figsize=(1.5 * num_frames + 2.6, 1.6 * rows + 0.6), squeeze=False, layout="constrained"
+    )
     for t in range(num_frames):
         axes[0, t].imshow(frames[t])
-        for row, (window, relevance) in enumerate(sorted(relevance_by_window.items()), start=1):
+        axes[0, t].set_title(f"frame {t}", fontsize=7)
+    _row_label(axes[0, 0], "input")
+    for row, (window, relevance) in enumerate(sorted(relevance_by_window.items()), start=1):
+        low, high = float(relevance.min()), float(relevance.max())
+        image = None
+        for t in range(num_frames):
+            heat = _upsample(relevance[t], height, width)
             axes[row, t].imshow(frames[t])
-            # One colour scale per row so frames of one clip are comparable.
-            low, high = float(relevance.min()), float(relevance.max())
-            heat = _upsample((relevance[t] - low) / max(high - low, 1e-8), height, width)
-            axes[row, t].imshow(heat, cmap="jet", alpha=0.55, vmin=0.0, vmax=1.0)
-            if t == 0:
-                axes[row, t].set_ylabel(f"{window}x{window}", fontsize=9)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f'relevance to: "{caption}"', fontsize=10)
-    fig.tight_layout()
+            image = axes[row, t].imshow(heat, cmap=RELEVANCE_CMAP, alpha=RELEVANCE_ALPHA, vmin=low, vmax=high)
+            if high > low:
+                axes[row, t].contour(heat, levels=np.linspace(low, high, 5)[1:-1], colors="white", linewidths=0.5)
+        _row_label(axes[row, 0], f"relevance,\n{window}x{window} window")
+        bar = fig.colorbar(image, ax=axes[row, :].tolist(), shrink=0.9, pad=0.01)
+        bar.set_label("cosine sim.", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
+    _clean_axes(axes)
+    fig.suptitle(
+        f'teacher relevance of each patch to: "{caption}"\n(bright = more relevant; white lines: quartiles of the row)',
+        fontsize=9,
+    )
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def _draw_kept(ax: Any, frame: np.ndarray, mask: np.ndarray) -> None:
+    """The frame darkened where tokens are masked, with a yellow "+" on every kept token."""
+    height, width = frame.shape[:2]
+    grid = mask.shape[-1]
+    shaded = frame.astype(np.float32) * np.where(_upsample(mask, height, width), 0.3, 1.0)[..., None]
+    ax.imshow(shaded.astype(np.uint8))
+    ys, xs = np.nonzero(~mask)
+    scale_y, scale_x = height / grid, width / grid
+    ax.scatter((xs + 0.5) * scale_x - 0.5, (ys + 0.5) * scale_y - 0.5, marker="+", c="yellow", s=30, linewidths=1)
 
 
 def plot_cluster_masks(
@@ -77,27 +116,51 @@ def plot_cluster_masks(
         path: output PNG.
     """
     num_frames, height, width = frames.shape[:3]
-    grid = labels.shape[-1]
-    fig, axes = plt.subplots(3, num_frames, figsize=(1.6 * num_frames, 5.2), squeeze=False)
-    ys, xs = np.nonzero(np.ones((grid, grid)))
+    fig, axes = plt.subplots(3, num_frames, figsize=(1.5 * num_frames + 1.6, 5.4), squeeze=False, layout="constrained")
     for t in range(num_frames):
         axes[0, t].imshow(frames[t])
+        axes[0, t].set_title(f"frame {t}", fontsize=7)
         axes[1, t].imshow(_upsample(labels[t], height, width), cmap="tab20", interpolation="nearest")
-        shaded = frames[t].astype(np.float32) * np.where(_upsample(masks[t], height, width), 0.3, 1.0)[..., None]
-        axes[2, t].imshow(shaded.astype(np.uint8))
-        kept = ~masks[t].reshape(-1)
-        scale_y, scale_x = height / grid, width / grid
-        axes[2, t].scatter(
-            (xs[kept] + 0.5) * scale_x - 0.5, (ys[kept] + 0.5) * scale_y - 0.5, marker="+", c="red", s=30
-        )
-    for row, name in enumerate(["input", "clusters", "kept (+)"]):
-        axes[row, 0].set_ylabel(name, fontsize=9)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _draw_kept(axes[2, t], frames[t], masks[t])
+    kept = int((~masks[0]).sum())
+    for row, name in enumerate(
+        ["input", "DPC-KNN clusters\n(one colour each)", f"kept tokens (+)\n{kept} per frame,\nmasked darkened"]
+    ):
+        _row_label(axes[row, 0], name)
+    _clean_axes(axes)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_kept_tokens(
+    frames: np.ndarray, masks_by_strategy: dict[str, np.ndarray], path: str | Path, title: str = ""
+) -> Path:
+    """What each masking strategy keeps of the same clip: one row per strategy, kept tokens marked with "+".
+
+    Args:
+        frames: uint8 array (T, H, W, 3).
+        masks_by_strategy: strategy name -> mask (T, L, L), True = masked; same ratio for a fair comparison.
+        path: output PNG.
+    """
+    num_frames = frames.shape[0]
+    rows = 1 + len(masks_by_strategy)
+    fig, axes = plt.subplots(
+        rows, num_frames, figsize=(1.5 * num_frames + 1.6, 1.7 * rows + 0.5), squeeze=False, layout="constrained"
+    )
+    for t in range(num_frames):
+        axes[0, t].imshow(frames[t])
+        axes[0, t].set_title(f"frame {t}", fontsize=7)
+    _row_label(axes[0, 0], "input")
+    for row, (name, masks) in enumerate(masks_by_strategy.items(), start=1):
+        for t in range(num_frames):
+            _draw_kept(axes[row, t], frames[t], masks[t])
+        _row_label(axes[row, 0], f"{name}:\n{int((~masks[0]).sum())} kept\nper frame")
+    _clean_axes(axes)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
@@ -114,8 +177,9 @@ def plot_training_curves(log_history: Sequence[dict], path: str | Path, keys: Se
         points = [(r["step"], r[key]) for r in log_history if key in r and r[key] is not None]
         if points:
             ax.plot(*zip(*points), label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per token or pair)")
+    ax.set_title("pretraining losses (a flat line: that objective is not learning)", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -164,7 +228,8 @@ def visualize_video(
     mask_ratio: float | None = None,
     window_sizes: Sequence[int] = (1, 3),
 ) -> list[Path]:
-    """Writes ``relevance.png`` (Figure I) and ``clusters.png`` (Figure II) for one video and caption."""
+    """Writes ``relevance.png`` (Figure I), ``clusters.png`` (Figure II) and ``kept_tokens.png`` (cluster-wise vs
+    random masking at the same ratio, random drawn with a fixed seed) for one video and caption."""
     teacher_path, config = resolve_teacher_path(checkpoint_or_teacher)
     teacher = ClusterSTMTeacher.from_pretrained(teacher_path)
     if teacher.tokenizer is None:
@@ -197,6 +262,10 @@ def visualize_video(
     relevance = {w: value.reshape(-1, grid, grid).numpy() for w, value in relevance.items()}
     labels, _ = dpc_knn(patch_tokens[0], num_visible_tokens(grid * grid, mask_ratio), k=dpc_k)
     masks = cluster_wise_mask(patch_tokens, mask_ratio, dc_ratio=dc_ratio, k=dpc_k)[0]
+    num_frames_seen = masks.shape[0]
+    random_masks = random_mask(
+        1, num_frames_seen, grid * grid, mask_ratio, generator=torch.Generator().manual_seed(0)
+    )[0]
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +276,16 @@ def visualize_video(
             labels.reshape(-1, grid, grid).numpy(),
             masks.reshape(-1, grid, grid).numpy(),
             output_dir / "clusters.png",
-            title=f"cluster-wise masking, ratio {mask_ratio}",
+            title=f"cluster-wise masking at ratio {mask_ratio}: one token kept per cluster",
+        ),
+        plot_kept_tokens(
+            frames,
+            {
+                "cluster-wise": masks.reshape(-1, grid, grid).numpy(),
+                "random": random_masks.reshape(-1, grid, grid).numpy(),
+            },
+            output_dir / "kept_tokens.png",
+            title=f"what is kept at mask ratio {mask_ratio}: cluster-wise vs random on the same clip",
         ),
     ]
 

@@ -970,6 +970,8 @@ class ClusterSTMTextModel(ClusterSTMPreTrainedModel):
     """
 )
 class ClusterSTMModel(ClusterSTMPreTrainedModel):
+    # Loading the encoders from a pretraining checkpoint drops its heads without a warning, as BERT does.
+    _keys_to_ignore_on_load_unexpected = [r"^(relevance_decoder|itm_head|mlm_head|alignment_head)\."]
     config: ClusterSTMConfig
 
     def __init__(self, config: ClusterSTMConfig):
@@ -1506,6 +1508,8 @@ def _check_video_text_batch(pixel_values: torch.Tensor | None, input_ids: torch.
     """
 )
 class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
+    # Pretraining heads retrieval does not use (it keeps `itm_head` for re-ranking).
+    _keys_to_ignore_on_load_unexpected = [r"^(relevance_decoder|mlm_head|alignment_head)\."]
     config: ClusterSTMConfig
     # Trainer must scale the (per-batch mean) loss for gradient accumulation itself.
     accepts_loss_kwargs = False
@@ -1721,6 +1725,8 @@ class ClusterSTMQuestionAnsweringHead(nn.Module):
     """
 )
 class ClusterSTMForVideoQuestionAnswering(ClusterSTMPreTrainedModel):
+    # Pretraining heads QA does not use; the new `qa_head` is still reported as newly initialised.
+    _keys_to_ignore_on_load_unexpected = [r"^(relevance_decoder|itm_head|mlm_head|alignment_head)\."]
     config: ClusterSTMConfig
     accepts_loss_kwargs = False
 
@@ -1785,6 +1791,8 @@ class ClusterSTMForVideoQuestionAnswering(ClusterSTMPreTrainedModel):
     """
 )
 class ClusterSTMForVideoCaptioning(ClusterSTMPreTrainedModel, GenerationMixin):
+    # Pretraining heads captioning does not use (it keeps `mlm_head` as its language-model head).
+    _keys_to_ignore_on_load_unexpected = [r"^(relevance_decoder|itm_head|alignment_head)\."]
     config: ClusterSTMConfig
     # Generation starts from text (a [CLS] prompt); the video is a conditioning input.
     main_input_name = "input_ids"

@@ -35,7 +35,7 @@ class TeacherTrainingArguments:
     output_dir: str = field(metadata={"help": "Where the CLIP checkpoint folder is written."})
     max_steps: int = field(default=300, metadata={"help": "Optimizer steps."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Frames (with their captions) per step."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate (cosine, 10% warmup)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate (cosine schedule; the first tenth of the steps warm up)."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
     seed: int = field(default=0, metadata={"help": "Seed of the weights, the frame sampling and the data order."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic benchmark's clips."})
