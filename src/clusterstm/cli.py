@@ -102,15 +102,25 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser(
         "export-synthetic", help="write the synthetic benchmark as jsonl+mp4, parquet (bytes) or webdataset shards"
     )
-    export.add_argument("--format", choices=["jsonl", "parquet", "webdataset"], required=True)
-    export.add_argument("--output_dir", required=True)
-    export.add_argument("--splits", nargs="+", default=["train", "validation", "test", "compositional"])
-    export.add_argument("--num_train", type=int, default=2000)
+    export.add_argument(
+        "--format",
+        choices=["jsonl", "parquet", "webdataset"],
+        required=True,
+        help="layout to write (see docs/DATA_FORMATS.md)",
+    )
+    export.add_argument("--output_dir", required=True, help="folder to write the splits into")
+    export.add_argument(
+        "--splits",
+        nargs="+",
+        default=["train", "validation", "test", "compositional"],
+        help="splits to write (default: %(default)s)",
+    )
+    export.add_argument("--num_train", type=int, default=2000, help="training clips (default: %(default)s)")
     export.add_argument("--num_eval", type=int, default=200, help="clips in each of validation/test/compositional")
-    export.add_argument("--num_frames", type=int, default=8)
-    export.add_argument("--image_size", type=int, default=64)
+    export.add_argument("--num_frames", type=int, default=8, help="frames per clip (default: %(default)s)")
+    export.add_argument("--image_size", type=int, default=64, help="frame side in pixels (default: %(default)s)")
     export.add_argument("--samples_per_shard", type=int, default=256, help="webdataset: samples per tar shard")
-    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--seed", type=int, default=0, help="seed of the benchmark (default: %(default)s)")
     export.set_defaults(func=_cmd_export_synthetic)
 
     vis = sub.add_parser("visualize", help="relevance heatmaps and cluster/mask figures for one video")
