@@ -755,11 +755,12 @@ class ClusterSTMPreTrainedModel(PreTrainedModel):
         "ClusterSTMRelevanceDecoder",
         "ClusterSTMMLMHead",
     ]
-    # Verified on CPU by tests/test_conformance.py (eager, sdpa and flex give the same outputs). Flash attention is
-    # not claimed: it needs a CUDA build of flash-attn that no test here can run.
+    # Only what tests/test_conformance.py verifies: sdpa gives eager's outputs. Flex attention is not claimed (on CPU
+    # its compiled kernel fails on the fusion layers' cross-attention), nor flash attention (no CUDA flash-attn build
+    # to test with).
     _supports_sdpa = True
     _supports_flash_attn = False
-    _supports_flex_attn = True
+    _supports_flex_attn = False
     _supports_attention_backend = True
     _can_record_outputs = {
         "hidden_states": [ClusterSTMVisionLayer, ClusterSTMTextLayer],
