@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers.cache_utils import EncoderDecoderCache
 
 from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
 from clusterstm.models.masking_clusterstm import num_visible_tokens
@@ -359,3 +360,75 @@ def test_num_visible_tokens_is_checked_against_the_mask():
         model(pixel_values, bool_masked_pos=mask, num_visible_tokens=7)
     with pytest.raises(ValueError, match="num_visible_tokens must be in"):
         model(pixel_values, bool_masked_pos=mask, num_visible_tokens=0)
+
+
+# ---------------------------------------------------------------------------------------------------------- generation
+def _captioner() -> ClusterSTMForVideoCaptioning:
+    torch.manual_seed(0)
+    model = ClusterSTMForVideoCaptioning(tiny_config()).eval()
+    model.generation_config.bos_token_id = 2
+    model.generation_config.eos_token_id = 3
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def test_cached_decoding_step_equals_the_full_forward():
+    model = _captioner()
+    inputs = batch()
+    input_ids = inputs["input_ids"][1:]  # unpadded captions
+    video = model.encode_videos(inputs["pixel_values"][1:])
+    with torch.no_grad():
+        full = model(input_ids=input_ids, video_embeds=video).logits
+        prefix = model(input_ids=input_ids[:, :-1], video_embeds=video, use_cache=True)
+        cache = prefix.cache
+        assert isinstance(cache, EncoderDecoderCache)
+        assert cache.get_seq_length() == input_ids.shape[1] - 1
+        # the video's cross-attention keys/values were projected once, for the fusion layers only
+        first_fusion = model.fusion_model.first_layer_idx
+        assert set(cache.is_updated) == set(range(first_fusion, first_fusion + len(model.fusion_model.layer)))
+        step = model(input_ids=input_ids[:, -1:], video_embeds=video, cache=cache, use_cache=True)
+    torch.testing.assert_close(prefix.logits, full[:, :-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step.logits[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_with_cache_equals_without(num_beams):
+    model = _captioner()
+    pixel_values = batch()["pixel_values"]
+    seen_lengths = []
+    hook = model.clusterstm.text_model.embeddings.register_forward_hook(
+        lambda module, args, kwargs_output: seen_lengths.append(kwargs_output.shape[1])
+    )
+    try:
+        cached = model.generate(pixel_values=pixel_values, max_new_tokens=6, min_new_tokens=6, num_beams=num_beams)
+        cached_lengths, seen_lengths[:] = list(seen_lengths), []
+        uncached = model.generate(
+            pixel_values=pixel_values, max_new_tokens=6, min_new_tokens=6, num_beams=num_beams, use_cache=False
+        )
+    finally:
+        hook.remove()
+    assert cached.tolist() == uncached.tolist()
+    assert cached.shape[1] == 7
+    # with the cache every step after the first runs one new token; without it the whole prefix
+    assert cached_lengths == [1] * 6
+    assert seen_lengths == list(range(1, 7))
+
+
+def test_generate_benchmark_quick_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "bench_generate.py"), "--quick", "--repeats", "1", "--output_dir", str(tmp_path)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(repo / "src")},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "generate.json").read_text())["rows"]
+    assert [row["decoding"] for row in rows] == ["greedy", "beam3"] and all(row["same_output"] for row in rows)

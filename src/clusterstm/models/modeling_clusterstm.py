@@ -2195,10 +2195,10 @@ class ClusterSTMForVideoCaptioning(ClusterSTMPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"Got {video_embeds.shape[0]} videos for {input_ids.shape[0]} captions; pass one caption per video."
             )
-        if use_cache and cache is None and not (self.gradient_checkpointing and self.training):
-            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        if not use_cache and use_cache is not None:
+        if use_cache is False:
             cache = None
+        elif use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         text = self.clusterstm.text_model(
             input_ids=input_ids, attention_mask=attention_mask, is_causal=True, cache=cache
         ).last_hidden_state
