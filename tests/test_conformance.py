@@ -91,7 +91,11 @@ AUTO_CLASSES = [
     ClusterSTMForVideoCaptioning,
 ]
 # What each class deliberately freezes because its own loss never reaches it (documented in the classes).
-CONTRASTIVE_PARTS = {"clusterstm.visual_projection.weight", "clusterstm.text_projection.weight", "clusterstm.logit_scale"}
+CONTRASTIVE_PARTS = {
+    "clusterstm.visual_projection.weight",
+    "clusterstm.text_projection.weight",
+    "clusterstm.logit_scale",
+}
 EXPECTED_FROZEN = {
     ClusterSTMModel: set(),
     ClusterSTMForPreTraining: {"alignment_head.weight", "alignment_head.bias"},  # alignment_loss_weight = 0
@@ -148,7 +152,10 @@ def test_frozen_objectives_follow_the_loss_weights(tmp_path):
     config = tiny_config(matching_loss_weight=0.0)
     retrieval = ClusterSTMForVideoTextRetrieval(config).train()
     training_loss(retrieval, batch()).backward()
-    assert not retrieval.itm_head.weight.requires_grad and not retrieval.fusion_model.layer[0].output.dense.weight.requires_grad
+    assert (
+        not retrieval.itm_head.weight.requires_grad
+        and not retrieval.fusion_model.layer[0].output.dense.weight.requires_grad
+    )
     assert all(p.grad is not None for p in retrieval.parameters() if p.requires_grad)
     # from_pretrained re-applies it (loading replaces the parameters)
     retrieval.save_pretrained(tmp_path)
@@ -178,7 +185,10 @@ def _outputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[to
         if isinstance(model, ClusterSTMForVideoTextRetrieval):
             out = model(**inputs)
             video_tokens = model.encode_videos(inputs["pixel_values"], return_tokens=True)[1]
-            return [out.logits_per_text, model.match_scores(video_tokens, inputs["input_ids"], inputs["attention_mask"])]
+            return [
+                out.logits_per_text,
+                model.match_scores(video_tokens, inputs["input_ids"], inputs["attention_mask"]),
+            ]
         if isinstance(model, ClusterSTMForVideoCaptioning):
             valid = inputs["attention_mask"].bool()
             return [model(**inputs).logits[valid]]
@@ -206,7 +216,10 @@ def test_attention_implementations_agree_with_eager(model_class, implementation)
 
 @pytest.mark.parametrize("implementation", ["flash_attention_2", "flex_attention"])
 def test_unverified_attention_implementations_are_not_claimed(implementation):
-    assert not getattr(ClusterSTMPreTrainedModel, {"flash_attention_2": "_supports_flash_attn"}.get(implementation, "_supports_flex_attn"))
+    assert not getattr(
+        ClusterSTMPreTrainedModel,
+        {"flash_attention_2": "_supports_flash_attn"}.get(implementation, "_supports_flex_attn"),
+    )
     with pytest.raises((ValueError, ImportError)):
         ClusterSTMModel._from_config(tiny_config(), attn_implementation=implementation)
 
@@ -422,7 +435,15 @@ def test_generate_benchmark_quick_runs(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run(
-        [sys.executable, str(repo / "benchmarks" / "bench_generate.py"), "--quick", "--repeats", "1", "--output_dir", str(tmp_path)],
+        [
+            sys.executable,
+            str(repo / "benchmarks" / "bench_generate.py"),
+            "--quick",
+            "--repeats",
+            "1",
+            "--output_dir",
+            str(tmp_path),
+        ],
         cwd=repo,
         capture_output=True,
         text=True,
@@ -432,3 +453,29 @@ def test_generate_benchmark_quick_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "generate.json").read_text())["rows"]
     assert [row["decoding"] for row in rows] == ["greedy", "beam3"] and all(row["same_output"] for row in rows)
+
+
+def test_init_and_saved_checkpoints_carry_a_generation_config(tmp_path):
+    import json
+
+    from transformers import AutoModelForImageTextToText
+
+    from clusterstm.hub.export import init_checkpoint, save_checkpoint
+    from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
+
+    folder = init_checkpoint("tiny", tmp_path / "init", seed=0)
+    processor = ClusterSTMProcessor.from_pretrained(folder)
+    tokenizer = processor.tokenizer
+    expected = {"bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id}
+    expected["pad_token_id"] = tokenizer.pad_token_id
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert {k: generation[k] for k in expected} == expected
+    # the captioning head generates from the init folder without any token set by hand
+    captioner = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    sequences = captioner.generate(pixel_values=batch()["pixel_values"], max_new_tokens=3)
+    assert sequences[:, 0].tolist() == [tokenizer.cls_token_id] * BATCH
+    # every checkpoint save (fine-tuning's final save goes through save_checkpoint) writes it, for any head
+    retrieval = ClusterSTMForVideoTextRetrieval.from_pretrained(folder)
+    saved = save_checkpoint(retrieval, tmp_path / "retrieval", processor)
+    generation = json.loads((saved / "generation_config.json").read_text())
+    assert {k: generation[k] for k in expected} == expected

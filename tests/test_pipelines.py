@@ -36,7 +36,9 @@ def reference_similarities(folder, videos, texts) -> torch.Tensor:
     model = AutoModel.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
     with torch.no_grad():
-        video = model.get_video_features(pixel_values_videos=processor(videos=videos, return_tensors="pt")["pixel_values"])
+        video = model.get_video_features(
+            pixel_values_videos=processor(videos=videos, return_tensors="pt")["pixel_values"]
+        )
         text = model.get_text_features(**processor(text=texts, return_tensors="pt"))
     video = torch.nn.functional.normalize(video.pooler_output, dim=-1)
     text = torch.nn.functional.normalize(text.pooler_output, dim=-1)

@@ -176,8 +176,8 @@ def init_checkpoint(
     """
     import torch
 
-    from .model_card import write_model_card
     from ..data.tokenization import load_local_tokenizer
+    from .model_card import write_model_card
 
     config = ClusterSTMConfig.from_preset(preset)
     if tokenizer_name_or_path is None:

@@ -27,9 +27,9 @@ import torch.distributed as dist
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -545,9 +545,7 @@ class ClusterSTMTextSelfAttention(nn.Module):
         self.value = nn.Linear(key_width, config.hidden_size)
         self.dropout = config.attention_probs_dropout_prob
 
-    def _keys_and_values(
-        self, source: torch.Tensor, cache: Cache | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _keys_and_values(self, source: torch.Tensor, cache: Cache | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected keys and values of `source`, appended to (self-attention) or read from (cross-attention) `cache`."""
         if self.is_cross_attention and isinstance(cache, EncoderDecoderCache) and cache.is_updated.get(self.layer_idx):
             # The video tokens do not change while decoding: their keys and values are projected once.
@@ -728,7 +726,11 @@ class _LogitScaleToOneElement(ConversionOps):
 # Applied by `from_pretrained` to `ClusterSTMModel` wherever it sits (as the model or as a head's `clusterstm`).
 register_checkpoint_conversion_mapping(
     "ClusterSTMModel",
-    [WeightConverter(source_patterns="logit_scale", target_patterns="logit_scale", operations=[_LogitScaleToOneElement()])],
+    [
+        WeightConverter(
+            source_patterns="logit_scale", target_patterns="logit_scale", operations=[_LogitScaleToOneElement()]
+        )
+    ],
     overwrite=True,
 )
 
@@ -798,8 +800,10 @@ class ClusterSTMPreTrainedModel(PreTrainedModel):
         `fusion_model.layer.{i - num_text_layers}` (an upgrade on load only; saving writes the current layout).
         """
         config = kwargs.get("config")
-        if kwargs.get("key_mapping") is None and pretrained_model_name_or_path is not None and not issubclass(
-            cls, (ClusterSTMVisionModel, ClusterSTMTextModel)
+        if (
+            kwargs.get("key_mapping") is None
+            and pretrained_model_name_or_path is not None
+            and not issubclass(cls, (ClusterSTMVisionModel, ClusterSTMTextModel))
         ):
             if not isinstance(config, ClusterSTMConfig):
                 hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}

@@ -56,9 +56,11 @@ def _embed_videos(pipeline: Pipeline, pixel_values: torch.Tensor) -> torch.Tenso
 
 def _embed_texts(pipeline: Pipeline, text_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """L2-normalised text embeddings `(num_texts, projection_dim)`."""
-    features = _dual_encoder(pipeline.model).get_text_features(
-        input_ids=text_inputs["input_ids"], attention_mask=text_inputs["attention_mask"]
-    ).pooler_output
+    features = (
+        _dual_encoder(pipeline.model)
+        .get_text_features(input_ids=text_inputs["input_ids"], attention_mask=text_inputs["attention_mask"])
+        .pooler_output
+    )
     return torch.nn.functional.normalize(features, dim=-1)
 
 
