@@ -278,8 +278,8 @@ def test_heads_load_pretraining_checkpoint_and_initialise_new_weights(tmp_path):
     torch.testing.assert_close(caption.mlm_head.dense.weight, pretrained.mlm_head.dense.weight)
     qa = QAHead.from_pretrained(tmp_path, config=tiny_config())
     torch.testing.assert_close(
-        qa.clusterstm.text_model.layer[-1].crossattention.self.query.weight,
-        pretrained.clusterstm.text_model.layer[-1].crossattention.self.query.weight,
+        qa.fusion_model.layer[-1].crossattention.self.query.weight,
+        pretrained.fusion_model.layer[-1].crossattention.self.query.weight,
     )
     # The new QA head is initialised by _init_weights (normal(0, 0.02) linears, unit LayerNorm), not left empty.
     head = qa.qa_head

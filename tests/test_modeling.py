@@ -10,6 +10,7 @@ from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
 from clusterstm.models.masking_clusterstm import build_mask, num_visible_tokens
 from clusterstm.models.modeling_clusterstm import (
     ClusterSTMModel,
+    ClusterSTMTextFusionModel,
     ClusterSTMTextModel,
     ClusterSTMVisionModel,
     video_text_contrastive_loss,
@@ -223,23 +224,24 @@ def test_eager_and_sdpa_agree():
         a = eager(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, bool_masked_pos=mask)
         b = sdpa(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, bool_masked_pos=mask)
         video = torch.randn(3, 10, 32)
-        fa = eager.text_model(
-            input_ids=input_ids,
+        fusion_eager = ClusterSTMTextFusionModel(eager.text_model.config).eval()
+        fusion_sdpa = ClusterSTMTextFusionModel(sdpa.text_model.config).eval()
+        fusion_sdpa.load_state_dict(fusion_eager.state_dict())
+        fa = fusion_eager(
+            eager.text_model(input_ids=input_ids, attention_mask=attention_mask, is_causal=True).last_hidden_state,
+            video,
             attention_mask=attention_mask,
-            encoder_hidden_states=video,
-            mode="multimodal",
             is_causal=True,
         )
-        fb = sdpa.text_model(
-            input_ids=input_ids,
+        fb = fusion_sdpa(
+            sdpa.text_model(input_ids=input_ids, attention_mask=attention_mask, is_causal=True).last_hidden_state,
+            video,
             attention_mask=attention_mask,
-            encoder_hidden_states=video,
-            mode="multimodal",
             is_causal=True,
         )
     torch.testing.assert_close(a.logits_per_video, b.logits_per_video, atol=1e-4, rtol=1e-4)
     valid = attention_mask.bool()
-    torch.testing.assert_close(fa.last_hidden_state[valid], fb.last_hidden_state[valid], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fa[valid], fb[valid], atol=1e-4, rtol=1e-4)
 
 
 def test_output_attentions_eager():
@@ -248,51 +250,46 @@ def test_output_attentions_eager():
     pixel_values, input_ids, attention_mask = inputs(batch_size=2)
     with torch.no_grad():
         out = model.vision_model(pixel_values, bool_masked_pos=explicit_mask(2), output_attentions=True)
-        text = model.text_model(
-            input_ids=input_ids[:2],
-            attention_mask=attention_mask[:2],
-            encoder_hidden_states=torch.randn(2, 5, 32),
-            mode="multimodal",
-            output_attentions=True,
-        )
+        text = model.text_model(input_ids=input_ids[:2], attention_mask=attention_mask[:2], output_attentions=True)
     assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 4, FRAMES * 4, FRAMES * 4)
-    assert len(text.attentions) == 3 and len(text.cross_attentions) == 1
-    assert text.cross_attentions[0].shape == (2, 4, 7, 5)
+    # the text tower holds the text-only layers; the fusion layer belongs to the heads
+    assert len(text.attentions) == 2 and text.attentions[0].shape == (2, 4, 7, 7)
 
 
-def test_text_modes_and_causality():
+def test_text_tower_and_fusion_layers_and_causality():
     torch.manual_seed(0)
-    text_model = ClusterSTMTextModel(small_config().text_config).eval()
+    text_config = small_config().text_config
+    text_model = ClusterSTMTextModel(text_config).eval()
+    fusion_model = ClusterSTMTextFusionModel(text_config).eval()
+    assert len(text_model.layer) == text_config.num_hidden_layers - text_config.num_fusion_layers
+    assert len(fusion_model.layer) == text_config.num_fusion_layers
+    assert all(layer.has_cross_attention for layer in fusion_model.layer)
+    assert not any(layer.has_cross_attention for layer in text_model.layer)
     _, input_ids, attention_mask = inputs(batch_size=2)
     video = torch.randn(2, 6, 32)
+
+    def full(ids, video_tokens, **kwargs):
+        text = text_model(input_ids=ids, attention_mask=kwargs.get("attention_mask"), is_causal=kwargs.get("is_causal", False))
+        return fusion_model(text.last_hidden_state, video_tokens, **kwargs)
+
     with torch.no_grad():
-        text = text_model(input_ids=input_ids, attention_mask=attention_mask, mode="text")
-        fused = text_model(
-            attention_mask=attention_mask,
-            text_hidden_states=text.last_hidden_state,
-            encoder_hidden_states=video,
-            mode="fusion",
-        )
-        full = text_model(
-            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=video, mode="multimodal"
-        )
+        fused = full(input_ids, video, attention_mask=attention_mask)
         # the fusion output depends on the video
-        other = text_model(
-            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=video + 1, mode="multimodal"
-        )
+        other = full(input_ids, video + 1, attention_mask=attention_mask)
         # causal: changing a later token does not change earlier positions
-        causal_a = text_model(input_ids=input_ids, encoder_hidden_states=video, mode="multimodal", is_causal=True)
+        causal_a = full(input_ids, video, is_causal=True)
         changed = input_ids.clone()
         changed[:, -1] = 7
-        causal_b = text_model(input_ids=changed, encoder_hidden_states=video, mode="multimodal", is_causal=True)
-        bidir_b = text_model(input_ids=changed, encoder_hidden_states=video, mode="multimodal")
-        bidir_a = text_model(input_ids=input_ids, encoder_hidden_states=video, mode="multimodal")
-    torch.testing.assert_close(fused.last_hidden_state, full.last_hidden_state)
-    assert not torch.allclose(full.last_hidden_state, other.last_hidden_state)
-    torch.testing.assert_close(causal_a.last_hidden_state[:, :-1], causal_b.last_hidden_state[:, :-1])
-    assert not torch.allclose(bidir_a.last_hidden_state[:, :-1], bidir_b.last_hidden_state[:, :-1])
+        causal_b = full(changed, video, is_causal=True)
+        bidir_b = full(changed, video)
+        bidir_a = full(input_ids, video)
+    assert not torch.allclose(fused, other)
+    torch.testing.assert_close(causal_a[:, :-1], causal_b[:, :-1])
+    assert not torch.allclose(bidir_a[:, :-1], bidir_b[:, :-1])
     with pytest.raises(ValueError, match="encoder_hidden_states"):
-        text_model(input_ids=input_ids, mode="fusion")
+        fusion_model(fused, None)
+    with pytest.raises(ValueError, match="fusion_model"):
+        text_model(input_ids=input_ids, mode="multimodal")
     with pytest.raises(ValueError, match="mode"):
         text_model(input_ids=input_ids, mode="video")
 

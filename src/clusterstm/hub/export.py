@@ -20,7 +20,9 @@ from transformers import (
     AutoModelForVisualQuestionAnswering,
     AutoProcessor,
     AutoVideoProcessor,
+    GenerationConfig,
 )
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from ..models.configuration_clusterstm import ClusterSTMConfig
 from ..models.modeling_clusterstm import (
@@ -29,6 +31,13 @@ from ..models.modeling_clusterstm import (
     ClusterSTMForVideoQuestionAnswering,
     ClusterSTMForVideoTextRetrieval,
     ClusterSTMModel,
+)
+from ..models.pipelines_clusterstm import (
+    CUSTOM_PIPELINES,
+    TEXT_TO_VIDEO_RETRIEVAL,
+    ZERO_SHOT_VIDEO_CLASSIFICATION,
+    ClusterSTMTextToVideoRetrievalPipeline,
+    ClusterSTMZeroShotVideoClassificationPipeline,
 )
 from ..models.processing_clusterstm import ClusterSTMProcessor
 from ..models.video_processing_clusterstm import ClusterSTMVideoProcessor
@@ -74,24 +83,54 @@ def register_auto_classes() -> None:
     AutoProcessor.register(ClusterSTMConfig, ClusterSTMProcessor, exist_ok=True)
     ClusterSTMVideoProcessor.register_for_auto_class("AutoVideoProcessor")
     ClusterSTMProcessor.register_for_auto_class("AutoProcessor")
+    # The checkpoint's custom pipelines, for `pipeline(task, model=..., pipeline_class=...)` in this process; a
+    # folder's config.json names them in `custom_pipelines` for `pipeline(task, model=folder, trust_remote_code=True)`.
+    for task, pipeline_class in (
+        (ZERO_SHOT_VIDEO_CLASSIFICATION, ClusterSTMZeroShotVideoClassificationPipeline),
+        (TEXT_TO_VIDEO_RETRIEVAL, ClusterSTMTextToVideoRetrievalPipeline),
+    ):
+        PIPELINE_REGISTRY.register_pipeline(task, pipeline_class=pipeline_class, pt_model=AutoModel, type="multimodal")
 
 
 def _complete_auto_map(output_dir: Path, model_class_name: str) -> None:
-    """Writes the full ``auto_map`` into ``config.json`` so one folder loads through every Auto class."""
+    """Writes the full ``auto_map`` and the custom pipelines into ``config.json`` so one folder loads through every
+    Auto class and ``transformers.pipeline`` task."""
     config_path = output_dir / "config.json"
     config = json.loads(config_path.read_text())
     auto_map = dict(MODEL_AUTO_MAP)
     if model_class_name == ClusterSTMForVideoTextRetrieval.__name__:
         auto_map["AutoModel"] = f"modeling_clusterstm.{model_class_name}"
     config["auto_map"] = auto_map
+    config["custom_pipelines"] = CUSTOM_PIPELINES
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def generation_config_for(model: Any, processor: Any | None = None) -> GenerationConfig | None:
+    """The captioning decoder's generation config: bos = [CLS], eos = [SEP], pad = [PAD].
+
+    Taken from ``model.generation_config`` when the model generates and has its tokens set, else from the
+    processor's tokenizer; ``None`` when neither knows them.
+    """
+    own = getattr(model, "generation_config", None)
+    if own is not None and model.can_generate() and own.bos_token_id is not None:
+        return own
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+        return None
+    return GenerationConfig(
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def save_checkpoint(model: Any, output_dir: str | Path, processor: Any | None = None) -> Path:
     """Saves ``model`` (and ``processor``) as a complete, Hub-ready checkpoint folder.
 
-    The folder gets safetensors weights, the config with a complete ``auto_map``, the remote-code files and,
-    when given, the processor (video processor + tokenizer). The frozen teacher is never saved.
+    The folder gets safetensors weights, the config with a complete ``auto_map`` and ``custom_pipelines``, the
+    remote-code files, ``generation_config.json`` (bos/eos/pad of the tokenizer, so that the captioning head
+    generates from any checkpoint) and, when given, the processor (video processor + tokenizer). The frozen teacher
+    is never saved.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -102,6 +141,9 @@ def save_checkpoint(model: Any, output_dir: str | Path, processor: Any | None = 
         shutil.copyfile(source, output_dir / source.name)
     if processor is not None:
         processor.save_pretrained(output_dir)
+    generation_config = generation_config_for(model, processor)
+    if generation_config is not None:
+        generation_config.save_pretrained(output_dir)
     return output_dir
 
 

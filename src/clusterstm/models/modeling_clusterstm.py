@@ -17,6 +17,7 @@ masked language modelling and unmasked-token alignment)."""
 
 import contextlib
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,9 @@ import torch.distributed as dist
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -82,19 +86,16 @@ class ClusterSTMVisionModelOutput(ModelOutput):
 class ClusterSTMTextModelOutput(ModelOutput):
     r"""
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
-        Hidden states of the last layer that ran (see `mode`).
+        Hidden states of the last text-only layer.
     pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
         Hidden state of the first (`[CLS]`) token. [`ClusterSTMModel.get_text_features`] replaces it with its
         projection into the joint space.
-    cross_attentions (`tuple(torch.FloatTensor)`, *optional*):
-        Attention weights of the cross-attention to the video tokens, one per fusion layer that ran.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
-    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @auto_docstring
@@ -237,7 +238,7 @@ def video_text_contrastive_loss(
 
 
 def video_text_matching_loss(
-    text_model: nn.Module,
+    fusion_model: nn.Module,
     itm_head: nn.Module,
     text_hidden_states: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -249,7 +250,7 @@ def video_text_matching_loss(
     text per video, drawn in proportion to their contrastive similarity (the positive is never drawn).
 
     Args:
-        text_model: the text tower; its fusion layers cross-attend to `video_tokens`.
+        fusion_model: the fusion layers ([`ClusterSTMTextFusionModel`]); they cross-attend to `video_tokens`.
         itm_head: maps the fused `[CLS]` state to two logits (no match / match).
         text_hidden_states: output of the text tower's text-only layers, `(B, L, H)`.
         attention_mask: text attention mask, `(B, L)`.
@@ -266,8 +267,8 @@ def video_text_matching_loss(
     texts = torch.cat([text_hidden_states, text_hidden_states, text_hidden_states[negative_texts]], dim=0)
     masks = torch.cat([attention_mask, attention_mask, attention_mask[negative_texts]], dim=0)
     videos = torch.cat([video_tokens, video_tokens[negative_videos], video_tokens], dim=0)
-    fused = text_model(attention_mask=masks, text_hidden_states=texts, encoder_hidden_states=videos, mode="fusion")
-    logits = itm_head(fused.last_hidden_state[:, 0]).float()
+    fused = fusion_model(texts, videos, attention_mask=masks)
+    logits = itm_head(fused[:, 0]).float()
     labels = torch.zeros(3 * batch_size, dtype=torch.long, device=logits.device)
     labels[:batch_size] = 1
     return nn.functional.cross_entropy(logits, labels)
@@ -500,15 +501,18 @@ class ClusterSTMTextEmbeddings(nn.Module):
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        past_length: int = 0,
     ) -> torch.Tensor:
         input_shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         seq_length = input_shape[1]
-        if seq_length > self.position_ids.shape[1]:
+        if past_length + seq_length > self.position_ids.shape[1]:
             raise ValueError(
-                f"Sequence length {seq_length} exceeds max_position_embeddings ({self.position_ids.shape[1]})."
+                f"Sequence length {past_length + seq_length} exceeds max_position_embeddings "
+                f"({self.position_ids.shape[1]})."
             )
         if position_ids is None:
-            position_ids = self.position_ids[:, :seq_length]
+            # While decoding with a key/value cache, the new tokens continue the positions of the cached ones.
+            position_ids = self.position_ids[:, past_length : past_length + seq_length]
         if token_type_ids is None:
             token_type_ids = torch.zeros(input_shape, dtype=torch.long, device=position_ids.device)
         if inputs_embeds is None:
@@ -522,7 +526,7 @@ class ClusterSTMTextEmbeddings(nn.Module):
 class ClusterSTMTextSelfAttention(nn.Module):
     """BERT attention projections; as cross-attention, keys and values come from the video tokens (`encoder_width`)."""
 
-    def __init__(self, config: ClusterSTMTextConfig, is_cross_attention: bool = False):
+    def __init__(self, config: ClusterSTMTextConfig, is_cross_attention: bool = False, layer_idx: int | None = None):
         super().__init__()
         if config.hidden_size % config.num_attention_heads != 0:
             raise ValueError(
@@ -533,25 +537,45 @@ class ClusterSTMTextSelfAttention(nn.Module):
         self.attention_head_size = config.hidden_size // config.num_attention_heads
         self.scaling = self.attention_head_size**-0.5
         self.is_causal = False
+        self.is_cross_attention = is_cross_attention
+        self.layer_idx = layer_idx
         key_width = config.encoder_width if is_cross_attention else config.hidden_size
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(key_width, config.hidden_size)
         self.value = nn.Linear(key_width, config.hidden_size)
         self.dropout = config.attention_probs_dropout_prob
 
+    def _keys_and_values(self, source: torch.Tensor, cache: Cache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected keys and values of `source`, appended to (self-attention) or read from (cross-attention) `cache`."""
+        if self.is_cross_attention and isinstance(cache, EncoderDecoderCache) and cache.is_updated.get(self.layer_idx):
+            # The video tokens do not change while decoding: their keys and values are projected once.
+            layer_cache = cache.cross_attention_cache.layers[self.layer_idx]
+            return layer_cache.keys, layer_cache.values
+        kv_shape = (*source.shape[:-1], -1, self.attention_head_size)
+        key = self.key(source).view(kv_shape).transpose(1, 2)
+        value = self.value(source).view(kv_shape).transpose(1, 2)
+        if cache is None:
+            return key, value
+        if self.is_cross_attention:
+            if isinstance(cache, EncoderDecoderCache):
+                key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+                cache.is_updated[self.layer_idx] = True
+            return key, value
+        self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        return self_cache.update(key, value, self.layer_idx)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
-        key_source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query = self.query(hidden_states).view(*input_shape, -1, self.attention_head_size).transpose(1, 2)
-        kv_shape = (*key_source.shape[:-1], -1, self.attention_head_size)
-        key = self.key(key_source).view(kv_shape).transpose(1, 2)
-        value = self.value(key_source).view(kv_shape).transpose(1, 2)
+        key_source = encoder_hidden_states if self.is_cross_attention else hidden_states
+        key, value = self._keys_and_values(key_source, cache)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -584,9 +608,9 @@ class ClusterSTMTextSelfOutput(nn.Module):
 
 
 class ClusterSTMTextAttention(nn.Module):
-    def __init__(self, config: ClusterSTMTextConfig, is_cross_attention: bool = False):
+    def __init__(self, config: ClusterSTMTextConfig, is_cross_attention: bool = False, layer_idx: int | None = None):
         super().__init__()
-        self.self = ClusterSTMTextSelfAttention(config, is_cross_attention=is_cross_attention)
+        self.self = ClusterSTMTextSelfAttention(config, is_cross_attention=is_cross_attention, layer_idx=layer_idx)
         self.output = ClusterSTMTextSelfOutput(config)
 
     def forward(
@@ -594,9 +618,10 @@ class ClusterSTMTextAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        attention_output, _ = self.self(hidden_states, attention_mask, encoder_hidden_states, **kwargs)
+        attention_output, _ = self.self(hidden_states, attention_mask, encoder_hidden_states, cache=cache, **kwargs)
         return self.output(attention_output, hidden_states)
 
 
@@ -625,12 +650,14 @@ class ClusterSTMTextOutput(nn.Module):
 class ClusterSTMTextLayer(GradientCheckpointingLayer):
     """Post-LayerNorm BERT layer; fusion layers add cross-attention to the video tokens after self-attention."""
 
-    def __init__(self, config: ClusterSTMTextConfig, has_cross_attention: bool = False):
+    def __init__(self, config: ClusterSTMTextConfig, has_cross_attention: bool = False, layer_idx: int = 0):
         super().__init__()
-        self.attention = ClusterSTMTextAttention(config)
+        # `layer_idx` numbers the layers of the whole text tower (text-only layers first, then the fusion layers), so
+        # one key/value cache serves both parts while decoding.
+        self.attention = ClusterSTMTextAttention(config, layer_idx=layer_idx)
         self.has_cross_attention = has_cross_attention
         if has_cross_attention:
-            self.crossattention = ClusterSTMTextAttention(config, is_cross_attention=True)
+            self.crossattention = ClusterSTMTextAttention(config, is_cross_attention=True, layer_idx=layer_idx)
         self.intermediate = ClusterSTMTextIntermediate(config)
         self.output = ClusterSTMTextOutput(config)
 
@@ -640,14 +667,72 @@ class ClusterSTMTextLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        attention_output = self.attention(hidden_states, attention_mask, **kwargs)
+        attention_output = self.attention(hidden_states, attention_mask, cache=cache, **kwargs)
         if self.has_cross_attention:
             attention_output = self.crossattention(
-                attention_output, encoder_attention_mask, encoder_hidden_states, **kwargs
+                attention_output, encoder_attention_mask, encoder_hidden_states, cache=cache, **kwargs
             )
         return self.output(self.intermediate(attention_output), attention_output)
+
+
+# Hub arguments of `from_pretrained` that reading the config needs as well.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+
+
+def legacy_fusion_key_mapping(config: ClusterSTMConfig) -> dict[str, str]:
+    """
+    Key mapping (regex -> replacement, as `from_pretrained(key_mapping=...)` takes it) from the layout where the
+    fusion layers were the top layers of `text_model` to the current one, where they are a `fusion_model` owned by the
+    heads. A dual encoder receives the renamed keys as unexpected (and ignores them).
+    """
+    text_config = config.text_config
+    num_text_layers = text_config.num_hidden_layers - text_config.num_fusion_layers
+    return {
+        rf"^(?:clusterstm\.)?text_model\.layer\.{num_text_layers + i}\.": f"fusion_model.layer.{i}."
+        for i in range(text_config.num_fusion_layers)
+    }
+
+
+def _rename_legacy_fusion_keys(state_dict: dict[str, torch.Tensor], prefix: str, config: ClusterSTMConfig) -> None:
+    """`load_state_dict` pre-hook of the fusion heads: moves old-layout fusion keys in place (see above)."""
+    for pattern, replacement in legacy_fusion_key_mapping(config).items():
+        compiled = re.compile(pattern)
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            local = key[len(prefix) :]
+            if compiled.match(local):
+                state_dict[prefix + compiled.sub(replacement, local, count=1)] = state_dict.pop(key)
+
+
+class _LogitScaleToOneElement(ConversionOps):
+    """Checkpoint conversion of `logit_scale`: a 0-d tensor (the layout before FSDP2 support) becomes shape `(1,)`."""
+
+    @torch.no_grad()
+    def convert(
+        self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs
+    ) -> dict[str, torch.Tensor]:
+        tensors = next(iter(input_dict.values()))
+        tensor = tensors[0] if isinstance(tensors, list) else tensors
+        return {target_patterns[0]: tensor.reshape(1)}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        # Saving keeps the current `(1,)` layout (the reshape is idempotent).
+        return _LogitScaleToOneElement()
+
+
+# Applied by `from_pretrained` to `ClusterSTMModel` wherever it sits (as the model or as a head's `clusterstm`).
+register_checkpoint_conversion_mapping(
+    "ClusterSTMModel",
+    [
+        WeightConverter(
+            source_patterns="logit_scale", target_patterns="logit_scale", operations=[_LogitScaleToOneElement()]
+        )
+    ],
+    overwrite=True,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -662,15 +747,22 @@ class ClusterSTMPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("video", "text")
     supports_gradient_checkpointing = True
+    # Modules whose forward uses parameters of its own next to those of its children (residuals, position tables,
+    # mask tokens): a device map must keep each of them on one device.
     _no_split_modules = [
         "ClusterSTMVisionEmbeddings",
         "ClusterSTMVisionLayer",
         "ClusterSTMTextEmbeddings",
         "ClusterSTMTextLayer",
+        "ClusterSTMRelevanceDecoder",
+        "ClusterSTMMLMHead",
     ]
+    # Only what tests/test_conformance.py verifies: sdpa gives eager's outputs. Flex attention is not claimed (on CPU
+    # its compiled kernel fails on the fusion layers' cross-attention), nor flash attention (no CUDA flash-attn build
+    # to test with).
     _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
     _supports_attention_backend = True
     _can_record_outputs = {
         "hidden_states": [ClusterSTMVisionLayer, ClusterSTMTextLayer],
@@ -678,7 +770,6 @@ class ClusterSTMPreTrainedModel(PreTrainedModel):
             OutputRecorder(ClusterSTMVisionAttention, index=1),
             OutputRecorder(ClusterSTMTextSelfAttention, index=1, layer_name="attention"),
         ],
-        "cross_attentions": OutputRecorder(ClusterSTMTextSelfAttention, index=1, layer_name="crossattention"),
     }
 
     def _init_weights(self, module):
@@ -697,6 +788,40 @@ class ClusterSTMPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, ClusterSTMModel):
             init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+
+    def sync_objective_trainability(self) -> None:
+        """Freezes the parameters that this model's own training loss never reaches (none for the towers)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """
+        [`~PreTrainedModel.from_pretrained`] that also reads checkpoints written before the fusion layers moved out
+        of the text tower: their `text_model.layer.{i}` keys of the top `num_fusion_layers` layers load into
+        `fusion_model.layer.{i - num_text_layers}` (an upgrade on load only; saving writes the current layout).
+        """
+        config = kwargs.get("config")
+        if (
+            kwargs.get("key_mapping") is None
+            and pretrained_model_name_or_path is not None
+            and not issubclass(cls, (ClusterSTMVisionModel, ClusterSTMTextModel))
+        ):
+            if not isinstance(config, ClusterSTMConfig):
+                hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+                config = ClusterSTMConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            kwargs["key_mapping"] = legacy_fusion_key_mapping(config)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # Loading replaces the parameters (requires_grad=True): re-apply which ones the model's own loss trains.
+        model.sync_objective_trainability()
+        if kwargs.get("key_mapping") is not None and hasattr(model, "_weight_conversions"):
+            # transformers would revert a used key mapping on save; this one is an upgrade and must not be reverted.
+            legacy = set(kwargs["key_mapping"])
+            model._weight_conversions = [
+                conversion
+                for conversion in model._weight_conversions
+                if not (isinstance(conversion, WeightRenaming) and set(conversion._original_source_patterns) <= legacy)
+            ]
+        return loaded
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -731,7 +856,11 @@ class ClusterSTMVisionModel(ClusterSTMPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embedding
 
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _check_pixel_values(self, pixel_values: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
+        """
+        Checks the layout of `pixel_values` (4D images become one-frame videos) and, with `check_finite`, that they
+        are finite. Only the finiteness check reads a value back from the device.
+        """
         if not isinstance(pixel_values, torch.Tensor):
             raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
         if pixel_values.ndim == 4:
@@ -761,13 +890,45 @@ class ClusterSTMVisionModel(ClusterSTMPreTrainedModel):
                 f"pixel_values must be a floating point tensor of normalised frames (the output of "
                 f"ClusterSTMVideoProcessor), got dtype {pixel_values.dtype}."
             )
-        # One host sync, at the entry point only: a NaN/inf frame would otherwise surface as a NaN loss many layers
-        # later (CLIP4Clip#4). Skipped while compiling, where it would break the graph.
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
+        # One host sync per forward, in the tower only (the heads call it without `check_finite`): a NaN/inf frame
+        # would otherwise surface as a NaN loss many layers later (CLIP4Clip#4). Skipped while compiling, where a
+        # value read back would break the graph; a compiled training loop checks its batches in the data path.
+        if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
             raise ValueError(
                 "pixel_values contains non-finite values (NaN or inf); check the video decoding / normalisation."
             )
         return pixel_values
+
+    @staticmethod
+    def _kept_tokens_per_frame(mask: torch.Tensor, num_visible_tokens: int | None) -> int:
+        """
+        Number of tokens every frame keeps under `mask` `(B, T, N)` (`True` = dropped), which sets the output shape.
+
+        Given `num_visible_tokens` (known to the caller that built the mask, e.g. `num_visible_tokens(N, ratio)` of
+        the masking module), nothing is read back from the device: the check that the mask keeps exactly that many
+        tokens per frame is an asynchronous device assertion, so the step stays free of host syncs and compiles
+        without graph breaks. Without it, the count is read back (one sync) and checked.
+        """
+        kept_per_frame = (~mask).sum(-1)
+        if num_visible_tokens is not None:
+            num_patches = mask.shape[-1]
+            if not 0 < num_visible_tokens <= num_patches:
+                raise ValueError(
+                    f"num_visible_tokens must be in [1, {num_patches}] (tokens per frame), got {num_visible_tokens}."
+                )
+            torch._assert_async(
+                torch.all(kept_per_frame == num_visible_tokens),
+                f"bool_masked_pos must keep exactly num_visible_tokens={num_visible_tokens} tokens in every frame.",
+            )
+            return num_visible_tokens
+        # One host sync: the number of kept tokens sets the output shape of an explicit mask.
+        most, fewest = torch.stack([kept_per_frame.amax(), kept_per_frame.amin()]).tolist()
+        if most == 0 or most != fewest:
+            raise ValueError(
+                "bool_masked_pos must keep the same, non-zero number of tokens in every frame of every video "
+                f"(got between {fewest} and {most})."
+            )
+        return most
 
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
@@ -776,6 +937,7 @@ class ClusterSTMVisionModel(ClusterSTMPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.BoolTensor | None = None,
+        num_visible_tokens: int | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ClusterSTMVisionModelOutput:
         r"""
@@ -786,12 +948,16 @@ class ClusterSTMVisionModel(ClusterSTMPreTrainedModel):
         bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_frames, num_patches)` or `(batch_size, num_frames * num_patches)`, *optional*):
             Token mask (`True` = dropped), e.g. from `build_mask`; every frame must keep the same number of tokens.
             Without it every token is kept.
+        num_visible_tokens (`int`, *optional*):
+            The number of tokens every frame keeps under `bool_masked_pos` (`build_mask` keeps
+            `num_visible_tokens(num_patches, mask_ratio)`). Passing it avoids reading the count back from the device
+            (a host sync, and a graph break under `torch.compile`); the mask is then checked asynchronously.
         """
         pixel_values = self._check_pixel_values(pixel_values)
         embeddings, _ = self.embeddings(pixel_values)
         batch_size, num_frames, num_patches, hidden_size = embeddings.shape
 
-        mask, num_kept = None, num_patches
+        mask, num_kept, kept_indices = None, num_patches, None
         if bool_masked_pos is not None:
             if bool_masked_pos.shape[0] != batch_size or bool_masked_pos[0].numel() != num_frames * num_patches:
                 raise ValueError(
@@ -799,17 +965,7 @@ class ClusterSTMVisionModel(ClusterSTMPreTrainedModel):
                     f"{num_patches}) or ({batch_size}, {num_frames * num_patches}) for this input."
                 )
             mask = bool_masked_pos.reshape(batch_size, num_frames, num_patches).to(device=embeddings.device).bool()
-            kept_per_frame = (~mask).sum(-1)
-            # One host sync: the number of kept tokens sets the output shape of an explicit mask.
-            num_kept = int(kept_per_frame.amax())
-            if num_kept == 0 or bool((kept_per_frame != num_kept).any()):
-                raise ValueError(
-                    "bool_masked_pos must keep the same, non-zero number of tokens in every frame of every video "
-                    f"(got between {int(kept_per_frame.amin())} and {num_kept})."
-                )
-
-        kept_indices = None
-        if mask is not None:
+            num_kept = self._kept_tokens_per_frame(mask, num_visible_tokens)
             # A stable sort puts the kept (False) positions first, in their original order.
             frame_indices = torch.argsort(mask.to(torch.int8), dim=-1, stable=True)[..., :num_kept]
             embeddings = torch.gather(embeddings, 2, frame_indices[..., None].expand(-1, -1, -1, hidden_size))
@@ -834,12 +990,47 @@ class ClusterSTMVisionModel(ClusterSTMPreTrainedModel):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-TEXT_MODES = ("text", "fusion", "multimodal")
+TEXT_MODES = ("text",)
+# Modes of the text tower before the fusion layers moved to the heads that use them.
+_FUSION_MODES = ("fusion", "multimodal")
+
+
+def _text_self_attention_mask(
+    config: ClusterSTMTextConfig,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    is_causal: bool,
+    cache: Cache | None,
+    layer_idx: int,
+) -> torch.Tensor | None:
+    """Self-attention mask of `hidden_states` (the new tokens) over the cached and the new tokens."""
+    if not is_causal:
+        return create_bidirectional_mask(config=config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+    self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    # `layer_idx` is the first layer this call runs: its cache entry does not yet hold the new tokens.
+    return create_causal_mask(
+        config=config,
+        inputs_embeds=hidden_states,
+        attention_mask=attention_mask,
+        cache=self_cache,
+        layer_idx=layer_idx,
+        allow_is_causal_skip=False,
+    )
+
+
+def _cache_length(cache: Cache | None, layer_idx: int = 0) -> int:
+    """Number of tokens `cache` holds for the self-attention of layer `layer_idx` (0 without a cache)."""
+    if cache is None:
+        return 0
+    self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    return self_cache.get_seq_length(layer_idx)
 
 
 @auto_docstring(
     custom_intro="""
-    The ClusterSTM text tower: a BERT encoder whose top `num_fusion_layers` layers cross-attend to video tokens.
+    The ClusterSTM text tower: the text-only layers of a BERT encoder (the bottom `num_hidden_layers -
+    num_fusion_layers` layers), which give the contrastive text features. The top `num_fusion_layers` layers, which
+    cross-attend to video tokens, are a [`ClusterSTMTextFusionModel`] owned by the heads that use them.
     """
 )
 class ClusterSTMTextModel(ClusterSTMPreTrainedModel):
@@ -852,12 +1043,7 @@ class ClusterSTMTextModel(ClusterSTMPreTrainedModel):
         super().__init__(config)
         self.embeddings = ClusterSTMTextEmbeddings(config)
         num_text_layers = config.num_hidden_layers - config.num_fusion_layers
-        self.layer = nn.ModuleList(
-            [
-                ClusterSTMTextLayer(config, has_cross_attention=i >= num_text_layers)
-                for i in range(config.num_hidden_layers)
-            ]
-        )
+        self.layer = nn.ModuleList([ClusterSTMTextLayer(config, layer_idx=i) for i in range(num_text_layers)])
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -877,67 +1063,101 @@ class ClusterSTMTextModel(ClusterSTMPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        text_hidden_states: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
         mode: str = "text",
         is_causal: bool = False,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ClusterSTMTextModelOutput:
         r"""
-        text_hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
-            Output of `mode="text"` to continue from in `mode="fusion"` (so the text-only layers run once for
-            contrastive learning and matching). Without it, `"fusion"` runs the text-only layers first.
-        encoder_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_video_tokens, encoder_width)`, *optional*):
-            Video tokens the fusion layers cross-attend to; required by `"fusion"` and `"multimodal"`.
-        encoder_attention_mask (`torch.Tensor` of shape `(batch_size, num_video_tokens)`, *optional*):
-            Mask of the video tokens (1 = attend).
         mode (`str`, *optional*, defaults to `"text"`):
-            `"text"`: only the bottom `num_hidden_layers - num_fusion_layers` layers (contrastive text features);
-            `"fusion"`: the top layers with cross-attention on top of `text_hidden_states`; `"multimodal"`: all layers.
+            Only `"text"`. The former `"fusion"` / `"multimodal"` modes are the heads' [`ClusterSTMTextFusionModel`]
+            run on this tower's output.
         is_causal (`bool`, *optional*, defaults to `False`):
             Causal self-attention (left-to-right decoding for captioning).
+        cache (`Cache`, *optional*):
+            Key/value cache of the decoded prefix (captioning `generate()`); `input_ids` are then the new tokens only
+            and `attention_mask` covers the cached and the new tokens.
         """
+        if mode in _FUSION_MODES:
+            raise ValueError(
+                f"mode={mode!r}: the fusion (cross-attention) layers are not part of ClusterSTMTextModel any more; run "
+                "the head's `fusion_model` (ClusterSTMTextFusionModel) on this tower's `last_hidden_state`."
+            )
         if mode not in TEXT_MODES:
             raise ValueError(f"mode must be one of {TEXT_MODES}, got {mode!r}.")
-        if mode != "text" and encoder_hidden_states is None:
-            raise ValueError(f"mode={mode!r} cross-attends to video: pass `encoder_hidden_states`.")
-        num_text_layers = self.config.num_hidden_layers - self.config.num_fusion_layers
-
-        if mode == "fusion" and text_hidden_states is not None:
-            hidden_states = text_hidden_states
-            layers = self.layer[num_text_layers:]
-        else:
-            if (input_ids is None) == (inputs_embeds is None):
-                raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
-            if input_ids is not None and (
-                input_ids.ndim != 2 or input_ids.is_floating_point() or input_ids.is_complex()
-            ):
-                raise ValueError(
-                    "input_ids must be an integer tensor of shape (batch_size, sequence_length), got shape "
-                    f"{tuple(input_ids.shape)} and dtype {input_ids.dtype}."
-                )
-            hidden_states = self.embeddings(
-                input_ids=input_ids,
-                token_type_ids=token_type_ids,
-                position_ids=position_ids,
-                inputs_embeds=inputs_embeds,
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None and (input_ids.ndim != 2 or input_ids.is_floating_point() or input_ids.is_complex()):
+            raise ValueError(
+                "input_ids must be an integer tensor of shape (batch_size, sequence_length), got shape "
+                f"{tuple(input_ids.shape)} and dtype {input_ids.dtype}."
             )
-            layers = self.layer[:num_text_layers] if mode == "text" else self.layer
-
+        hidden_states = self.embeddings(
+            input_ids=input_ids,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            past_length=_cache_length(cache),
+        )
         # Masks are built once here; causality lives in the mask (the attention modules never assume it).
-        if is_causal:
-            self_attention_mask = create_causal_mask(
-                config=self.config,
-                inputs_embeds=hidden_states,
-                attention_mask=attention_mask,
-                cache=None,
-                allow_is_causal_skip=False,
-            )
-        else:
-            self_attention_mask = create_bidirectional_mask(
-                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
-            )
+        self_attention_mask = _text_self_attention_mask(
+            self.config, hidden_states, attention_mask, is_causal, cache, layer_idx=0
+        )
+        for layer in self.layer:
+            hidden_states = layer(hidden_states, self_attention_mask, cache=cache, **kwargs)
+
+        return ClusterSTMTextModelOutput(last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0])
+
+
+class ClusterSTMTextFusionModel(nn.Module):
+    """
+    The top `num_fusion_layers` layers of the text tower: BERT layers with cross-attention to video tokens, run on the
+    text-only layers' output. The heads that fuse text and video (matching, masked language modelling, question
+    answering, captioning) own it, so that the dual encoder holds no parameter its contrastive loss cannot train.
+    """
+
+    def __init__(self, config: ClusterSTMTextConfig):
+        super().__init__()
+        self.config = config
+        self.first_layer_idx = config.num_hidden_layers - config.num_fusion_layers
+        self.layer = nn.ModuleList(
+            [
+                ClusterSTMTextLayer(config, has_cross_attention=True, layer_idx=self.first_layer_idx + i)
+                for i in range(config.num_fusion_layers)
+            ]
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+                Output of [`ClusterSTMTextModel`] (`last_hidden_state`).
+            encoder_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_video_tokens, encoder_width)`):
+                Video tokens the layers cross-attend to.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Text mask (1 = attend); with a cache, over the cached and the new tokens.
+            encoder_attention_mask (`torch.Tensor` of shape `(batch_size, num_video_tokens)`, *optional*):
+                Mask of the video tokens (1 = attend).
+            is_causal (`bool`, *optional*, defaults to `False`): Causal self-attention (captioning).
+            cache (`Cache`, *optional*): The key/value cache shared with the text tower while decoding.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`: the fused text states.
+        """
+        if encoder_hidden_states is None:
+            raise ValueError("The fusion layers cross-attend to video: pass `encoder_hidden_states`.")
+        self_attention_mask = _text_self_attention_mask(
+            self.config, hidden_states, attention_mask, is_causal, cache, layer_idx=self.first_layer_idx
+        )
         cross_attention_mask = None
         if encoder_attention_mask is not None:
             cross_attention_mask = create_bidirectional_mask(
@@ -946,17 +1166,16 @@ class ClusterSTMTextModel(ClusterSTMPreTrainedModel):
                 attention_mask=encoder_attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
             )
-
-        for layer in layers:
+        for layer in self.layer:
             hidden_states = layer(
                 hidden_states,
                 self_attention_mask,
                 encoder_hidden_states,
                 encoder_attention_mask=cross_attention_mask,
+                cache=cache,
                 **kwargs,
             )
-
-        return ClusterSTMTextModelOutput(last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0])
+        return hidden_states
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -973,6 +1192,10 @@ class ClusterSTMModel(ClusterSTMPreTrainedModel):
     # Loading the encoders from a pretraining checkpoint drops its heads without a warning, as BERT does.
     _keys_to_ignore_on_load_unexpected = [r"^(relevance_decoder|itm_head|mlm_head|alignment_head)\."]
     config: ClusterSTMConfig
+    # The first input of `forward` (transformers' convention), as in CLIPModel.
+    main_input_name = "input_ids"
+    # Keys of the heads' modules in a head's checkpoint (the dual encoder has none of them).
+    _keys_to_ignore_on_load_unexpected = [r"^fusion_model\."]
 
     def __init__(self, config: ClusterSTMConfig):
         super().__init__(config)
@@ -980,8 +1203,17 @@ class ClusterSTMModel(ClusterSTMPreTrainedModel):
         self.text_model = ClusterSTMTextModel._from_config(config.text_config)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.empty(()))
+        # Shape (1,), not (): FSDP2's `fully_shard` cannot shard 0-d parameters. Checkpoints with the 0-d tensor
+        # still load (see `_LogitScaleToOneElement` and `_load_from_state_dict`).
+        self.logit_scale = nn.Parameter(torch.empty(1))
         self.post_init()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Plain `load_state_dict` of a state dict written before `logit_scale` had shape (1,).
+        key = prefix + "logit_scale"
+        if key in state_dict and state_dict[key].ndim == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.text_model.embeddings.word_embeddings
@@ -990,27 +1222,38 @@ class ClusterSTMModel(ClusterSTMPreTrainedModel):
         self.text_model.embeddings.word_embeddings = value
 
     def scaled_logit_scale(self) -> torch.Tensor:
-        """exp(logit_scale), clamped at 100 as in CLIP training so the temperature cannot collapse."""
+        """exp(logit_scale), shape `(1,)`, clamped at 100 as in CLIP training so the temperature cannot collapse."""
         return self.logit_scale.clamp(max=math.log(100.0)).exp()
 
     @can_return_tuple
     @auto_docstring
     def get_video_features(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values_videos: torch.Tensor | None = None,
         bool_masked_pos: torch.BoolTensor | None = None,
+        num_visible_tokens: int | None = None,
+        pixel_values: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | ClusterSTMVisionModelOutput:
         r"""
+        pixel_values_videos (`torch.FloatTensor` of shape `(batch_size, num_frames, num_channels, height, width)`):
+            Normalised video frames (the output of [`ClusterSTMVideoProcessor`]).
         bool_masked_pos (`torch.BoolTensor`, *optional*):
             Explicit token mask, see [`ClusterSTMVisionModel`].
+        num_visible_tokens (`int`, *optional*):
+            Tokens every frame keeps under `bool_masked_pos`, see [`ClusterSTMVisionModel`].
+        pixel_values (`torch.FloatTensor`, *optional*):
+            Alias of `pixel_values_videos` (the name this method took before).
 
         Returns the video tower's output whose `pooler_output` is the (unnormalised) projected video embedding,
         shape `(batch_size, projection_dim)`, as `CLIPModel.get_image_features` does.
         """
+        if pixel_values_videos is not None and pixel_values is not None:
+            raise ValueError("Pass the videos once: `pixel_values_videos` (or its alias `pixel_values`), not both.")
         vision_outputs: ClusterSTMVisionModelOutput = self.vision_model(
-            pixel_values=pixel_values,
+            pixel_values=pixel_values_videos if pixel_values_videos is not None else pixel_values,
             bool_masked_pos=bool_masked_pos,
+            num_visible_tokens=num_visible_tokens,
             return_dict=True,
             **kwargs,
         )
@@ -1053,6 +1296,7 @@ class ClusterSTMModel(ClusterSTMPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         bool_masked_pos: torch.BoolTensor | None = None,
         return_loss: bool | None = None,
+        num_visible_tokens: int | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ClusterSTMOutput:
         r"""
@@ -1060,23 +1304,35 @@ class ClusterSTMModel(ClusterSTMPreTrainedModel):
             Explicit token mask, see [`ClusterSTMVisionModel`].
         return_loss (`bool`, *optional*):
             Whether to return the symmetric video-text contrastive loss.
+        num_visible_tokens (`int`, *optional*):
+            Tokens every frame keeps under `bool_masked_pos`, see [`ClusterSTMVisionModel`].
         """
-        vision_outputs = self.get_video_features(
-            pixel_values=pixel_values,
-            bool_masked_pos=bool_masked_pos,
-            **kwargs,
-        )
-        text_outputs = self.get_text_features(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs
-        )
-        video_embeds = nn.functional.normalize(vision_outputs.pooler_output, dim=-1)
-        text_embeds = nn.functional.normalize(text_outputs.pooler_output, dim=-1)
+        if pixel_values is None and input_ids is None:
+            raise ValueError("Pass `pixel_values` (videos), `input_ids` (texts) or both.")
+        vision_outputs = text_outputs = video_embeds = text_embeds = None
+        logits_per_video = logits_per_text = loss = None
+        # One modality alone gives its embeddings (e.g. the `feature-extraction` pipeline on texts); both give the
+        # similarities as well.
+        if pixel_values is not None:
+            vision_outputs = self.get_video_features(
+                pixel_values_videos=pixel_values,
+                bool_masked_pos=bool_masked_pos,
+                num_visible_tokens=num_visible_tokens,
+                **kwargs,
+            )
+            video_embeds = nn.functional.normalize(vision_outputs.pooler_output, dim=-1)
+        if input_ids is not None:
+            text_outputs = self.get_text_features(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs
+            )
+            text_embeds = nn.functional.normalize(text_outputs.pooler_output, dim=-1)
 
-        logit_scale = self.scaled_logit_scale()
-        logits_per_text = torch.matmul(text_embeds, video_embeds.t()) * logit_scale
-        logits_per_video = logits_per_text.t()
-
-        loss = None
+        if video_embeds is not None and text_embeds is not None:
+            # Under a device map the towers may sit on different devices; the similarities live on the text side.
+            video_embeds = video_embeds.to(text_embeds.device)
+            logit_scale = self.scaled_logit_scale().to(text_embeds.device)
+            logits_per_text = torch.matmul(text_embeds, video_embeds.t()) * logit_scale
+            logits_per_video = logits_per_text.t()
         if return_loss:
             _check_video_text_batch(pixel_values, input_ids)  # the loss needs (video, text) pairs
             loss = video_text_contrastive_loss(video_embeds, text_embeds, logit_scale)
@@ -1217,11 +1473,43 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
     def __init__(self, config: ClusterSTMConfig):
         super().__init__(config)
         self.clusterstm = ClusterSTMModel(config)
+        self.fusion_model = ClusterSTMTextFusionModel(config.text_config)
         self.relevance_decoder = ClusterSTMRelevanceDecoder(config)
         self.itm_head = nn.Linear(config.text_config.hidden_size, 2)
         self.mlm_head = ClusterSTMMLMHead(config.text_config)
         self.alignment_head = nn.Linear(config.vision_config.hidden_size, config.teacher_hidden_size)
         self.post_init()
+        self.sync_objective_trainability()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _rename_legacy_fusion_keys(state_dict, prefix, self.config)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def objective_modules(self) -> dict[str, list[nn.Module]]:
+        """The modules only each objective (by its loss-weight name) trains; shared towers are not listed."""
+        return {
+            "relevance_loss_weight": [self.relevance_decoder],
+            "matching_loss_weight": [self.itm_head],
+            "alignment_loss_weight": [self.alignment_head],
+            # The MLM head's decoder is tied to the word embeddings, which every objective trains: only its own
+            # transform and bias are listed.
+            "mlm_loss_weight": [self.mlm_head.dense, self.mlm_head.LayerNorm],
+        }
+
+    def sync_objective_trainability(self) -> None:
+        """
+        Sets `requires_grad` of the modules that only a disabled objective (loss weight 0) would train to `False`,
+        and back to `True` for enabled ones, so that every trainable parameter receives a gradient in the training
+        loss (what DDP without `find_unused_parameters` needs; the optimizer skips the frozen ones). Runs at
+        construction; call it again after changing loss weights on a built model.
+        """
+        config = self.config
+        for name, modules in self.objective_modules().items():
+            for module in modules:
+                module.requires_grad_(getattr(config, name) > 0)
+        self.mlm_head.bias.requires_grad_(config.mlm_loss_weight > 0)
+        # The fusion layers serve matching and masked language modelling.
+        self.fusion_model.requires_grad_(config.matching_loss_weight > 0 or config.mlm_loss_weight > 0)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.clusterstm.text_model.embeddings.word_embeddings
@@ -1264,12 +1552,16 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
         bool_masked_pos: torch.BoolTensor | None = None,
         teacher_relevance: torch.Tensor | None = None,
         teacher_patch_tokens: torch.Tensor | None = None,
+        num_visible_tokens: int | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ClusterSTMForPreTrainingOutput:
         r"""
         bool_masked_pos (`torch.BoolTensor`, *optional*):
             Video token mask (`True` = dropped), built once per training step by `build_mask`; without it every
             token is kept.
+        num_visible_tokens (`int`, *optional*):
+            Tokens every frame keeps under `bool_masked_pos` (pass it to keep the step free of host syncs and graph
+            breaks), see [`ClusterSTMVisionModel`].
         teacher_relevance (`torch.Tensor` of shape `(batch_size, num_frames, num_patches)`, *optional*):
             Target video-text relevance of every token (needed when `relevance_loss_weight > 0`).
         teacher_patch_tokens (`torch.Tensor` of shape `(batch_size, num_frames, num_patches, teacher_hidden_size)`, *optional*):
@@ -1279,7 +1571,8 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
         config = self.config
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        pixel_values = self.clusterstm.vision_model._check_pixel_values(pixel_values)
+        # Layout only: the tower checks the values (one host sync) when it runs.
+        pixel_values = self.clusterstm.vision_model._check_pixel_values(pixel_values, check_finite=False)
         _check_video_text_batch(pixel_values, input_ids)
         vision_config = config.vision_config
         grid = (
@@ -1308,10 +1601,11 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
         vision_outputs = self.clusterstm.vision_model(
             pixel_values=pixel_values,
             bool_masked_pos=bool_masked_pos,
+            num_visible_tokens=num_visible_tokens,
             return_dict=True,
         )
         text_outputs = self.clusterstm.text_model(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, mode="text"
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         )
         video_tokens = vision_outputs.last_hidden_state
         video_embeds = nn.functional.normalize(self.clusterstm.visual_projection(vision_outputs.pooler_output), dim=-1)
@@ -1356,7 +1650,7 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
         # CODEPATH: loss weight (training setting); 0 skips video-text matching.
         if config.matching_loss_weight > 0 and input_ids.shape[0] > 1:
             losses["matching_loss"] = video_text_matching_loss(
-                self.clusterstm.text_model,
+                self.fusion_model,
                 self.itm_head,
                 text_outputs.last_hidden_state,
                 attention_mask,
@@ -1367,14 +1661,11 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
         # CODEPATH: loss weight (training setting); 0 skips masked language modelling.
         if config.mlm_loss_weight > 0:
             masked_ids, labels = self._mask_text_tokens(input_ids, attention_mask)
-            mlm_outputs = self.clusterstm.text_model(
-                input_ids=masked_ids,
-                attention_mask=attention_mask,
-                token_type_ids=token_type_ids,
-                encoder_hidden_states=video_tokens,
-                mode="multimodal",
-            )
-            scores = self.mlm_head(mlm_outputs.last_hidden_state).float()
+            masked_text = self.clusterstm.text_model(
+                input_ids=masked_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+            fused = self.fusion_model(masked_text, video_tokens, attention_mask=attention_mask)
+            scores = self.mlm_head(fused).float()
             token_losses = nn.functional.cross_entropy(
                 scores.reshape(-1, scores.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
             )
@@ -1481,11 +1772,14 @@ class ClusterSTMVideoCaptioningOutput(ModelOutput):
         Next-token scores at every position.
     video_embeds (`torch.FloatTensor` of shape `(batch_size, num_video_tokens, hidden_size)`):
         The video tokens the decoder cross-attended to (re-usable with `video_embeds=` to skip the video tower).
+    cache (`Cache`, *optional*, returned when a cache was used):
+        The key/value cache holding the prefix, to continue decoding from.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     video_embeds: torch.FloatTensor | None = None
+    cache: Cache | None = None
 
 
 def _check_video_text_batch(pixel_values: torch.Tensor | None, input_ids: torch.Tensor | None) -> None:
@@ -1517,9 +1811,25 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
     def __init__(self, config: ClusterSTMConfig):
         super().__init__(config)
         self.clusterstm = ClusterSTMModel(config)
-        # Same name as in `ClusterSTMForPreTraining`, so a pretrained matching head is loaded.
+        # Same names as in `ClusterSTMForPreTraining`, so the pretrained fusion layers and matching head are loaded.
+        self.fusion_model = ClusterSTMTextFusionModel(config.text_config)
         self.itm_head = nn.Linear(config.text_config.hidden_size, 2)
         self.post_init()
+        self.sync_objective_trainability()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _rename_legacy_fusion_keys(state_dict, prefix, self.config)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def sync_objective_trainability(self) -> None:
+        """
+        With `matching_loss_weight == 0` the loss never reaches the matching path (fusion layers and head): it is
+        frozen, so DDP needs no `find_unused_parameters`; it still re-ranks at inference. Call again after changing
+        the weight on a built model.
+        """
+        trainable = self.config.matching_loss_weight > 0
+        self.fusion_model.requires_grad_(trainable)
+        self.itm_head.requires_grad_(trainable)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.clusterstm.text_model.embeddings.word_embeddings
@@ -1547,7 +1857,7 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised text embeddings `(batch_size, projection_dim)` (the text-only layers, no video)."""
-        text_outputs = self.clusterstm.text_model(input_ids=input_ids, attention_mask=attention_mask, mode="text")
+        text_outputs = self.clusterstm.text_model(input_ids=input_ids, attention_mask=attention_mask)
         return nn.functional.normalize(self.clusterstm.text_projection(text_outputs.pooler_output), dim=-1)
 
     @staticmethod
@@ -1581,10 +1891,9 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
         """Probability `(batch_size,)` that text `i` matches video `i` (the matching head on the fused [CLS])."""
         if video_tokens.shape[0] != input_ids.shape[0]:
             raise ValueError(f"Got {video_tokens.shape[0]} videos for {input_ids.shape[0]} texts; pass pairs.")
-        fused = self.clusterstm.text_model(
-            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=video_tokens, mode="multimodal"
-        )
-        return self.itm_head(fused.last_hidden_state[:, 0]).float().softmax(dim=-1)[:, 1]
+        text = self.clusterstm.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        fused = self.fusion_model(text, video_tokens, attention_mask=attention_mask)
+        return self.itm_head(fused[:, 0]).float().softmax(dim=-1)[:, 1]
 
     def rerank(
         self,
@@ -1682,7 +1991,7 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
         # CODEPATH: loss weight (fine-tuning setting); 0 trains the dual encoder alone.
         if return_loss and self.config.matching_loss_weight > 0 and input_ids.shape[0] > 1:
             matching_loss = video_text_matching_loss(
-                self.clusterstm.text_model,
+                self.fusion_model,
                 self.itm_head,
                 outputs.text_model_output.last_hidden_state,
                 attention_mask,
@@ -1717,6 +2026,17 @@ class ClusterSTMQuestionAnsweringHead(nn.Module):
         return self.classifier(self.LayerNorm(self.activation(self.dense(hidden_states))))
 
 
+def _freeze_contrastive_parts(model: ClusterSTMModel) -> None:
+    """
+    Heads that fuse text and video (question answering, captioning) never use the joint-space projections and the
+    temperature of their `clusterstm` dual encoder. They stay in the checkpoint (so a fine-tuned folder still loads as
+    a dual encoder) but are frozen: every trainable parameter then gets a gradient from the head's loss.
+    """
+    model.visual_projection.requires_grad_(False)
+    model.text_projection.requires_grad_(False)
+    model.logit_scale.requires_grad_(False)
+
+
 @auto_docstring(
     custom_intro="""
     ClusterSTM for open-ended video question answering as classification over a fixed answer vocabulary
@@ -1734,8 +2054,18 @@ class ClusterSTMForVideoQuestionAnswering(ClusterSTMPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.clusterstm = ClusterSTMModel(config)
+        self.fusion_model = ClusterSTMTextFusionModel(config.text_config)
         self.qa_head = ClusterSTMQuestionAnsweringHead(config)
         self.post_init()
+        self.sync_objective_trainability()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _rename_legacy_fusion_keys(state_dict, prefix, self.config)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def sync_objective_trainability(self) -> None:
+        """Freezes the dual encoder's projections and temperature, which the answer loss never reaches."""
+        _freeze_contrastive_parts(self.clusterstm)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.clusterstm.text_model.embeddings.word_embeddings
@@ -1765,14 +2095,11 @@ class ClusterSTMForVideoQuestionAnswering(ClusterSTMPreTrainedModel):
         video_tokens = self.clusterstm.vision_model(
             pixel_values=pixel_values, bool_masked_pos=bool_masked_pos, return_dict=True
         ).last_hidden_state
-        fused = self.clusterstm.text_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            encoder_hidden_states=video_tokens,
-            mode="multimodal",
-        )
-        logits = self.qa_head(fused.last_hidden_state[:, 0])
+        text = self.clusterstm.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
+        fused = self.fusion_model(text, video_tokens.to(text.device), attention_mask=attention_mask)
+        logits = self.qa_head(fused[:, 0])
 
         loss = None
         if labels is not None:
@@ -1803,9 +2130,19 @@ class ClusterSTMForVideoCaptioning(ClusterSTMPreTrainedModel, GenerationMixin):
         # The class name names no loss of `LOSS_MAPPING`; the decoder is trained as a causal LM.
         self.loss_type = "ForCausalLM"
         self.clusterstm = ClusterSTMModel(config)
+        self.fusion_model = ClusterSTMTextFusionModel(config.text_config)
         # Named as in `ClusterSTMForPreTraining`: the pretrained MLM head initialises the language-modelling head.
         self.mlm_head = ClusterSTMMLMHead(config.text_config)
         self.post_init()
+        self.sync_objective_trainability()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _rename_legacy_fusion_keys(state_dict, prefix, self.config)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def sync_objective_trainability(self) -> None:
+        """Freezes the dual encoder's projections and temperature, which the captioning loss never reaches."""
+        _freeze_contrastive_parts(self.clusterstm)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.clusterstm.text_model.embeddings.word_embeddings
@@ -1831,13 +2168,15 @@ class ClusterSTMForVideoCaptioning(ClusterSTMPreTrainedModel, GenerationMixin):
     @auto_docstring
     def forward(
         self,
-        pixel_values: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         video_embeds: torch.Tensor | None = None,
         video_attention_mask: torch.Tensor | None = None,
         bool_masked_pos: torch.BoolTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ClusterSTMVideoCaptioningOutput:
         r"""
@@ -1851,6 +2190,12 @@ class ClusterSTMForVideoCaptioning(ClusterSTMPreTrainedModel, GenerationMixin):
             Mask of the video tokens (1 = attend).
         bool_masked_pos (`torch.BoolTensor`, *optional*):
             Explicit video token mask (`True` = dropped), see [`ClusterSTMVisionModel`].
+        cache (`Cache`, *optional*):
+            Key/value cache of the decoded prefix: an [`EncoderDecoderCache`] caches the self-attention of every
+            text layer and the cross-attention keys/values of the video tokens (a [`DynamicCache`] only the
+            former). `input_ids` are then the new tokens only; `attention_mask` covers the prefix and them.
+        use_cache (`bool`, *optional*):
+            Whether to return a cache (a new [`EncoderDecoderCache`] when `cache` is not given).
         """
         if input_ids is None:
             raise ValueError("`input_ids` (the caption, starting with the [CLS] / bos token) is required.")
@@ -1862,14 +2207,21 @@ class ClusterSTMForVideoCaptioning(ClusterSTMPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"Got {video_embeds.shape[0]} videos for {input_ids.shape[0]} captions; pass one caption per video."
             )
-        hidden_states = self.clusterstm.text_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            encoder_hidden_states=video_embeds,
-            encoder_attention_mask=video_attention_mask,
-            mode="multimodal",
-            is_causal=True,
+        if use_cache is False:
+            cache = None
+        elif use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        text = self.clusterstm.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, is_causal=True, cache=cache
         ).last_hidden_state
+        hidden_states = self.fusion_model(
+            text,
+            video_embeds.to(text.device),
+            attention_mask=attention_mask,
+            encoder_attention_mask=video_attention_mask,
+            is_causal=True,
+            cache=cache,
+        )
         logits = self.mlm_head(hidden_states)
 
         loss = None
@@ -1882,23 +2234,7 @@ class ClusterSTMForVideoCaptioning(ClusterSTMPreTrainedModel, GenerationMixin):
                 vocab_size=self.config.text_config.vocab_size,
                 num_items_in_batch=kwargs.get("num_items_in_batch"),
             )
-        return ClusterSTMVideoCaptioningOutput(loss=loss, logits=logits, video_embeds=video_embeds)
-
-    def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        video_embeds: torch.Tensor | None = None,
-        video_attention_mask: torch.Tensor | None = None,
-        **kwargs,
-    ) -> dict:
-        """Every step re-runs the decoder on the whole prefix (no key/value cache) against the cached video tokens."""
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "video_embeds": video_embeds,
-            "video_attention_mask": video_attention_mask,
-        }
+        return ClusterSTMVideoCaptioningOutput(loss=loss, logits=logits, video_embeds=video_embeds, cache=cache)
 
     @torch.no_grad()
     def generate(
@@ -1915,7 +2251,9 @@ class ClusterSTMForVideoCaptioning(ClusterSTMPreTrainedModel, GenerationMixin):
 
         The video is encoded once; its tokens are expanded for the beams by `generate`. Decoding starts from
         `input_ids` (a prompt) or, by default, from the `bos_token_id` of the generation config (the tokenizer's
-        [CLS]); it stops at `eos_token_id` ([SEP]).
+        [CLS]); it stops at `eos_token_id` ([SEP]). With `use_cache` (the default) every step runs only the new token
+        against an [`EncoderDecoderCache`]: the self-attention keys/values of the prefix and the cross-attention
+        keys/values of the video tokens, projected once; `use_cache=False` re-runs the whole prefix (same output).
 
         Args:
             pixel_values (`torch.Tensor` of shape `(batch_size, num_frames, num_channels, height, width)`, *optional*):
@@ -1923,7 +2261,7 @@ class ClusterSTMForVideoCaptioning(ClusterSTMPreTrainedModel, GenerationMixin):
             input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`, *optional*): A prompt.
             attention_mask (`torch.Tensor`, *optional*): Mask of the prompt.
             video_embeds (`torch.Tensor`, *optional*): Pre-computed video tokens.
-            generate_kwargs: Any generation argument (`num_beams`, `max_new_tokens`, `do_sample`, ...).
+            generate_kwargs: Any generation argument (`num_beams`, `max_new_tokens`, `do_sample`, `use_cache`, ...).
 
         Returns:
             `torch.LongTensor` of shape `(batch_size * num_return_sequences, sequence_length)`, starting with the prompt.
@@ -1945,14 +2283,22 @@ class ClusterSTMForVideoCaptioning(ClusterSTMPreTrainedModel, GenerationMixin):
             input_ids = torch.full((batch_size, 1), bos_token_id, dtype=torch.long, device=video_embeds.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # No key/value cache: prepare_inputs_for_generation feeds the whole prefix at every step.
-        generate_kwargs["use_cache"] = False
+        generation_config = generate_kwargs.get("generation_config", self.generation_config)
+        use_cache = generate_kwargs.get("use_cache", generation_config.use_cache)
+        if (
+            use_cache
+            and generate_kwargs.get("cache") is None
+            and generate_kwargs.get("cache_implementation", generation_config.cache_implementation) is None
+        ):
+            # `generate` would create a self-attention-only DynamicCache: cache the video's keys/values as well.
+            generate_kwargs["cache"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
         return super().generate(
             input_ids=input_ids, attention_mask=attention_mask, video_embeds=video_embeds, **generate_kwargs
         )
 
 
 __all__ = [
+    "ClusterSTMTextFusionModel",
     "ClusterSTMForPreTraining",
     "ClusterSTMForVideoCaptioning",
     "ClusterSTMForVideoQuestionAnswering",

@@ -20,6 +20,7 @@ from typing import Any
 from transformers import AutoTokenizer
 from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import auto_docstring
 
 from .video_processing_clusterstm import ClusterSTMVideoProcessor
 
@@ -27,22 +28,16 @@ from .video_processing_clusterstm import ClusterSTMVideoProcessor
 _VIDEO_KWARGS = frozenset(ClusterSTMVideoProcessor.valid_kwargs.__annotations__) | {"generator"}
 
 
-# mlinter TRF057 (no @auto_docstring): auto_docstring documents library models from their registered checkpoints;
-# this Hub remote-code class carries hand-written docstrings instead.
-class ClusterSTMProcessor(ProcessorMixin):
-    r"""
-    Wraps a [`ClusterSTMVideoProcessor`] and a BERT-style tokenizer into a single processor.
-
-    `processor(videos=..., text=..., return_tensors="pt", padding=True)` returns exactly the inputs the ClusterSTM
-    models take: `pixel_values` `(B, T, 3, H, W)`, `input_ids` and `attention_mask` `(B, L)`. Video keyword
-    arguments (`num_frames`, `sampling`, `generator`, `size`, ...) go to the video processor, the rest
-    (`padding`, `truncation`, `max_length`, ...) to the tokenizer.
-
-    Args:
-        video_processor ([`ClusterSTMVideoProcessor`]): The video processor.
-        tokenizer ([`PreTrainedTokenizerBase`]): The tokenizer (e.g. from `train_wordpiece_tokenizer` or a BERT folder).
+@auto_docstring(
+    custom_intro="""
+    Wraps a [`ClusterSTMVideoProcessor`] and a BERT-style tokenizer into a single processor:
+    `processor(videos=..., text=..., return_tensors="pt")` returns exactly the inputs the ClusterSTM models take,
+    `pixel_values` `(B, T, 3, H, W)`, `input_ids` and `attention_mask` `(B, L)`. Video keyword arguments
+    (`num_frames`, `sampling`, `generator`, `size`, ...) go to the video processor, the rest (`padding`,
+    `truncation`, `max_length`, ...) to the tokenizer.
     """
-
+)
+class ClusterSTMProcessor(ProcessorMixin):
     def __init__(self, video_processor: ClusterSTMVideoProcessor | None = None, tokenizer: Any = None, **kwargs):
         if video_processor is None:
             raise ValueError("ClusterSTMProcessor needs a `video_processor`.")
@@ -61,19 +56,14 @@ class ClusterSTMProcessor(ProcessorMixin):
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         return [video_processor, tokenizer]
 
+    @auto_docstring
     def __call__(self, videos: Any = None, text: str | list[str] | None = None, **kwargs) -> BatchFeature:
-        """
-        Prepare videos and/or text for a ClusterSTM model.
-
-        Args:
-            videos: One video or a batch (paths, arrays, tensors, lists of PIL frames); see [`ClusterSTMVideoProcessor`].
-            text (`str` or `list[str]`): One caption/question or a batch.
-            kwargs: `return_tensors`; video kwargs (`num_frames`, `sampling`, `generator`, ...); tokenizer kwargs
-                (`padding`, `truncation`, `max_length`, ...).
-
+        r"""
         Returns:
-            [`BatchFeature`] with `pixel_values` (when `videos` is given) and `input_ids`, `attention_mask` (when
-            `text` is given).
+            [`BatchFeature`] with `pixel_values` (when `videos` is given: one video or a batch of paths, arrays,
+            tensors or lists of PIL frames, see [`ClusterSTMVideoProcessor`]) and `input_ids`, `attention_mask` (when
+            `text` is given: one caption/question or a batch). Keyword arguments: `return_tensors`; video kwargs
+            (`num_frames`, `sampling`, `generator`, ...); tokenizer kwargs (`padding`, `truncation`, `max_length`).
         """
         if videos is None and text is None:
             raise ValueError("ClusterSTMProcessor needs `videos`, `text`, or both.")
