@@ -74,7 +74,7 @@ def compute_teacher_targets(
     teacher.eval()
     if teacher_pixel_values is not None:
         frames = teacher_pixel_values
-    elif teacher.student_frames is not None:
+    elif getattr(teacher, "student_frames", None) is not None:
         frames = teacher.frames_from_student(pixel_values)
     else:
         frames = pixel_values
