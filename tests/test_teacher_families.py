@@ -323,3 +323,31 @@ def test_visualize_accepts_a_siglip2_teacher(tmp_path, wordpiece):
     assert main(["visualize", str(folder), str(video), "a red ball", "--output_dir", str(tmp_path / "figs")]) == 0
     assert (tmp_path / "figs" / "relevance.png").stat().st_size > 0
     assert (tmp_path / "figs" / "clusters.png").stat().st_size > 0
+
+
+def test_repad_follows_the_tokenizer_side_and_truncates():
+    from clusterstm.teacher.adapters.base import repad
+
+    ids = torch.tensor([[7, 8, 9, 0], [0, 0, 5, 6]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1]])
+    assert repad(ids, mask, 6, 0, "right").tolist() == [[7, 8, 9, 0, 0, 0], [5, 6, 0, 0, 0, 0]]
+    assert repad(ids, mask, 6, 0, "left").tolist() == [[0, 0, 0, 7, 8, 9], [0, 0, 0, 0, 5, 6]]
+    assert repad(ids, mask, 2, 0, "right").tolist() == [[7, 8], [5, 6]]
+
+
+def test_statistics_come_from_the_checkpoint_files(teachers, tmp_path):
+    import shutil
+
+    folder = tmp_path / "siglip"
+    shutil.copytree(teachers["siglip"], folder)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    config.update(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6], rescale_factor=1 / 127.5)
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    teacher = ClusterSTMTeacher.from_pretrained(folder)
+    assert teacher.normalization == ImageNormalization((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 1 / 127.5)
+    frames = teacher.prepare_frames(torch.full((1, 1, 224, 224, 3), 51, dtype=torch.uint8))
+    expected = (51 / 127.5 - torch.tensor([0.1, 0.2, 0.3])) / torch.tensor([0.4, 0.5, 0.6])
+    torch.testing.assert_close(frames[0, 0, :, 0, 0], expected)
+    (folder / "preprocessor_config.json").write_text(json.dumps({**config, "image_std": [0.0, 1.0, 1.0]}))
+    with pytest.raises(ValueError, match="preprocessor_config.json"):
+        ClusterSTMTeacher.from_pretrained(folder)
