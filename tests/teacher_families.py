@@ -98,3 +98,26 @@ def make_family_teacher(
     processor.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def make_open_clip_teacher(folder: str | Path, patch_size: int = 32, width: int = 32, seed: int = 0) -> Path:
+    """A random-weight open_clip ViT (open_clip's own classes) saved as a local folder: `open_clip_config.json`
+    (model and preprocess config) and `open_clip_model.safetensors`."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    model_cfg = {
+        "embed_dim": 24,
+        "vision_cfg": {"image_size": 224, "layers": 2, "width": width, "head_width": 8, "patch_size": patch_size},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+    }
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**model_cfg)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": CLIP_MEAN, "std": CLIP_STD}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return folder

@@ -351,3 +351,40 @@ def test_statistics_come_from_the_checkpoint_files(teachers, tmp_path):
     (folder / "preprocessor_config.json").write_text(json.dumps({**config, "image_std": [0.0, 1.0, 1.0]}))
     with pytest.raises(ValueError, match="preprocessor_config.json"):
         ClusterSTMTeacher.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# open_clip (optional extra `clusterstm[open_clip]`)
+
+
+def test_open_clip_teacher_matches_its_own_forward_and_pretrains(tmp_path, student):
+    pytest.importorskip("open_clip")
+    from teacher_families import make_open_clip_teacher
+
+    from clusterstm.training.pretraining import main
+
+    folder = make_open_clip_teacher(tmp_path / "open_clip")
+    teacher = ClusterSTMTeacher.from_pretrained(folder)
+    assert teacher.family == "open_clip" and teacher.normalization.image_mean == pytest.approx(CLIP_MEAN)
+    visual = teacher.model.visual
+    frames = torch.randn(1, 2, 3, 224, 224)
+    output = teacher.encode_video(frames)
+    with torch.no_grad():
+        visual.output_tokens = True
+        _, tokens = visual(frames[0])  # open_clip's own path: tokens after ln_post
+        visual.output_tokens = False
+        # the last block's attention weights from torch's MultiheadAttention on the block input
+        captured = {}
+        handle = visual.transformer.resblocks[-1].register_forward_pre_hook(lambda m, a: captured.update(x=a[0]))
+        visual(frames[0])
+        handle.remove()
+        block = visual.transformer.resblocks[-1]
+        normed = block.ln_1(captured["x"])
+        _, weights = block.attn(normed, normed, normed, need_weights=True, average_attn_weights=True)
+    torch.testing.assert_close(visual.ln_post(output.patch_tokens[0]), tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(output.cls_attention[0], weights[:, 0, 1:], atol=1e-6, rtol=1e-5)
+    ids = teacher.prepare_text(["a red ball"])["input_ids"]
+    assert ids.shape == (1, 77)  # padded with 0 to the context length, open_clip's convention
+
+    results = main(_pretrain_argv(student, folder, tmp_path / "run"))
+    assert results["global_step"] == 2 and math.isfinite(results["train_relevance_loss"])

@@ -89,10 +89,6 @@ class ClusterSTMTeacher(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, normalization: ImageNormalization | None = None):
         super().__init__()
-        if not hasattr(getattr(model, "config", None), "vision_config") or not hasattr(model, "get_text_features"):
-            raise ValueError(
-                f"The teacher must be a dual-encoder such as CLIPModel or SiglipModel, got {type(model).__name__}."
-            )
         adapter = adapter_for(model)
         self.model = model
         self.tokenizer = tokenizer
@@ -152,14 +148,21 @@ class ClusterSTMTeacher(nn.Module):
                     f"Teacher checkpoint folder {path!r} has no safetensors weights (model.safetensors); pickle-based "
                     "weights (.bin, .pt) are refused. Convert them once with `save_pretrained` on a trusted machine."
                 )
-            kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
-            if dtype is not None:
-                kwargs["dtype"] = dtype
-            model = AutoModel.from_pretrained(path, **kwargs)
-            if tokenizer is None:
-                tokenizer = _load_local_tokenizer(path)
-            if normalization is None:
-                normalization = _load_local_normalization(path, adapter_for(model))
+            if os.path.isfile(os.path.join(path, "open_clip_config.json")):
+                from .adapters.open_clip import load_open_clip
+
+                model, own_tokenizer, own_normalization = load_open_clip(path, dtype)
+                tokenizer = tokenizer if tokenizer is not None else own_tokenizer
+                normalization = normalization if normalization is not None else own_normalization
+            else:
+                kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+                if dtype is not None:
+                    kwargs["dtype"] = dtype
+                model = AutoModel.from_pretrained(path, **kwargs)
+                if tokenizer is None:
+                    tokenizer = _load_local_tokenizer(path)
+                if normalization is None:
+                    normalization = _load_local_normalization(path, adapter_for(model))
         if device is not None:
             model = model.to(device)
         return cls(model, tokenizer=tokenizer, normalization=normalization)

@@ -9,6 +9,7 @@ from torch import nn
 
 from .base import TeacherAdapter
 from .clip import CLIPAdapter
+from .open_clip import OpenCLIPAdapter
 from .siglip import SiglipAdapter
 from .siglip2 import Siglip2Adapter
 from .xclip import XCLIPAdapter
@@ -22,7 +23,7 @@ def register_adapter(adapter: type[TeacherAdapter]) -> type[TeacherAdapter]:
     return adapter
 
 
-for _adapter in (CLIPAdapter, XCLIPAdapter, SiglipAdapter, Siglip2Adapter):
+for _adapter in (CLIPAdapter, XCLIPAdapter, SiglipAdapter, Siglip2Adapter, OpenCLIPAdapter):
     register_adapter(_adapter)
 
 
@@ -36,7 +37,7 @@ def adapter_for(model: nn.Module) -> TeacherAdapter:
         if adapter.matches(model):
             return adapter(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    supported = ", ".join(f"{a.family} ({'/'.join(a.model_types)})" for a in reversed(ADAPTERS))
+    supported = ", ".join(f"{a.family} ({'/'.join(a.model_types or a.hf_classes)})" for a in reversed(ADAPTERS))
     raise ValueError(
         f"Unsupported teacher {type(model).__name__} (model_type={model_type!r}): the teacher must be a dual-encoder "
         f"of a supported family: {supported}."
@@ -46,6 +47,7 @@ def adapter_for(model: nn.Module) -> TeacherAdapter:
 __all__ = [
     "ADAPTERS",
     "CLIPAdapter",
+    "OpenCLIPAdapter",
     "Siglip2Adapter",
     "SiglipAdapter",
     "TeacherAdapter",
