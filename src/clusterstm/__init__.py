@@ -51,6 +51,7 @@ _LAZY_IMPORTS: dict[str, str] = {
     "ClusterSTMTeacher": "teacher.teacher",
     "compute_teacher_targets": "teacher.targets",
     "TeacherTargets": "teacher.targets",
+    "check_teacher_compatibility": "teacher.compatibility",
 }
 
 __all__ = sorted(_LAZY_IMPORTS) + ["__version__"]

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .models.masking_clusterstm import cluster_wise_mask, dpc_knn, num_visible_tokens, random_mask  # noqa: E402
-from .models.video_processing_clusterstm import ClusterSTMVideoProcessor, read_video_pyav  # noqa: E402
+from .models.video_processing_clusterstm import read_video_pyav  # noqa: E402
 from .teacher.targets import compute_teacher_targets  # noqa: E402
 from .teacher.teacher import ClusterSTMTeacher  # noqa: E402
 
@@ -238,21 +238,19 @@ def visualize_video(
     dc_ratio, dpc_k = config.get("dc_ratio", 0.02), config.get("dpc_k", 5)
 
     size = teacher.image_size
-    processor = ClusterSTMVideoProcessor(
-        num_frames=num_frames, size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-    )
     raw = read_video_pyav(str(video), num_frames=num_frames, sampling="uniform")
-    pixel_values = processor(raw, return_tensors="pt")["pixel_values"]
+    # the teacher's own preprocessing (its image statistics, its native size) from the decoded uint8 frames
+    pixel_values = teacher.prepare_frames(np.asarray(raw)[None], size=size)
     frames = _display_frames(raw, size)
 
-    tokens = teacher.tokenizer([caption], return_tensors="pt", padding=True, truncation=True)
+    tokens = teacher.prepare_text([caption])
     relevance, patch_tokens = {}, None
     for w in window_sizes:
         targets = compute_teacher_targets(
             teacher,
             pixel_values,
             tokens["input_ids"],
-            tokens["attention_mask"],
+            tokens.get("attention_mask"),
             window_size=w,
             need_patch_tokens=patch_tokens is None,
         )

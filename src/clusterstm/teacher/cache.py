@@ -311,6 +311,7 @@ def write_teacher_targets(
     from ..models.masking_clusterstm import build_mask
     from ..models.processing_clusterstm import ClusterSTMProcessor
     from ..training.pretraining import build_train_dataset, derive_seed
+    from .compatibility import check_teacher_compatibility
     from .targets import compute_teacher_targets
     from .teacher import ClusterSTMTeacher
 
@@ -320,6 +321,7 @@ def write_teacher_targets(
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if teacher is None:
         teacher = ClusterSTMTeacher.from_pretrained(args.teacher_name_or_path, device=device)
+    check_teacher_compatibility(teacher, config, processor)
     if dataset is None:
         dataset = build_train_dataset(args, vision.num_frames, vision.image_size)
     collator = VideoTextCollator(

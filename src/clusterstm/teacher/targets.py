@@ -53,8 +53,11 @@ def compute_teacher_targets(
 
     Args:
         teacher ([`ClusterSTMTeacher`]): the frozen teacher.
-        pixel_values (`torch.Tensor` of shape `(batch_size, num_frames, 3, height, width)`): the student's frames;
-            the teacher sees them unless `teacher_pixel_values` (frames normalised for the teacher) is given.
+        pixel_values (`torch.Tensor` of shape `(batch_size, num_frames, 3, height, width)`): the student's frames.
+            Unless `teacher_pixel_values` (frames prepared for the teacher) is given, a teacher matched to the student
+            by `check_teacher_compatibility` makes its own frames from them (`teacher.frames_from_student`: first
+            frame of each tubelet, re-normalised with the teacher's statistics, resized to the grid-matching size);
+            an unmatched teacher takes them as they are.
         input_ids, attention_mask (*optional*): the captions, tokenised for the teacher unless `teacher_input_ids` /
             `teacher_attention_mask` (the teacher tokenizer's ids) are given. Needed for the relevance.
         window_size (`int`): odd window of the relevance pooling (`config.relevance_window_size`).
@@ -69,7 +72,12 @@ def compute_teacher_targets(
     if window_size < 1 or window_size % 2 == 0:
         raise ValueError(f"window_size must be an odd integer >= 1, got {window_size}.")
     teacher.eval()
-    frames = teacher_pixel_values if teacher_pixel_values is not None else pixel_values
+    if teacher_pixel_values is not None:
+        frames = teacher_pixel_values
+    elif getattr(teacher, "student_frames", None) is not None:
+        frames = teacher.frames_from_student(pixel_values)
+    else:
+        frames = pixel_values
     video = teacher.encode_video(frames)
     relevance = None
     if need_relevance:

@@ -11,27 +11,46 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Frozen CLIP / SigLIP teacher hook for ClusterSTM pretraining.
+"""The frozen teacher of ClusterSTM pretraining: a thin facade over one family adapter (`teacher/adapters/`).
 
 The teacher provides, per video: its patch tokens (what cluster-wise masking and relevance generation consume), the
-CLS-to-patch attention (for attention-guided masking, as in Unmasked Teacher), and text embeddings in its joint space.
-It is never trained and never belongs to a student: a training stage calls it through
+CLS-to-patch attention or its equivalent (attention-guided masking, as in Unmasked Teacher), and text embeddings in
+its joint space. It is never trained and never belongs to a student: a training stage calls it through
 `clusterstm.teacher.targets.compute_teacher_targets` and hands the targets to the student as inputs.
 
-The file is Hub remote code: it only imports torch / transformers and its sibling ``relevance_clusterstm``.
+Each family (CLIP and friends, SigLIP, SigLIP2, X-CLIP) prepares frames with its own image statistics (read from the
+checkpoint's `preprocessor_config.json`) and text with its own padding convention; once matched to a student
+(`check_teacher_compatibility`), the teacher makes its frames from the student's at the resolution that gives it the
+student's patch grid.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
+import json
+import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from .relevance import build_window_pooler, generate_relevance
+from .adapters import TeacherAdapter, adapter_for
+from .adapters.base import float32_pooler
+from .preprocessing import (
+    ImageNormalization,
+    StudentFrames,
+    matched_input_size,
+    resize_frames,
+    uint8_to_channels_first,
+)
+from .relevance import generate_relevance
+
+logger = logging.getLogger(__name__)
+
+# The image-statistics keys of a transformers preprocessor file that the teacher reads.
+_NORMALIZATION_KEYS = ("image_mean", "image_std", "rescale_factor", "do_rescale", "do_normalize")
 
 
 @dataclass
@@ -41,13 +60,13 @@ class TeacherVideoOutput:
 
     Args:
         patch_tokens (`torch.Tensor` of shape `(batch_size, num_frames, num_patches, hidden_size)`):
-            the vision tower's last-layer patch tokens, before pooling (CLIP: before `post_layernorm`, which the CLIP
-            window pooler applies; SigLIP: after `post_layernorm`, as its pooling head consumes them). No CLS token.
+            the vision tower's last-layer patch tokens, before pooling (CLIP-like: before `post_layernorm`, which the
+            CLIP window pooler applies; SigLIP: after `post_layernorm`, as its pooling head consumes them). No CLS.
         cls_attention (`torch.Tensor` of shape `(batch_size, num_frames, num_patches)`):
-            CLIP: last-layer attention of the CLS query to every patch, averaged over heads (weights as in the softmax
-            over CLS + patches, not renormalised). SigLIP (no CLS): attention of the pooling head's probe to every
-            patch, averaged over heads.
-        grid_size (`int`): side `L` of the `L x L` patch grid (`num_patches = L * L`).
+            CLIP-like: last-layer attention of the CLS query to every patch, averaged over heads (weights as in the
+            softmax over all tokens, not renormalised). SigLIP (no CLS): attention of the pooling head's probe to
+            every patch, averaged over heads.
+        grid_size (`int`): number of patch rows (`num_patches = grid_size * grid_width`; square grids in practice).
     """
 
     patch_tokens: torch.Tensor
@@ -57,45 +76,58 @@ class TeacherVideoOutput:
 
 class ClusterSTMTeacher(nn.Module):
     """
-    Frozen CLIP-like or SigLIP teacher: always in eval mode, no parameter requires grad, every method runs under
-    `torch.no_grad()`.
+    Frozen dual-encoder teacher: always in eval mode, no parameter requires grad, every method runs under
+    `torch.no_grad()`. The family-specific work is done by `self.adapter` (see `clusterstm.teacher.adapters`).
 
     Args:
-        model (`transformers.CLIPModel` or `transformers.SiglipModel`): the dual-encoder teacher.
+        model (`nn.Module`): the dual-encoder teacher (`CLIPModel`, `MetaClip2Model`, `AltCLIPModel`,
+            `ChineseCLIPModel`, `SiglipModel`, `Siglip2Model`, `XCLIPModel`).
         tokenizer (*optional*): the teacher's own tokenizer (separate from the student's).
+        normalization ([`ImageNormalization`], *optional*): the teacher's image statistics; by default the family's
+            (e.g. OpenAI CLIP mean / std, SigLIP 0.5 / 0.5).
     """
 
-    def __init__(self, model: nn.Module, tokenizer=None):
+    def __init__(self, model: nn.Module, tokenizer: Any = None, normalization: ImageNormalization | None = None):
         super().__init__()
-        self.model_kind = _model_kind(model)
+        adapter = adapter_for(model)
         self.model = model
         self.tokenizer = tokenizer
-        vision_config = model.config.vision_config
-        self.image_size: int = vision_config.image_size
-        self.patch_size: int = vision_config.patch_size
+        # kept out of the module tree: the adapter and pooler only reference the teacher's own layers
+        self.__dict__["adapter"] = adapter
+        self.__dict__["_pooler"] = None
+        self.normalization = normalization if normalization is not None else adapter.default_normalization
+        self.student_frames: StudentFrames | None = None
         self.model.requires_grad_(False)
-        # kept out of the module tree: the pooler only references the teacher's own layers
-        self.__dict__["pooler"] = build_window_pooler(model)
         self.train(False)
 
+    # ---- loading
     @classmethod
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike | nn.Module,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
-        tokenizer=None,
+        tokenizer: Any = None,
+        *,
+        torch_dtype: torch.dtype | str | None = None,
+        normalization: ImageNormalization | None = None,
     ) -> ClusterSTMTeacher:
         """
-        Loads a teacher from a local checkpoint folder (`CLIPModel` / `SiglipModel`, local files only) or wraps an
-        existing model instance.
+        Loads a teacher from a local checkpoint folder (safetensors weights, local files only; the family is picked
+        from its `config.json`) or wraps an existing model instance.
 
         Args:
             pretrained_model_name_or_path (`str`, `os.PathLike` or `nn.Module`): checkpoint folder or model.
-            dtype (`torch.dtype`, *optional*): dtype to load / cast the teacher to.
+            dtype / torch_dtype (`torch.dtype` or `str`, *optional*): dtype to load / cast the teacher to, e.g.
+                `torch.bfloat16` for a bf16 run (relevance and CLS attention are still computed in float32).
             device (`torch.device` or `str`, *optional*): device to move the teacher to.
             tokenizer (*optional*): tokenizer to use; by default the folder's tokenizer if it has one.
+            normalization ([`ImageNormalization`], *optional*): image statistics; by default those of the folder's
+                `preprocessor_config.json`, else the family's defaults.
         """
+        if dtype is not None and torch_dtype is not None and _as_dtype(dtype) != _as_dtype(torch_dtype):
+            raise ValueError(f"Pass one of dtype={dtype!r} and torch_dtype={torch_dtype!r}.")
+        dtype = _as_dtype(dtype if dtype is not None else torch_dtype)
         if isinstance(pretrained_model_name_or_path, nn.Module):
             model = pretrained_model_name_or_path
             if dtype is not None:
@@ -116,19 +148,56 @@ class ClusterSTMTeacher(nn.Module):
                     f"Teacher checkpoint folder {path!r} has no safetensors weights (model.safetensors); pickle-based "
                     "weights (.bin, .pt) are refused. Convert them once with `save_pretrained` on a trusted machine."
                 )
-            kwargs = {"local_files_only": True, "use_safetensors": True}
-            if dtype is not None:
-                kwargs["dtype"] = dtype
-            model = AutoModel.from_pretrained(path, **kwargs)
-            if tokenizer is None:
-                tokenizer = _load_local_tokenizer(path)
+            if os.path.isfile(os.path.join(path, "open_clip_config.json")):
+                from .adapters.open_clip import load_open_clip
+
+                model, own_tokenizer, own_normalization = load_open_clip(path, dtype)
+                tokenizer = tokenizer if tokenizer is not None else own_tokenizer
+                normalization = normalization if normalization is not None else own_normalization
+            else:
+                kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+                if dtype is not None:
+                    kwargs["dtype"] = dtype
+                model = AutoModel.from_pretrained(path, **kwargs)
+                if tokenizer is None:
+                    tokenizer = _load_local_tokenizer(path)
+                if normalization is None:
+                    normalization = _load_local_normalization(path, adapter_for(model))
         if device is not None:
             model = model.to(device)
-        return cls(model, tokenizer=tokenizer)
+        return cls(model, tokenizer=tokenizer, normalization=normalization)
 
     def train(self, mode: bool = True) -> ClusterSTMTeacher:
         """The teacher is frozen: it stays in eval mode whatever `mode` is."""
         return super().train(False)
+
+    # ---- description
+    @property
+    def adapter(self) -> TeacherAdapter:
+        return self.__dict__["adapter"]
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    @property
+    def model_kind(self) -> str:
+        """Short family name: `clip`, `xclip`, `siglip` or `siglip2`."""
+        return self.adapter.family.lower().replace("-", "")
+
+    @property
+    def image_size(self) -> int:
+        """Native side in pixels of the teacher's frames."""
+        return self.adapter.native_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.adapter.patch_size
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the patch tokens."""
+        return self.adapter.hidden_size
 
     @property
     def device(self) -> torch.device:
@@ -138,6 +207,84 @@ class ClusterSTMTeacher(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def pooler(self) -> nn.Module:
+        """The window pooler into the joint space, in float32 whatever the teacher's dtype (a float32 copy of the
+        pooling layers for a bf16 / fp16 teacher, rebuilt if the teacher moves)."""
+        key = (self.device, self.dtype)
+        if self.__dict__.get("_pooler_key") != key:
+            self.__dict__["_pooler"] = float32_pooler(self.adapter.build_pooler())
+            self.__dict__["_pooler_key"] = key
+        return self.__dict__["_pooler"]
+
+    # ---- grid matching
+    def input_size_for_grid(self, grid: tuple[int, int], student_patch_size: int | None = None) -> tuple[int, int]:
+        """The frame size `(height, width)` at which the teacher's patch grid is `grid` (see `matched_input_size`).
+
+        Raises:
+            `ValueError`: naming both grids and patch sizes when no sensible size matches.
+        """
+        return matched_input_size(
+            grid,
+            self.patch_size,
+            self.image_size,
+            teacher_name=self.adapter.describe(),
+            student_patch_size=student_patch_size,
+        )
+
+    def match_student(self, student_frames: StudentFrames) -> None:
+        """Makes the teacher build its frames from a student's `pixel_values` (see [`frames_from_student`])."""
+        self.student_frames = student_frames
+
+    def frames_from_student(self, pixel_values: torch.Tensor, student_frames: StudentFrames | None = None) -> torch.Tensor:
+        """
+        The teacher's frames made from the student's normalised frames `(B, T, 3, H, W)`: the first frame of every
+        tubelet, the student's normalisation undone (exact: it is affine), resized (bicubic) to the size at which the
+        teacher's patch grid equals the student's, normalised with the teacher's own statistics. Returns
+        `(B, T // tubelet_size, 3, height, width)` on the teacher's device, float32.
+        """
+        spec = student_frames if student_frames is not None else self.student_frames
+        if spec is None:
+            raise ValueError("frames_from_student needs the student's frame settings: call check_teacher_compatibility.")
+        _check_video(pixel_values)
+        frames = pixel_values[:, :: spec.tubelet_size].to(device=self.device, dtype=torch.float32)
+        size = self.input_size_for_grid(spec.grid(*frames.shape[-2:]), spec.patch_size)
+        raw = spec.normalization.denormalize(frames)
+        return self.normalization.normalize(resize_frames(raw, size))
+
+    # ---- preprocessing from decoded frames / captions
+    def prepare_frames(self, frames: Any, size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        """
+        The teacher's tensor for decoded uint8 frames `(B, T, H, W, C)` (or `(B, T, C, H, W)`): shortest edge resized
+        to `size`, centre-cropped to `size x size` (default: the teacher's native size), normalised with the teacher's
+        own image statistics. Returns float32 `(B, T, 3, size, size)` on the teacher's device.
+        """
+        video = uint8_to_channels_first(frames).to(self.device)
+        height, width = (size, size) if isinstance(size, int) else (size or (self.image_size, self.image_size))
+        scale = max(height / video.shape[-2], width / video.shape[-1])
+        resized = (max(height, round(video.shape[-2] * scale)), max(width, round(video.shape[-1] * scale)))
+        video = resize_frames(video, resized)
+        top, left = (resized[0] - height) // 2, (resized[1] - width) // 2
+        return self.normalization.normalize(video[..., top : top + height, left : left + width])
+
+    def prepare_text(self, captions: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Tokenises captions with the teacher's tokenizer and its padding convention (SigLIP: padded to the length it
+        was trained with, no attention mask). Returns `input_ids` and, where the family uses it, `attention_mask`."""
+        if self.tokenizer is None:
+            raise ValueError("The teacher has no tokenizer: pass one to ClusterSTMTeacher.from_pretrained.")
+        model_max = getattr(self.tokenizer, "model_max_length", None)
+        if max_length is None:
+            max_length = model_max if isinstance(model_max, int) and 0 < model_max <= 4096 else 77
+        tokens = self.tokenizer(list(captions), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        input_ids, attention_mask = self._prepare_ids(tokens["input_ids"], tokens.get("attention_mask"))
+        return {"input_ids": input_ids} if attention_mask is None else {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def _prepare_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        pad_token_id = getattr(self.tokenizer, "pad_token_id", None)
+        padding_side = getattr(self.tokenizer, "padding_side", "right") or "right"
+        return self.adapter.prepare_input_ids(input_ids, attention_mask, pad_token_id, padding_side)
+
+    # ---- encoders
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> TeacherVideoOutput:
         return self.encode_video(pixel_values)
@@ -147,112 +294,81 @@ class ClusterSTMTeacher(nn.Module):
         """
         Args:
             pixel_values (`torch.Tensor` of shape `(batch_size, num_frames, 3, height, width)`): frames normalised
-                with the teacher's image mean / std.
+                for the teacher (see [`frames_from_student`] / [`prepare_frames`]); another size than the native one
+                interpolates the position embeddings.
 
         Returns:
             [`TeacherVideoOutput`].
         """
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 5 or pixel_values.shape[2] != 3:
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+        _check_video(pixel_values)
+        height, width = pixel_values.shape[-2:]
+        if height < self.patch_size or width < self.patch_size:
             raise ValueError(
-                f"`pixel_values` must have shape (batch_size, num_frames, 3, height, width), got {shape}."
+                f"`pixel_values` frames of {height}x{width} px are smaller than one teacher patch ({self.patch_size})."
             )
-        b, t = pixel_values.shape[:2]
-        frames = pixel_values.reshape(b * t, *pixel_values.shape[2:]).to(device=self.device, dtype=self.dtype)
-        interpolate = tuple(frames.shape[-2:]) != (self.image_size, self.image_size)
-
-        if self.model_kind == "clip":
-            patch_tokens, attention = self._clip_vision(frames, interpolate)
-        else:
-            hidden = self.model.vision_model(
-                pixel_values=frames, interpolate_pos_encoding=interpolate
-            ).last_hidden_state
-            patch_tokens, attention = hidden, _pooling_head_attention(self.model.vision_model.head, hidden)
-
-        n = patch_tokens.shape[1]
-        grid_size = math.isqrt(n)
+        frames = pixel_values.to(device=self.device, dtype=self.dtype)
+        patch_tokens, attention = self.adapter.encode_frames(frames)
         return TeacherVideoOutput(
-            patch_tokens=patch_tokens.reshape(b, t, n, -1),
-            cls_attention=attention.reshape(b, t, n),
-            grid_size=grid_size,
+            patch_tokens=patch_tokens, cls_attention=attention.float(), grid_size=height // self.patch_size
         )
-
-    def _clip_vision(self, frames: torch.Tensor, interpolate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        last_layer = self.model.vision_model.encoder.layers[-1]
-        captured = {}
-
-        def capture_input(module, args, kwargs):
-            captured["hidden_states"] = args[0] if args else kwargs["hidden_states"]
-
-        # the CLS attention is recomputed from the last layer's input, so any attention backend (SDPA, flash) works
-        handle = last_layer.register_forward_pre_hook(capture_input, with_kwargs=True)
-        try:
-            hidden = self.model.vision_model(
-                pixel_values=frames, interpolate_pos_encoding=interpolate
-            ).last_hidden_state
-        finally:
-            handle.remove()
-        attention = _cls_attention(last_layer, captured["hidden_states"])
-        return hidden[:, 1:], attention
 
     @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """
-        Text embeddings in the teacher's joint space (CLIP: `text_projection` of the EOS state; SigLIP: its pooled
-        text embedding), shape `(batch_size, projection_dim)`.
+        Text embeddings in the teacher's joint space, shape `(batch_size, projection_dim)`. The ids are first brought
+        to the family's padding convention (SigLIP: re-padded to its trained length, mask dropped).
         """
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
-        output = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-        return output if isinstance(output, torch.Tensor) else output.pooler_output
+        input_ids, attention_mask = self._prepare_ids(input_ids, attention_mask)
+        return self.adapter.encode_text(input_ids, attention_mask)
 
     @torch.no_grad()
     def relevance(self, patch_tokens: torch.Tensor, text_embeds: torch.Tensor, window_size: int = 3) -> torch.Tensor:
         """Video-text relevance `(batch_size, num_frames, num_patches)` with the teacher's own window pooler (see
-        `generate_relevance`)."""
-        return generate_relevance(patch_tokens, text_embeds, self.pooler, window_size=window_size)
+        `generate_relevance`), computed in float32 whatever the teacher's dtype."""
+        return generate_relevance(patch_tokens.float(), text_embeds.float(), self.pooler, window_size=window_size)
 
 
-def _model_kind(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "vision_config") or not hasattr(model, "get_text_features"):
-        raise ValueError(
-            f"The teacher must be a dual-encoder such as CLIPModel or SiglipModel, got {type(model).__name__}."
+def _check_video(pixel_values: Any) -> None:
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 5 or pixel_values.shape[2] != 3:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+        raise ValueError(f"`pixel_values` must have shape (batch_size, num_frames, 3, height, width), got {shape}.")
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"Unknown dtype {dtype!r} (use e.g. 'float32', 'bfloat16', 'float16').")
+    return resolved
+
+
+def _load_local_normalization(path: str, adapter: TeacherAdapter) -> ImageNormalization:
+    """The image statistics of the folder's `preprocessor_config.json` (keys it lacks take the family's defaults)."""
+    defaults = adapter.default_normalization
+    file = os.path.join(path, "preprocessor_config.json")
+    if not os.path.isfile(file):
+        logger.warning(
+            "Teacher folder %s has no preprocessor_config.json: using the %s defaults mean=%s std=%s.",
+            path,
+            adapter.family,
+            defaults.image_mean,
+            defaults.image_std,
         )
-    tower = getattr(model, "vision_model", None)
-    if hasattr(model, "visual_projection") and hasattr(tower, "post_layernorm") and hasattr(tower, "encoder"):
-        return "clip"
-    if hasattr(getattr(tower, "head", None), "probe"):
-        return "siglip"
-    raise ValueError(f"Unsupported teacher {type(model).__name__}: expected a CLIP-like or SigLIP model.")
-
-
-def _cls_attention(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Attention of the CLS query to every patch key in a CLIP encoder layer, averaged over heads: `(M, N)`."""
-    attn = layer.self_attn
-    normed = layer.layer_norm1(hidden_states)
-    m, length, _ = normed.shape
-    query = attn.q_proj(normed[:, :1]).view(m, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-    key = attn.k_proj(normed).view(m, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-    # in float32 even under autocast: the attention weights drive attention-guided masking
-    device_type = query.device.type
-    no_autocast = (
-        torch.autocast(device_type=device_type, enabled=False)
-        if torch.amp.is_autocast_available(device_type)
-        else contextlib.nullcontext()
-    )
-    with no_autocast:
-        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # (M, heads, 1, 1 + N)
-        weights = scores.softmax(dim=-1)
-    return weights[:, :, 0, 1:].mean(dim=1)
-
-
-def _pooling_head_attention(head: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Attention of SigLIP's pooling probe to every patch, averaged over heads: `(M, N)`."""
-    probe = head.probe.expand(hidden_states.shape[0], -1, -1)
-    _, weights = head.attention(probe, hidden_states, hidden_states, need_weights=True, average_attn_weights=True)
-    return weights[:, 0].float()
+        return defaults
+    try:
+        data = json.loads(open(file, encoding="utf-8").read())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{file}: unreadable preprocessor config ({error}).") from error
+    data = data.get("image_processor", data) if isinstance(data, dict) else {}
+    values = {key: data[key] for key in _NORMALIZATION_KEYS if data.get(key) is not None}
+    try:
+        return ImageNormalization.from_values(values, defaults)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{file}: invalid image statistics {values} ({error}).") from error
 
 
 def _load_local_tokenizer(path: str):

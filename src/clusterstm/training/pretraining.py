@@ -836,9 +836,13 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
         target_cache = TeacherTargetCache(args.teacher_targets)
         target_cache.check_run(args, config, processor)
     elif args.teacher_name_or_path is not None:
-        from ..teacher.teacher import ClusterSTMTeacher
+        from ..teacher.compatibility import ClusterSTMTeacher, check_teacher_compatibility
 
-        teacher = ClusterSTMTeacher.from_pretrained(args.teacher_name_or_path, device=accelerator.device)
+        teacher_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None  # relevance stays fp32
+        teacher = ClusterSTMTeacher.from_pretrained(
+            args.teacher_name_or_path, device=accelerator.device, torch_dtype=teacher_dtype
+        )
+        logger.info("Teacher matched to the student: %s", check_teacher_compatibility(teacher, config, processor))
     else:
         if args.mask_strategy == "attention":
             raise ValueError(
