@@ -479,3 +479,48 @@ def test_init_and_saved_checkpoints_carry_a_generation_config(tmp_path):
     saved = save_checkpoint(retrieval, tmp_path / "retrieval", processor)
     generation = json.loads((saved / "generation_config.json").read_text())
     assert {k: generation[k] for k in expected} == expected
+
+
+_FSDP2_SCRIPT = r"""
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
+from clusterstm.models.modeling_clusterstm import ClusterSTMModel
+
+dist.init_process_group("gloo", store=dist.FileStore(sys.argv[1], 1), rank=0, world_size=1)
+torch.manual_seed(0)
+model = ClusterSTMModel(ClusterSTMConfig.from_preset("tiny"))
+for layer in model.vision_model.layers:
+    fully_shard(layer)
+fully_shard(model)  # refused a 0-d logit_scale
+input_ids = torch.randint(5, 100, (2, 6))
+loss = model(input_ids=input_ids, pixel_values=torch.randn(2, 2, 3, 32, 32), return_loss=True).loss
+loss.backward()
+assert model.logit_scale.grad is not None
+print("FSDP2_OK", float(loss))
+dist.destroy_process_group()
+"""
+
+
+def test_dual_encoder_trains_under_fsdp2_on_one_cpu_process(tmp_path):
+    """FSDP2's `fully_shard` (gloo, one process) accepts every parameter and runs a contrastive step."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "fsdp2.py"
+    script.write_text(_FSDP2_SCRIPT)
+    src = Path(__file__).resolve().parents[1] / "src"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FSDP2_OK" in done.stdout

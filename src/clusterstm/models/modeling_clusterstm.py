@@ -723,16 +723,20 @@ class _LogitScaleToOneElement(ConversionOps):
         return _LogitScaleToOneElement()
 
 
-# Applied by `from_pretrained` to `ClusterSTMModel` wherever it sits (as the model or as a head's `clusterstm`).
-register_checkpoint_conversion_mapping(
-    "ClusterSTMModel",
-    [
-        WeightConverter(
-            source_patterns="logit_scale", target_patterns="logit_scale", operations=[_LogitScaleToOneElement()]
-        )
-    ],
-    overwrite=True,
-)
+def _register_checkpoint_conversions() -> None:
+    """
+    Registers the `logit_scale` conversion for `ClusterSTMModel` wherever it sits (as the model or as a head's
+    `clusterstm`); called by `from_pretrained` rather than at import, so that the module only defines things.
+    """
+    register_checkpoint_conversion_mapping(
+        "ClusterSTMModel",
+        [
+            WeightConverter(
+                source_patterns="logit_scale", target_patterns="logit_scale", operations=[_LogitScaleToOneElement()]
+            )
+        ],
+        overwrite=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -799,6 +803,7 @@ class ClusterSTMPreTrainedModel(PreTrainedModel):
         of the text tower: their `text_model.layer.{i}` keys of the top `num_fusion_layers` layers load into
         `fusion_model.layer.{i - num_text_layers}` (an upgrade on load only; saving writes the current layout).
         """
+        _register_checkpoint_conversions()
         config = kwargs.get("config")
         if (
             kwargs.get("key_mapping") is None
