@@ -51,7 +51,7 @@ if [[ "$HAS_GPU" == 1 && "$QUICK" == 0 ]]; then
     # adds them; this is the interface this script expects)
     PRETRAIN_ARGS=(--presets base --ratios 0.0 0.8 --device cuda --mixed_precision bf16 --teacher online cached
                    --steps 5 --output_dir "$RAW/pretrain")
-    DATA_ARGS=(--device cuda --num_workers 8 --pin_memory --output_json "$RAW/data.json")
+    DATA_ARGS=(--output_dir "$RAW/data")
 else
     MODE="quick"
     DEVICE="cpu"
@@ -59,7 +59,7 @@ else
     MASK_SHAPES=(2x4x196)
     MASK_ROUNDS=2
     PRETRAIN_ARGS=(--quick --threads 1 --output_dir "$RAW/pretrain")
-    DATA_ARGS=(--quick --output_json "$RAW/data.json")
+    DATA_ARGS=(--quick --output_dir "$RAW/data")
 fi
 
 run_part() {  # run_part NAME LOGFILE COMMAND...: runs, keeps the log, counts a failure
@@ -140,7 +140,7 @@ if pretrain.exists():
         line for line in body if not line.startswith("# ")
     ] + [""]
 
-data = raw / "data.json"
+data = raw / "data" / "data.json"
 if data.exists():
     lines += ["## Data loader", "", "```json", data.read_text().strip(), "```", ""]
 

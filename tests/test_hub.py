@@ -93,8 +93,8 @@ def test_hf_hub_download_and_revision_branch(hub_server, checkpoint, tmp_path):
     # Only allow-listed files are published (see test_security): change one of them on the branch.
     (folder / "generation_config.json").write_text("only on dev")
     push_checkpoint(folder, "tester/tinyvt", revision="dev", token=hub_server.token, endpoint=hub_server.endpoint)
-    assert "generation_config.json" in hub_server.files("tester/tinyvt", "dev")
-    assert "generation_config.json" not in hub_server.files("tester/tinyvt", "main")
+    assert hub_server.files("tester/tinyvt", "dev")["generation_config.json"] == b"only on dev"
+    assert hub_server.files("tester/tinyvt", "main")["generation_config.json"] != b"only on dev"
 
     cache = tmp_path / "cache"
     path = hf_hub_download("tester/tinyvt", "config.json", cache_dir=cache, endpoint=hub_server.endpoint)

@@ -382,6 +382,7 @@ def test_push_uploads_the_allow_list_only(hub_server, _pushable, tmp_path):
     private_key = tmp_path / "id_rsa"
     private_key.write_text("-----BEGIN PRIVATE KEY----- private")
     os.symlink(private_key, folder / "id_rsa")  # a link that is not allow-listed: stays local
+    (folder / "generation_config.json").unlink(missing_ok=True)
     os.symlink(folder / "config.json", folder / "generation_config.json")  # a link inside the folder: resolved
     push_checkpoint(folder, "tester/allow", token=hub_server.token, endpoint=hub_server.endpoint)
     files = hub_server.files("tester/allow")

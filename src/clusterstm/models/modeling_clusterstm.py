@@ -1194,13 +1194,12 @@ class ClusterSTMTextFusionModel(nn.Module):
     """
 )
 class ClusterSTMModel(ClusterSTMPreTrainedModel):
-    # Loading the encoders from a pretraining checkpoint drops its heads without a warning, as BERT does.
-    _keys_to_ignore_on_load_unexpected = [r"^(relevance_decoder|itm_head|mlm_head|alignment_head)\."]
+    # Loading the encoders from a pretraining or head checkpoint drops the heads' modules (pretraining heads, fusion
+    # layers) without a warning, as BERT does.
+    _keys_to_ignore_on_load_unexpected = [r"^(relevance_decoder|itm_head|mlm_head|alignment_head|fusion_model)\."]
     config: ClusterSTMConfig
     # The first input of `forward` (transformers' convention), as in CLIPModel.
     main_input_name = "input_ids"
-    # Keys of the heads' modules in a head's checkpoint (the dual encoder has none of them).
-    _keys_to_ignore_on_load_unexpected = [r"^fusion_model\."]
 
     def __init__(self, config: ClusterSTMConfig):
         super().__init__(config)
