@@ -329,9 +329,6 @@ class ClusterSTMVideoProcessor(BaseVideoProcessor):
     is taken as values in [0, 255]. With `do_rescale=False` inputs are used as given.
     """
 
-    # mlinter TRF016 (do_resize/do_center_crop/do_rescale/do_normalize/do_convert_rgb "never referenced"): the flags
-    # are forwarded through **kwargs to BaseVideoProcessor._preprocess, which gates each step on them; outputs are
-    # always 3-channel RGB (grayscale is expanded, alpha dropped) whatever do_convert_rgb says.
     resample = PILImageResampling.BICUBIC
     image_mean = OPENAI_CLIP_MEAN
     image_std = OPENAI_CLIP_STD
@@ -419,11 +416,16 @@ class ClusterSTMVideoProcessor(BaseVideoProcessor):
             raise ValueError("Received a video with 0 frames.")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError("Video contains NaN or infinite values.")
-        if tensor.shape[1] == 1:
-            tensor = tensor.expand(-1, 3, -1, -1)
-        elif tensor.shape[1] == 4:  # drop alpha
-            tensor = tensor[:, :3]
         return tensor.contiguous()
+
+    @staticmethod
+    def _to_rgb(video: torch.Tensor) -> torch.Tensor:
+        """(T, C, H, W) with C in (1, 3, 4) -> 3-channel RGB: grayscale repeated, alpha dropped."""
+        if video.shape[1] == 1:
+            return video.expand(-1, 3, -1, -1).contiguous()
+        if video.shape[1] == 4:
+            return video[:, :3].contiguous()
+        return video
 
     def _load_video(
         self,
@@ -518,7 +520,8 @@ class ClusterSTMVideoProcessor(BaseVideoProcessor):
         num_frames = kwargs.pop("num_frames")
         sampling = kwargs.pop("sampling") or "uniform"
         device = kwargs.pop("device")
-        for unused in ("input_data_format", "video_metadata", "fps", "do_convert_rgb", "return_metadata"):
+        do_convert_rgb = kwargs.pop("do_convert_rgb")
+        for unused in ("input_data_format", "video_metadata", "fps", "return_metadata"):
             kwargs.pop(unused, None)
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"`sampling` must be one of {SAMPLING_MODES}, got {sampling!r}.")
@@ -535,6 +538,8 @@ class ClusterSTMVideoProcessor(BaseVideoProcessor):
             self._load_video(v, num_frames, sampling, generator, limits, f"<in-memory video {i} of the batch>")
             for i, v in enumerate(self._split_batch(videos))
         ]
+        if do_convert_rgb:
+            loaded = [self._to_rgb(video) for video in loaded]
         if kwargs.get("do_rescale"):
             loaded = [self._unit_float_to_pixels(video) for video in loaded]
         if device is not None:
@@ -544,7 +549,18 @@ class ClusterSTMVideoProcessor(BaseVideoProcessor):
         self._validate_preprocess_kwargs(**kwargs)
         kwargs.pop("data_format", None)
         return_tensors = kwargs.pop("return_tensors", None)
-        processed = self._preprocess(videos=loaded, return_tensors=None, **kwargs)["pixel_values_videos"]
+        # Each step runs only when its flag is set (the base class's `_preprocess` gates on them).
+        do_resize, do_center_crop = kwargs.pop("do_resize"), kwargs.pop("do_center_crop")
+        do_rescale, do_normalize = kwargs.pop("do_rescale"), kwargs.pop("do_normalize")
+        processed = self._preprocess(
+            videos=loaded,
+            return_tensors=None,
+            do_resize=do_resize,
+            do_center_crop=do_center_crop,
+            do_rescale=do_rescale,
+            do_normalize=do_normalize,
+            **kwargs,
+        )["pixel_values_videos"]
         if return_tensors in ("pt", "np"):
             if len({tuple(v.shape) for v in processed}) != 1:
                 raise ValueError(
