@@ -96,7 +96,9 @@ def test_resume_with_changed_settings_names_the_difference(student, tmp_path):
     resume = str(out / "checkpoint-2")
     with pytest.raises(OutputFolderError, match=r"mask_ratio: 0\.8 -> 0\.5.*per_device_train_batch_size: 4 -> 2"):
         run_pretraining(
-            _args(student, out, resume_from_checkpoint=resume, max_steps=3, mask_ratio=0.5, per_device_train_batch_size=2)
+            _args(
+                student, out, resume_from_checkpoint=resume, max_steps=3, mask_ratio=0.5, per_device_train_batch_size=2
+            )
         )
     with pytest.raises(OutputFolderError, match=r"mlm_loss_weight: 1\.0 -> 0\.0"):
         changed = make_tiny_student(tmp_path / "changed", seed=0, mlm_loss_weight=0.0)
@@ -122,8 +124,10 @@ def test_corrupted_weights_fall_back_or_are_named(student, tmp_path, caplog):
 
     with caplog.at_level(logging.WARNING):
         results = run_pretraining(_args(student, out, max_steps=4, resume_from_checkpoint="latest"))
-    assert any("checkpoint-4" in r.getMessage() and "model.safetensors" in r.getMessage() and "altered" in
-               r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert any(
+        "checkpoint-4" in r.getMessage() and "model.safetensors" in r.getMessage() and "altered" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
     # Resumed from checkpoint-2 and retrained steps 3-4: the same weights as the uninterrupted run.
     assert results["global_step"] == 4
     rewritten = load_file(out / "checkpoint-4" / "model.safetensors")
@@ -157,20 +161,54 @@ def test_pretraining_output_has_a_pushable_model_card(student, tmp_path):
 def test_launcher_decides_precision(student, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     common = [
-        "scripts/pretrain.py", "--model_name_or_path", str(student), "--dataset_name", "synthetic",
-        "--num_train_clips", "4", "--per_device_train_batch_size", "4", "--max_steps", "1",
-        "--dataloader_num_workers", "0", "--report_to", "none", "--disable_tqdm", "--mask_strategy", "random",
+        "scripts/pretrain.py",
+        "--model_name_or_path",
+        str(student),
+        "--dataset_name",
+        "synthetic",
+        "--num_train_clips",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_steps",
+        "1",
+        "--dataloader_num_workers",
+        "0",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "--mask_strategy",
+        "random",
     ]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "bf16", "--num_processes",
-              "1", "--cpu"]
-    result = subprocess.run(launch + common + ["--output_dir", str(tmp_path / "a")], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--mixed_precision",
+        "bf16",
+        "--num_processes",
+        "1",
+        "--cpu",
+    ]
+    result = subprocess.run(
+        launch + common + ["--output_dir", str(tmp_path / "a")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "a" / "train_results.json").read_text())["mixed_precision"] == "bf16"
     # An explicit flag wins over the launcher, and says so.
-    result = subprocess.run([sys.executable] + common + ["--output_dir", str(tmp_path / "b"), "--mixed_precision",
-                            "no"], cwd=REPO, env=dict(env, ACCELERATE_MIXED_PRECISION="bf16"), capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable] + common + ["--output_dir", str(tmp_path / "b"), "--mixed_precision", "no"],
+        cwd=REPO,
+        env=dict(env, ACCELERATE_MIXED_PRECISION="bf16"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "b" / "train_results.json").read_text())["mixed_precision"] == "no"
     assert "overrides the launcher's bf16" in result.stderr
@@ -197,8 +235,14 @@ def test_hot_loop_reads_the_device_only_at_logging_steps(student, tmp_path, monk
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         counting(name)
     results = run_pretraining(
-        _args(student, tmp_path / "run", max_steps=4, checkpointing_steps=None, logging_steps=2,
-              gradient_accumulation_steps=2)
+        _args(
+            student,
+            tmp_path / "run",
+            max_steps=4,
+            checkpointing_steps=None,
+            logging_steps=2,
+            gradient_accumulation_steps=2,
+        )
     )
     monkeypatch.undo()
     assert results["global_step"] == 4
@@ -259,7 +303,26 @@ def test_fsdp_final_save_uses_the_gathered_state_dict(student, tmp_path):
 )
 def test_torch_compile_two_steps(student, tmp_path):
     start = time.perf_counter()
-    results = run_pretraining(_args(student, tmp_path / "run", max_steps=2, checkpointing_steps=None,
-                                    torch_compile=True))
+    results = run_pretraining(
+        _args(student, tmp_path / "run", max_steps=2, checkpointing_steps=None, torch_compile=True)
+    )
     assert results["global_step"] == 2 and torch.isfinite(torch.tensor(results["train_loss"]))
     print(f"2 compiled steps in {time.perf_counter() - start:.1f}s")
+
+
+def test_deepspeed_config_validates():
+    """accelerate_configs' DeepSpeed config, with the `auto` values Accelerate fills from the script, as DeepSpeed
+    itself parses it (skipped where `deepspeed` is not installed)."""
+    pytest.importorskip("deepspeed")
+    import yaml
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    launcher = yaml.safe_load((REPO / "accelerate_configs" / "deepspeed_zero2.yaml").read_text())
+    assert launcher["distributed_type"] == "DEEPSPEED"
+    config = json.loads((REPO / launcher["deepspeed_config"]["deepspeed_config_file"]).read_text())
+    filled = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 4,
+              "gradient_clipping": 1.0}
+    config.update({key: value for key, value in filled.items() if config.get(key) == "auto"})
+    config["bf16"]["enabled"], config["fp16"]["enabled"] = True, False
+    parsed = DeepSpeedConfig(config, world_size=1)
+    assert parsed.zero_optimization_stage == 2 and parsed.bf16_enabled

@@ -956,7 +956,10 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
     if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         # On the device before the optimizer exists, so that it can be built fused.
         model.to(accelerator.device)
-    optimizer = build_optimizer(model, args)
+    # DeepSpeed steps its own (ZeRO) optimizer wrapper: no fused kernel, no device-side skip.
+    optimizer = build_optimizer(
+        model, args, fused=False if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    )
     if is_streaming:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:
@@ -1048,8 +1051,10 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
     # the optimizer supports it; fp16's GradScaler already skips non-finite steps itself. Elsewhere the flag is read
     # once per optimizer step.
     inner_optimizer = getattr(optimizer, "optimizer", optimizer)
-    device_side_skip = bool(getattr(inner_optimizer, "defaults", {}).get("fused")) and (
-        accelerator.mixed_precision != "fp16"
+    device_side_skip = (
+        bool(getattr(inner_optimizer, "defaults", {}).get("fused"))
+        and accelerator.mixed_precision != "fp16"
+        and accelerator.distributed_type != DistributedType.DEEPSPEED
     )
     stats = DeviceStepStats(accelerator.device, accum)
 
@@ -1239,7 +1244,9 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
     for name, value in original_weights.items():
         setattr(unwrapped.config, name, value)
     # Under FSDP the parameters are sharded: gather a full state dict (a collective: every process takes part).
-    full_state_dict = accelerator.get_state_dict(model) if accelerator.distributed_type == DistributedType.FSDP else None
+    full_state_dict = (
+        accelerator.get_state_dict(model) if accelerator.distributed_type == DistributedType.FSDP else None
+    )
     if accelerator.is_main_process:
         with explain_disk_full(output_dir, "the final model, train_results.json and the model card"):
             save_final_model(unwrapped, processor, output_dir, state_dict=full_state_dict)
