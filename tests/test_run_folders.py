@@ -320,9 +320,34 @@ def test_deepspeed_config_validates():
     launcher = yaml.safe_load((REPO / "accelerate_configs" / "deepspeed_zero2.yaml").read_text())
     assert launcher["distributed_type"] == "DEEPSPEED"
     config = json.loads((REPO / launcher["deepspeed_config"]["deepspeed_config_file"]).read_text())
-    filled = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 4,
-              "gradient_clipping": 1.0}
+    filled = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": 4,
+        "gradient_clipping": 1.0,
+    }
     config.update({key: value for key, value in filled.items() if config.get(key) == "auto"})
     config["bf16"]["enabled"], config["fp16"]["enabled"] = True, False
     parsed = DeepSpeedConfig(config, world_size=1)
     assert parsed.zero_optimization_stage == 2 and parsed.bf16_enabled
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "final"])
+def test_full_disk_is_named(student, tmp_path, monkeypatch, where):
+    import errno
+
+    from accelerate import Accelerator
+
+    from clusterstm.training.errors import DiskFullError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "checkpoint":
+        monkeypatch.setattr(Accelerator, "save_state", full)
+    else:
+        monkeypatch.setattr(pretraining, "save_final_model", full)
+    with pytest.raises(
+        DiskFullError, match=r"The disk is full.*" + ("checkpoint-1" if where == "checkpoint" else "final model")
+    ):
+        run_pretraining(_args(student, tmp_path / "run", max_steps=1, checkpointing_steps=1))
