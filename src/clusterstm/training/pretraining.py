@@ -9,13 +9,17 @@
 - streams video-text pairs through worker processes that decode with PyAV;
 - trains with AdamW + a warmup/cosine schedule, gradient accumulation, optional mixed precision and
   gradient checkpointing;
-- writes crash-safe checkpoints (`checkpoint-{step}`, renamed into place only once complete) that resume exactly:
-  model, optimizer, scheduler, data position and step, so a SIGKILLed and resumed run ends with the same weights
-  as an uninterrupted one;
+- writes crash-safe checkpoints (`checkpoint-{step}`, renamed into place only once complete; see `checkpointing`)
+  that resume exactly: model, optimizer, scheduler, data position and step, so a SIGKILLed and resumed run ends with
+  the same weights as an uninterrupted one; each records the run's identity and the sha256 of its files, so a reused
+  output folder, a resume with other settings and a damaged checkpoint are refused or fall back, naming why;
 - draws every random mask from a generator seeded by (seed, step, index of the sample in the global batch), so masks
   do not depend on the number of processes;
-- stops (or skips the step) on a non-finite loss, before it can reach the weights;
-- writes `train_results.json` and a `save_pretrained` checkpoint (student + processor) at the end.
+- keeps losses on the device (read at logging and checkpoint steps only) and skips a step with a non-finite loss or
+  gradient on the device (fused AdamW's `found_inf`), so no non-finite update reaches the weights; `--nan_policy
+  stop` then stops at the next logging or checkpoint step, naming the first bad step;
+- writes `train_results.json`, a `save_pretrained` checkpoint (student + processor; gathered under FSDP) and a model
+  card at the end.
 """
 
 from __future__ import annotations
@@ -213,7 +217,11 @@ class PretrainingArguments:
         metadata={"help": "Replace unreadable videos by another sample and count them, instead of stopping."},
     )
     nan_policy: str = field(
-        default="stop", metadata={"help": "On a non-finite loss: `stop` (error naming the step) or `skip` the step."}
+        default="stop",
+        metadata={
+            "help": "On a non-finite loss or gradient the step is skipped on the device; `stop`: then end the run at "
+            "the next logging or checkpoint step with an error naming the first bad step; `skip`: count it and go on."
+        },
     )
     frame_sampling: str = field(
         default="uniform",
