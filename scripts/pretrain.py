@@ -9,11 +9,13 @@ See `python scripts/pretrain.py --help` for every flag.
 
 import sys
 
+from clusterstm.training.errors import DiskFullError
 from clusterstm.training.pretraining import NonFiniteLossError, main
 
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, NonFiniteLossError) as error:
+    # ValueError covers bad flags, a reused --output_dir, a resume with other settings and a damaged checkpoint.
+    except (ValueError, NonFiniteLossError, DiskFullError) as error:
         print(f"pretrain.py: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -9,13 +9,17 @@
 - streams video-text pairs through worker processes that decode with PyAV;
 - trains with AdamW + a warmup/cosine schedule, gradient accumulation, optional mixed precision and
   gradient checkpointing;
-- writes crash-safe checkpoints (`checkpoint-{step}`, renamed into place only once complete) that resume exactly:
-  model, optimizer, scheduler, data position and step, so a SIGKILLed and resumed run ends with the same weights
-  as an uninterrupted one;
+- writes crash-safe checkpoints (`checkpoint-{step}`, renamed into place only once complete; see `checkpointing`)
+  that resume exactly: model, optimizer, scheduler, data position and step, so a SIGKILLed and resumed run ends with
+  the same weights as an uninterrupted one; each records the run's identity and the sha256 of its files, so a reused
+  output folder, a resume with other settings and a damaged checkpoint are refused or fall back, naming why;
 - draws every random mask from a generator seeded by (seed, step, index of the sample in the global batch), so masks
   do not depend on the number of processes;
-- stops (or skips the step) on a non-finite loss, before it can reach the weights;
-- writes `train_results.json` and a `save_pretrained` checkpoint (student + processor) at the end.
+- keeps losses on the device (read at logging and checkpoint steps only) and skips a step with a non-finite loss or
+  gradient on the device (fused AdamW's `found_inf`), so no non-finite update reaches the weights; `--nan_policy
+  stop` then stops at the next logging or checkpoint step, naming the first bad step;
+- writes `train_results.json`, a `save_pretrained` checkpoint (student + processor; gathered under FSDP) and a model
+  card at the end.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -35,16 +38,35 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration
 from torch.utils.data import DataLoader, Sampler
 from transformers import HfArgumentParser, get_scheduler
 
+# The checkpoint functions live in `checkpointing`; re-exported here, where they were first defined.
+from .checkpointing import (  # noqa: F401
+    CHECKPOINT_MARKER,
+    CHECKPOINT_PREFIX,
+    TMP_CHECKPOINT_PREFIX,
+    CheckpointIntegrityError,
+    OutputFolderError,
+    check_resume_settings,
+    find_latest_checkpoint,
+    list_complete_checkpoints,
+    new_run_id,
+    prepare_output_dir,
+    read_checkpoint_state,
+    remove_incomplete_checkpoints,
+    resolve_resume_checkpoint,
+    rotate_checkpoints,
+    run_identity,
+    save_training_checkpoint,
+    stream_state_file,
+    verify_checkpoint,
+)
+from .errors import explain_disk_full
+
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-# Written last into a checkpoint folder, just before it is renamed into place: a folder without it is incomplete.
-CHECKPOINT_MARKER = "training_state.json"
-TMP_CHECKPOINT_PREFIX = ".tmp-checkpoint-"
 MASK_STRATEGIES = ("cluster", "random", "tube", "attention", "none")  # the keys of masking_clusterstm.MASK_STRATEGIES
 MASK_FEATURES = ("teacher", "patch")
 TEACHER_LOSSES = ("relevance_loss_weight", "alignment_loss_weight")
@@ -151,12 +173,35 @@ class PretrainingArguments:
     )
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps (overrides --warmup_ratio if > 0)."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup as a fraction of the total steps."})
-    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (bf16 recommended)."})
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "no, bf16 or fp16 (bf16 recommended). Default: what the launcher says (`accelerate launch "
+            "--mixed_precision`, its config file, or ACCELERATE_MIXED_PRECISION), else no; a value given here wins."
+        },
+    )
+    torch_compile: bool = field(
+        default=False, metadata={"help": "Compile the model's forward with torch.compile (fullgraph where it can)."}
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     checkpointing_steps: int | None = field(
         default=None, metadata={"help": "Save a resumable checkpoint-{step} every N optimizer steps."}
     )
-    save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the N newest checkpoints."})
+    save_total_limit: int | None = field(
+        default=None,
+        metadata={"help": "Keep only the N newest checkpoints (in save order; this run's newest are never deleted)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Remove the checkpoints and logs of a previous run in --output_dir before starting."},
+    )
+    ignore_resume_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume even if settings that change the result (batch size, masking, objective weights, data, "
+            "optimizer, precision) differ from the checkpoint's; the differences are logged."
+        },
+    )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint-{step} folder, or `latest` (newest complete one in output_dir)."}
     )
@@ -172,7 +217,11 @@ class PretrainingArguments:
         metadata={"help": "Replace unreadable videos by another sample and count them, instead of stopping."},
     )
     nan_policy: str = field(
-        default="stop", metadata={"help": "On a non-finite loss: `stop` (error naming the step) or `skip` the step."}
+        default="stop",
+        metadata={
+            "help": "On a non-finite loss or gradient the step is skipped on the device; `stop`: then end the run at "
+            "the next logging or checkpoint step with an error naming the first bad step; `skip`: count it and go on."
+        },
     )
     frame_sampling: str = field(
         default="uniform",
@@ -243,7 +292,7 @@ def validate_pretraining_arguments(args: PretrainingArguments) -> None:
         raise ValueError(f"--weight_decay must be >= 0, got {args.weight_decay}.")
     if args.warmup_steps < 0 or not 0.0 <= args.warmup_ratio < 1.0:
         raise ValueError("--warmup_steps must be >= 0 and --warmup_ratio in [0, 1).")
-    if args.mixed_precision not in ("no", "bf16", "fp16"):
+    if args.mixed_precision not in (None, "no", "bf16", "fp16"):
         raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {args.mixed_precision!r}.")
     if args.checkpointing_steps is not None and args.checkpointing_steps < 1:
         raise ValueError(f"--checkpointing_steps must be >= 1, got {args.checkpointing_steps}.")
@@ -316,142 +365,6 @@ def mask_generators(seed: int, step: int, sample_offset: int, batch_size: int) -
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Crash-safe checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    name = path.name
-    if not name.startswith(CHECKPOINT_PREFIX):
-        return None
-    suffix = name[len(CHECKPOINT_PREFIX) :]
-    return int(suffix) if suffix.isdigit() else None
-
-
-def list_complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """`checkpoint-{step}` folders of `output_dir` that carry the completion marker, oldest first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        step = _checkpoint_step(path)
-        if step is not None and path.is_dir() and (path / CHECKPOINT_MARKER).is_file():
-            found.append((step, path))
-    return [path for _, path in sorted(found)]
-
-
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of `output_dir`, or None. Half-written checkpoints are never returned."""
-    checkpoints = list_complete_checkpoints(output_dir)
-    return checkpoints[-1] if checkpoints else None
-
-
-def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """Turns `--resume_from_checkpoint` (a path or `latest`) into a complete checkpoint folder, or None."""
-    if value is None:
-        return None
-    if value == "latest":
-        latest = find_latest_checkpoint(output_dir)
-        if latest is None:
-            logger.warning(
-                "--resume_from_checkpoint latest: no complete checkpoint in %s, starting from scratch.", output_dir
-            )
-        return latest
-    path = Path(value)
-    if not path.is_dir():
-        raise ValueError(f"--resume_from_checkpoint: {value!r} is not a folder.")
-    if not (path / CHECKPOINT_MARKER).is_file():
-        raise ValueError(
-            f"--resume_from_checkpoint: {value!r} is incomplete (no {CHECKPOINT_MARKER}); use another one."
-        )
-    return path
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_training_checkpoint(
-    accelerator: Accelerator,
-    output_dir: str | os.PathLike,
-    step: int,
-    training_state: dict[str, Any],
-    stream_state: dict[str, Any] | None = None,
-) -> Path:
-    """
-    Saves model, optimizer, scheduler and RNG states (`accelerator.save_state`) plus `training_state` as
-    `output_dir/checkpoint-{step}`, atomically.
-
-    Everything is written into a hidden temporary folder first; the main process then writes the marker file and
-    renames the folder into place, so a crash at any point leaves either no `checkpoint-{step}` or a complete one.
-    Must be called on every process.
-    """
-    root = Path(output_dir)
-    final = root / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = root / f"{TMP_CHECKPOINT_PREFIX}{step}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if stream_state is not None:
-        # Streaming: each process' readers' positions (written before the marker, so complete with it).
-        stream_state_file(tmp, accelerator.process_index).write_text(json.dumps(stream_state))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        marker = tmp / CHECKPOINT_MARKER
-        with open(marker, "w") as handle:
-            json.dump({**training_state, "global_step": step}, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _fsync_dir(tmp)
-        if final.exists():
-            # Replacing an older copy of the same step (resumed from an earlier checkpoint): move it aside first.
-            stale = root / f"{TMP_CHECKPOINT_PREFIX}{step}-old"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            os.replace(tmp, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def rotate_checkpoints(output_dir: str | os.PathLike, limit: int | None) -> None:
-    """Deletes the oldest complete checkpoints beyond `limit` (main process only)."""
-    if limit is None:
-        return
-    checkpoints = list_complete_checkpoints(output_dir)
-    for path in checkpoints[: max(0, len(checkpoints) - limit)]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Deletes temporary folders left by a crash during a checkpoint write (main process only)."""
-    root = Path(output_dir)
-    removed = []
-    if root.is_dir():
-        for path in root.iterdir():
-            if path.name.startswith(TMP_CHECKPOINT_PREFIX) and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-    return removed
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Logging
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -515,8 +428,14 @@ def load_student(model_name_or_path: str):
     return model, processor
 
 
-def build_optimizer(model: torch.nn.Module, args: PretrainingArguments) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not on biases, norms, embeddings' scales or the temperature)."""
+def build_optimizer(
+    model: torch.nn.Module, args: PretrainingArguments, fused: bool | None = None
+) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on biases, norms, embeddings' scales or the temperature).
+
+    `fused` (default: when every trainable parameter is a float tensor on CUDA or the CPU) selects the fused AdamW
+    kernel: one launch per step, and a device-side skip of non-finite steps (`found_inf`) without a host sync. Other
+    devices get the foreach implementation."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad or name.startswith("teacher.") or ".teacher." in name:
@@ -529,8 +448,19 @@ def build_optimizer(model: torch.nn.Module, args: PretrainingArguments) -> torch
         {"params": decay, "weight_decay": args.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if fused is None:
+        parameters = decay + no_decay
+        fused = bool(parameters) and all(
+            p.device.type in ("cuda", "cpu") and p.is_floating_point() and not hasattr(p, "placements")
+            for p in parameters
+        )
     return torch.optim.AdamW(
-        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+        groups,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        fused=fused or None,
+        foreach=None if fused else True,
     )
 
 
@@ -608,12 +538,7 @@ def stream_batches(loader: Any, accelerator: Accelerator, tracker: Any) -> Itera
         elif batch is None:
             return
         tracker.update(batch.pop("stream_position", None))
-        yield send_to_device(batch, accelerator.device)
-
-
-def stream_state_file(checkpoint: str | os.PathLike, process_index: int) -> Path:
-    """Where a checkpoint keeps the stream position of one process (each process reads its own share)."""
-    return Path(checkpoint) / f"stream_state_{process_index}.json"
+        yield send_to_device(batch, accelerator.device, non_blocking=True)
 
 
 def _unused_parameters_probe(model: torch.nn.Module, batch: dict[str, torch.Tensor], forward: Any) -> list[str]:
@@ -747,6 +672,80 @@ def pretraining_forward(
     return model(**inputs)
 
 
+class DeviceStepStats:
+    """
+    Loss statistics kept on the device between logging steps, so the hot loop never waits for the device.
+
+    Every micro-batch adds its losses (and a non-finite flag) to device tensors; `end_step` folds the step into the
+    sums unless the step was non-finite, and counts the skipped steps and the first bad step, all without a host
+    sync. `flush` (logging and checkpoint steps, the end) reduces the sums over processes and reads them once.
+    """
+
+    def __init__(self, device: torch.device, accum: int) -> None:
+        self.device = device
+        # float64 sums where the device has it: a resumed run's totals then match an uninterrupted run's closely.
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.accum = accum
+        self.names: list[str] | None = None
+        self._zero()
+
+    def _zero(self, counts: bool = True) -> None:
+        size = len(self.names) if self.names is not None else 0
+        self.sums = torch.zeros(size, device=self.device, dtype=self.dtype)
+        if counts:
+            # [good steps, skipped steps, first bad step (inf: none), bad samples skipped]
+            self.counts = torch.tensor([0.0, 0.0, math.inf, 0.0], device=self.device, dtype=self.dtype)
+        self.step_values = torch.zeros(size, device=self.device, dtype=self.dtype)
+        self.step_nonfinite = torch.zeros((), device=self.device, dtype=torch.bool)
+
+    def add_micro_batch(self, loss: torch.Tensor, objectives: dict[str, torch.Tensor]) -> None:
+        names = ["loss", *objectives]
+        if self.names is None:
+            self.names = names
+            self._zero(counts=False)
+        elif names != self.names:
+            raise RuntimeError(f"The objectives changed during training: {self.names} -> {names}.")
+        values = torch.stack([loss.detach()] + [v.detach() for v in objectives.values()]).to(self.dtype)
+        self.step_nonfinite |= ~torch.isfinite(values).all()
+        self.step_values += torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0) / self.accum
+
+    def add_skipped_samples(self, skipped: torch.Tensor) -> None:
+        self.counts[3] += skipped.to(self.device, non_blocking=True).to(self.dtype).sum()
+
+    def end_step(self, step: int, bad: torch.Tensor) -> None:
+        """Folds the finished optimizer step `step` (1-based) in; `bad` is the step's global non-finite flag."""
+        bad_value = bad.to(self.dtype)
+        if self.names is not None:
+            self.sums += self.step_values * (1 - bad_value)
+        self.counts[0] += 1 - bad_value
+        self.counts[1] += bad_value
+        self.counts[2] = torch.where(bad, torch.minimum(self.counts[2], self.counts.new_tensor(step)), self.counts[2])
+        self.step_values = torch.zeros_like(self.step_values)
+        self.step_nonfinite = torch.zeros((), device=self.device, dtype=torch.bool)
+
+    def flush(self, accelerator: Accelerator) -> dict[str, Any]:
+        """The statistics since the last flush, averaged over processes (one reduction and one read), then reset."""
+        processes = accelerator.num_processes
+        sums, counts = self.sums, self.counts
+        if processes > 1:
+            # Steps are skipped on every process alike (the flag is reduced before the step), so only the loss sums
+            # and the bad-sample counts differ between processes.
+            packed = accelerator.reduce(torch.cat([sums, counts[3:]]), "sum")
+            sums, skipped = packed[:-1] / processes, packed[-1:]
+            counts = torch.cat([counts[:3], skipped])
+        values = torch.cat([sums, counts]).tolist()
+        names = self.names or []
+        good, skipped_steps, first_bad, bad_samples = values[len(names) :]
+        self._zero()
+        return {
+            "sums": dict(zip(names, values[: len(names)])),
+            "steps": int(round(good)),
+            "nan_steps": int(round(skipped_steps)),
+            "first_bad_step": None if math.isinf(first_bad) else int(first_bad),
+            "bad_samples": int(round(bad_samples)),
+        }
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
@@ -803,14 +802,23 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         project_config=ProjectConfiguration(project_dir=str(output_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
+        # Pinned host batches are copied to the GPU without blocking the loop.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False, non_blocking=torch.cuda.is_available()),
         step_scheduler_with_optimizer=False,
         # Unused parameters are frozen up front (see `_unused_parameters_probe`), so DDP needs no graph walk.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     _setup_logging(accelerator)
+    log_precision(args, accelerator)
+    warn_unhonoured_distributed_type(accelerator)
+    resuming = args.resume_from_checkpoint is not None
+    if not args.overwrite_output_dir:
+        # Every process checks (and raises) alike; only the main process ever removes anything.
+        prepare_output_dir(output_dir, overwrite=False, resuming=resuming)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        with explain_disk_full(output_dir, "the output folder"):
+            prepare_output_dir(output_dir, overwrite=args.overwrite_output_dir, resuming=resuming)
+            output_dir.mkdir(parents=True, exist_ok=True)
         removed = remove_incomplete_checkpoints(output_dir)
         if removed:
             logger.warning("Removed %d incomplete checkpoint folder(s) left by a crash.", len(removed))
@@ -953,7 +961,13 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
             logger.info(
                 "Frozen %d parameter tensors that this configuration never uses (e.g. %s).", len(unused), unused[0]
             )
-    optimizer = build_optimizer(model, args)
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # On the device before the optimizer exists, so that it can be built fused.
+        model.to(accelerator.device)
+    # DeepSpeed steps its own (ZeRO) optimizer wrapper: no fused kernel, no device-side skip.
+    optimizer = build_optimizer(
+        model, args, fused=False if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    )
     if is_streaming:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:
@@ -986,6 +1000,16 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
         "runtime_before": 0.0,
     }
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    settings = result_settings(args, config, accelerator, train_dataset)
+    run_id = None
+    if resume_path is not None:
+        run_id = check_resume_settings(resume_path, settings, ignore_mismatch=args.ignore_resume_mismatch)
+    if run_id is None:
+        # One id for every process of the launch.
+        from accelerate.utils import broadcast_object_list
+
+        run_id = broadcast_object_list([new_run_id()])[0] if accelerator.num_processes > 1 else new_run_id()
+    identity = run_identity(run_id, settings)
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
         saved = json.loads((resume_path / CHECKPOINT_MARKER).read_text())
@@ -1028,13 +1052,55 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
     window_loss, window_objectives = 0.0, {}
     unwrapped = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if args.torch_compile:
+        # Compiles the module's call in place: DDP (and `accelerator.accumulate`) keep calling the same object.
+        unwrapped.compile()
+    # A non-finite step is skipped on the device (fused AdamW's `found_inf`: no update of weights or moments) where
+    # the optimizer supports it; fp16's GradScaler already skips non-finite steps itself. Elsewhere the flag is read
+    # once per optimizer step.
+    inner_optimizer = getattr(optimizer, "optimizer", optimizer)
+    device_side_skip = (
+        bool(getattr(inner_optimizer, "defaults", {}).get("fused"))
+        and accelerator.mixed_precision != "fp16"
+        and accelerator.distributed_type != DistributedType.DEEPSPEED
+    )
+    stats = DeviceStepStats(accelerator.device, accum)
+
+    def flush_stats() -> None:
+        """Reads the device-side statistics (logging and checkpoint steps, the end) and applies --nan_policy."""
+        nonlocal window_loss, window_steps
+        flushed = stats.flush(accelerator)
+        state["bad_samples_skipped"] += flushed["bad_samples"]
+        if flushed["nan_steps"]:
+            if args.nan_policy == "stop":
+                raise NonFiniteLossError(
+                    f"Non-finite loss or gradient at step {flushed['first_bad_step']} on at least one process. The "
+                    "weights were not updated by that step and the last checkpoint is intact. Lower --learning_rate, "
+                    "prefer bf16 over fp16, check the data, or pass --nan_policy skip."
+                )
+            logger.warning(
+                "Skipped %d step(s) with a non-finite loss or gradient (first: step %d).",
+                flushed["nan_steps"],
+                flushed["first_bad_step"],
+            )
+            state["nan_steps_skipped"] += flushed["nan_steps"]
+        sums = flushed["sums"]
+        state["logged_steps"] += flushed["steps"]
+        window_steps += flushed["steps"]
+        if sums:
+            state["loss_sum"] += sums["loss"]
+            window_loss += sums["loss"]
+            for name, value in sums.items():
+                if name != "loss":
+                    state["objective_sums"][name] = state["objective_sums"].get(name, 0.0) + value
+                    window_objectives[name] = window_objectives.get(name, 0.0) + value
+
     if is_streaming:
         start_epoch = resume_stream["epoch"] if resume_stream else 0
     else:
         start_epoch = global_step // steps_per_epoch if steps_per_epoch else 0
     done = global_step >= max_steps
     micro = 0
-    step_loss, step_objectives, step_bad = 0.0, {}, False
     try:
         for epoch in range(start_epoch, num_epochs):
             if done:
@@ -1059,16 +1125,13 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
                 if sampler is not None:
                     sampler.set_epoch(epoch)
                 micro = 0
-                step_loss, step_objectives, step_bad = 0.0, {}, False
             for batch in loader:
                 batch.pop("clip_key", None)
                 # uint8 frames from the workers, normalised here (on the device when there is one).
                 batch["pixel_values"] = collator.normalize_pixel_values(batch["pixel_values"])
                 skipped = batch.pop("num_skipped_samples", None)
                 if skipped is not None:
-                    state["bad_samples_skipped"] += int(
-                        accelerator.reduce(skipped.to(accelerator.device), "sum").item()
-                    )
+                    stats.add_skipped_samples(skipped)
                 # Dropout, MLM masking and hard-negative sampling draw from torch's global RNG: reseeding it per
                 # micro-batch makes a resumed run bit-identical to an uninterrupted one.
                 torch.manual_seed(derive_seed(args.seed, "step", global_step, micro, accelerator.process_index))
@@ -1077,57 +1140,28 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
                 ) * args.per_device_train_batch_size
                 with accelerator.accumulate(model):
                     outputs = pretraining_forward(model, batch, args, global_step, sample_offset, teacher)
-                    objectives = _objective_losses(outputs)
-                    values = torch.stack(
-                        [outputs.loss.detach().float()] + [v.detach().float() for v in objectives.values()]
-                    )
-                    finite = torch.isfinite(values).all()
-                    packed = torch.cat(
-                        [torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), (~finite).float()[None]]
-                    )
-                    packed = accelerator.reduce(packed, "sum")
-                    if packed[-1] > 0:
-                        described = ", ".join(
-                            f"{name}={value.item():.4g}" for name, value in zip(["loss", *objectives], values)
-                        )
-                        if args.nan_policy == "stop":
-                            raise NonFiniteLossError(
-                                f"Non-finite loss at step {global_step + 1} (micro-batch {micro}) on at least one "
-                                f"process (this process: {described}). The weights were not updated by this step; "
-                                "the last checkpoint is intact. Lower --learning_rate, prefer bf16 over fp16, check "
-                                "the data, or pass --nan_policy skip."
-                            )
-                        if not step_bad:
-                            logger.warning(
-                                "Non-finite loss at step %d (%s): skipping the step.", global_step + 1, described
-                            )
-                        step_bad = True
-                    else:
-                        accelerator.backward(outputs.loss)
-                        means = packed[:-1] / accelerator.num_processes
-                        step_loss += means[0].item() / accum
-                        for name, value in zip(objectives, means[1:]):
-                            step_objectives[name] = step_objectives.get(name, 0.0) + value.item() / accum
+                    # No host sync here: the losses and their finiteness stay on the device until a logging step.
+                    stats.add_micro_batch(outputs.loss, _objective_losses(outputs))
+                    accelerator.backward(outputs.loss)
                     if accelerator.sync_gradients:
-                        if not step_bad and args.max_grad_norm > 0:
+                        bad = stats.step_nonfinite
+                        if args.max_grad_norm > 0:
                             grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                            if (
-                                grad_norm is not None
-                                and not torch.isfinite(torch.as_tensor(grad_norm))
-                                and args.mixed_precision != "fp16"
-                            ):
-                                if args.nan_policy == "stop":
-                                    raise NonFiniteLossError(
-                                        f"Non-finite gradient norm at step {global_step + 1}; the weights were not "
-                                        "updated. Lower --learning_rate or pass --nan_policy skip."
-                                    )
-                                logger.warning(
-                                    "Non-finite gradient norm at step %d: skipping the step.", global_step + 1
-                                )
-                                step_bad = True
-                        if not step_bad:
+                            if grad_norm is not None and accelerator.mixed_precision != "fp16":
+                                bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device))
+                        if accelerator.num_processes > 1:
+                            # One reduction per optimizer step (not per micro-batch): every process skips alike.
+                            bad = accelerator.reduce(bad.float(), "sum") > 0
+                        if device_side_skip:
+                            inner_optimizer.found_inf = bad.float()
+                            try:
+                                optimizer.step()
+                            finally:
+                                del inner_optimizer.found_inf
+                        elif accelerator.mixed_precision == "fp16" or not bool(bad):
                             optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
+                        stats.end_step(global_step + 1, bad)
                 micro += 1
                 if not accelerator.sync_gradients:
                     continue
@@ -1136,21 +1170,13 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
                 scheduler.step()
                 global_step += 1
                 micro = 0
-                if step_bad:
-                    state["nan_steps_skipped"] += 1
-                else:
-                    state["loss_sum"] += step_loss
-                    state["logged_steps"] += 1
-                    for name, value in step_objectives.items():
-                        state["objective_sums"][name] = state["objective_sums"].get(name, 0.0) + value
-                    window_loss += step_loss
-                    window_steps += 1
-                    for name, value in step_objectives.items():
-                        window_objectives[name] = window_objectives.get(name, 0.0) + value
-                step_loss, step_objectives, step_bad = 0.0, {}, False
                 if progress is not None:
                     progress.update(1)
-                if global_step % args.logging_steps == 0 or global_step == max_steps:
+                logging_step = global_step % args.logging_steps == 0 or global_step == max_steps
+                checkpoint_step = bool(args.checkpointing_steps) and global_step % args.checkpointing_steps == 0
+                if logging_step or checkpoint_step:
+                    flush_stats()
+                if logging_step:
                     elapsed = time.perf_counter() - window_start
                     logs = {
                         "loss": window_loss / max(window_steps, 1),
@@ -1171,7 +1197,7 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
                         ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()),
                     )
                     window_start, window_steps, window_loss, window_objectives = time.perf_counter(), 0, 0.0, {}
-                if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                if checkpoint_step:
                     state["global_step"] = global_step
                     runtime = state["runtime_before"] + time.perf_counter() - start_time
                     save_training_checkpoint(
@@ -1180,9 +1206,10 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
                         global_step,
                         {**state, "runtime_before": runtime, "scheduler": scheduler.state_dict()},
                         stream_state=tracker.state_dict() if tracker is not None else None,
+                        identity=identity,
                     )
                     if accelerator.is_main_process:
-                        rotate_checkpoints(output_dir, args.save_total_limit)
+                        rotate_checkpoints(output_dir, args.save_total_limit, run_id=identity["run_id"])
                 if global_step >= max_steps:
                     done = True
                     break
@@ -1193,6 +1220,7 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
                     f"{max(1, args.dataloader_num_workers)} workers); lower --per_device_train_batch_size or "
                     "--dataloader_num_workers."
                 )
+        flush_stats()
     finally:
         if progress is not None:
             progress.close()
@@ -1212,6 +1240,8 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
         "num_processes": accelerator.num_processes,
         "mask_strategy": args.mask_strategy,
         "mask_ratio": args.mask_ratio,
+        "mixed_precision": accelerator.mixed_precision,
+        "run_id": identity["run_id"],
         "teacher": teacher_record(args, config),
         "bad_samples_skipped": state["bad_samples_skipped"],
         "bad_shards_skipped": len(corpus.skipped_shards),
@@ -1221,10 +1251,16 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
     # The saved config describes the model, not this run's teacher availability.
     for name, value in original_weights.items():
         setattr(unwrapped.config, name, value)
+    # Under FSDP the parameters are sharded: gather a full state dict (a collective: every process takes part).
+    full_state_dict = (
+        accelerator.get_state_dict(model) if accelerator.distributed_type == DistributedType.FSDP else None
+    )
     if accelerator.is_main_process:
-        save_final_model(unwrapped, processor, output_dir)
-        (output_dir / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        (output_dir / TEACHER_RECORD).write_text(json.dumps(teacher_record(args, config), indent=2) + "\n")
+        with explain_disk_full(output_dir, "the final model, train_results.json and the model card"):
+            save_final_model(unwrapped, processor, output_dir, state_dict=full_state_dict)
+            (output_dir / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
+            (output_dir / TEACHER_RECORD).write_text(json.dumps(teacher_record(args, config), indent=2) + "\n")
+            write_pretraining_model_card(output_dir, unwrapped.config, args, results)
         if args.push_to_hub:
             from ..hub.publish import push_checkpoint
 
@@ -1238,6 +1274,125 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+# Settings that change a run's result: resuming with other values is refused (see `check_resume_settings`).
+RESULT_SETTINGS = (
+    "dataset_name",
+    "dataset_config_name",
+    "train_split_name",
+    "train_file",
+    "video_column",
+    "caption_column",
+    "video_path_template",
+    "streaming",
+    "shuffle_buffer_size",
+    "num_train_clips",
+    "synthetic_seed",
+    "max_train_samples",
+    "max_text_length",
+    "frame_sampling",
+    "teacher_name_or_path",
+    "teacher_targets",
+    "mask_strategy",
+    "mask_ratio",
+    "dc_ratio",
+    "dpc_k",
+    "mask_features",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "warmup_ratio",
+    "seed",
+)
+OBJECTIVE_WEIGHTS = (
+    "contrastive_loss_weight",
+    "relevance_loss_weight",
+    "matching_loss_weight",
+    "mlm_loss_weight",
+    "alignment_loss_weight",
+)
+
+
+def result_settings(
+    args: PretrainingArguments, config: Any, accelerator: Accelerator, train_dataset: Any = None
+) -> dict[str, Any]:
+    """The settings of this run that change its result (recorded in every checkpoint as the run's identity): the
+    data, masking, batch and optimizer flags, the objective weights in effect, the number of processes and the
+    precision actually used. `--max_steps` is left out on purpose: extending a run is what resuming is for."""
+    settings: dict[str, Any] = {name: getattr(args, name) for name in RESULT_SETTINGS}
+    settings.update({name: getattr(config, name, None) for name in OBJECTIVE_WEIGHTS})
+    settings["num_processes"] = accelerator.num_processes
+    settings["mixed_precision"] = accelerator.mixed_precision
+    if train_dataset is not None:
+        settings["train_dataset"] = getattr(train_dataset, "_fingerprint", None) or f"{len(train_dataset)} rows"
+    return settings
+
+
+def log_precision(args: PretrainingArguments, accelerator: Accelerator) -> None:
+    """Says which precision the run uses and who decided it (the launcher, or an explicit --mixed_precision)."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if args.mixed_precision is None:
+        logger.info(
+            "Mixed precision: %s (%s).",
+            accelerator.mixed_precision,
+            "from the launcher" if launcher else "default; no launcher setting",
+        )
+    elif launcher and launcher != args.mixed_precision:
+        logger.warning(
+            "Mixed precision: --mixed_precision %s overrides the launcher's %s.", args.mixed_precision, launcher
+        )
+    else:
+        logger.info("Mixed precision: %s (--mixed_precision).", args.mixed_precision)
+
+
+def warn_unhonoured_distributed_type(accelerator: Accelerator) -> None:
+    """Warns when the launcher asked for FSDP or DeepSpeed but Accelerate set up something else (e.g. FSDP on CPU
+    processes runs as plain DDP, every process holding every parameter)."""
+    requested = None
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        requested = DistributedType.FSDP
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
+        requested = DistributedType.DEEPSPEED
+    if requested is not None and accelerator.distributed_type != requested:
+        logger.warning(
+            "The launch asked for %s, but Accelerate runs this job as %s (device %s): parameters are not sharded. "
+            "FSDP and DeepSpeed need CUDA devices here.",
+            requested.value,
+            accelerator.distributed_type.value,
+            accelerator.device,
+        )
+
+
+def write_pretraining_model_card(
+    output_dir: str | os.PathLike, config: Any, args: PretrainingArguments, results: dict[str, Any]
+) -> Path:
+    """Writes `output_dir/README.md` (see `clusterstm.hub.model_card`), so that `clusterstm push` accepts a
+    pretraining output as it is. Local model and teacher folders are named by their folder name only."""
+    from ..hub.model_card import write_model_card
+
+    data = args.dataset_name or (Path(args.train_file).name if args.train_file else None)
+    run_info = {
+        "model_name": args.hub_model_id.split("/")[-1] if args.hub_model_id else Path(output_dir).resolve().name,
+        "base_model": args.model_name_or_path,
+        "teacher": args.teacher_name_or_path,
+        "mask_strategy": args.mask_strategy,
+        "mask_ratio": args.mask_ratio,
+        "steps": results["global_step"],
+        "batch_size": results["train_global_batch_size"],
+        "learning_rate": args.learning_rate,
+        "train_data": data,
+    }
+    if args.hub_model_id:
+        run_info["repo_id"] = args.hub_model_id
+    return write_model_card(output_dir, config, {k: v for k, v in run_info.items() if v is not None})
 
 
 def teacher_record(args: PretrainingArguments, config: Any) -> dict[str, Any]:
@@ -1261,8 +1416,23 @@ def teacher_record(args: PretrainingArguments, config: Any) -> dict[str, Any]:
     return record
 
 
-def save_final_model(model: Any, processor: Any, output_dir: str | os.PathLike) -> Path:
-    """Saves the student (never the teacher) and its processor as a Hub-ready folder (remote code + auto_map)."""
+def save_final_model(
+    model: Any, processor: Any, output_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Saves the student (never the teacher) and its processor as a Hub-ready folder (remote code + auto_map).
+
+    `state_dict`: a gathered full state dict (FSDP), saved instead of the module's own (sharded) one."""
+    if state_dict is not None:
+        import functools
+
+        from ..hub.export import save_checkpoint
+
+        # `save_checkpoint` calls `model.save_pretrained(folder)`: give that call the gathered weights.
+        model.save_pretrained = functools.partial(type(model).save_pretrained, model, state_dict=state_dict)
+        try:
+            return save_checkpoint(model, output_dir, processor=processor)
+        finally:
+            del model.save_pretrained
     try:
         from ..hub.export import save_checkpoint
     except ImportError as error:  # only while the package is partially installed
