@@ -668,7 +668,12 @@ def pretraining_forward(
             cls_attention=targets.cls_attention if targets is not None else None,
         )
     if mask is not None:
-        inputs["bool_masked_pos"] = mask.to(inputs["pixel_values"].device)
+        from ..models.masking_clusterstm import num_visible_tokens
+
+        inputs["bool_masked_pos"] = mask.to(inputs["pixel_values"].device, non_blocking=True)
+        # Every frame keeps the same K (the mask builder's and the cache's contract): given K, the model sizes its
+        # kept-token tensors without reading the mask back to the host (and compiles without a graph break).
+        inputs["num_visible_tokens"] = num_visible_tokens(mask.shape[-1], args.mask_ratio)
     return model(**inputs)
 
 
@@ -864,6 +869,8 @@ def run_pretraining(args: PretrainingArguments, train_dataset: Any = None) -> di
                     getattr(config, name),
                 )
                 setattr(config, name, 0.0)
+    # Objectives weighted 0 above: their modules are frozen so that every trainable parameter gets a gradient.
+    model.sync_objective_trainability()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
