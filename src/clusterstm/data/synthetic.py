@@ -421,9 +421,7 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np
     raise ValueError(f"Unknown shape {shape!r}.")
 
 
-def render_object_labels(
-    rows: list[dict[str, Any]], config: SyntheticVideoTextConfig
-) -> tuple[np.ndarray, np.ndarray]:
+def render_object_labels(rows: list[dict[str, Any]], config: SyntheticVideoTextConfig) -> tuple[np.ndarray, np.ndarray]:
     """
     Where every object of every clip is drawn, pixel by pixel (the geometry [`render_clips`] paints).
 

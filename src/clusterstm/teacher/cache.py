@@ -267,9 +267,7 @@ class PrecomputeTargetsArguments:
     dpc_k: int = field(default=5, metadata={"help": "Cluster masking DPC-KNN neighbours."})
     mask_features: str = field(default="teacher", metadata={"help": "Cluster masking features: teacher or patch."})
     seed: int = field(default=42, metadata={"help": "Seed of the stored attention-guided masks."})
-    per_device_batch_size: int = field(
-        default=16, metadata={"help": "Clips per teacher forward (alias --batch_size)."}
-    )
+    per_device_batch_size: int = field(default=16, metadata={"help": "Clips per teacher forward (alias --batch_size)."})
     shard_size: int = field(default=10000, metadata={"help": "Rows per parquet shard."})
     device: str | None = field(default=None, metadata={"help": "Teacher device (default: cuda if available)."})
 
@@ -452,9 +450,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `--batch_size` is an alias of `--per_device_batch_size`.
     argv = ["--per_device_batch_size" if a == "--batch_size" else a for a in argv]
-    argv = [
-        a.replace("--batch_size=", "--per_device_batch_size=", 1) if a.startswith("--batch_size=") else a for a in argv
-    ]
+    argv = [a.replace("--batch_size=", "--per_device_batch_size=", 1) if a.startswith("--batch_size=") else a for a in argv]
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     (args,) = HfArgumentParser(PrecomputeTargetsArguments).parse_args_into_dataclasses(args=argv)
     stats = write_teacher_targets(args)

@@ -44,10 +44,7 @@ def check_teacher_compatibility(
     grid = (int(vision.image_size) // patch, int(vision.image_size) // patch)
     input_size = teacher.input_size_for_grid(grid, patch)
 
-    if (
-        getattr(student_config, "alignment_loss_weight", 0) > 0
-        and teacher.hidden_size != student_config.teacher_hidden_size
-    ):
+    if getattr(student_config, "alignment_loss_weight", 0) > 0 and teacher.hidden_size != student_config.teacher_hidden_size:
         raise ValueError(
             f"Unmasked-token alignment needs the teacher's patch-token width: the teacher "
             f"({teacher.adapter.describe()}) has width {teacher.hidden_size} but the student's alignment head outputs "

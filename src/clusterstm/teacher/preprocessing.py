@@ -51,9 +51,7 @@ class ImageNormalization:
         if getattr(processor, "image_mean", None) is None or getattr(processor, "image_std", None) is None:
             raise ValueError(f"{type(processor).__name__} has no image_mean / image_std to normalise frames with.")
         keys = ("image_mean", "image_std", "rescale_factor", "do_rescale", "do_normalize")
-        return cls.from_values(
-            {key: getattr(processor, key) for key in keys if getattr(processor, key, None) is not None}
-        )
+        return cls.from_values({key: getattr(processor, key) for key in keys if getattr(processor, key, None) is not None})
 
     @classmethod
     def from_values(cls, values: dict[str, Any], defaults: ImageNormalization | None = None) -> ImageNormalization:

@@ -92,9 +92,7 @@ def compute_teacher_targets(
         ids = teacher_input_ids if teacher_input_ids is not None else input_ids
         mask = teacher_attention_mask if teacher_input_ids is not None else attention_mask
         if ids is None:
-            raise ValueError(
-                "compute_teacher_targets: the relevance needs the captions (input_ids or teacher_input_ids)."
-            )
+            raise ValueError("compute_teacher_targets: the relevance needs the captions (input_ids or teacher_input_ids).")
         if ids.shape[0] != frames.shape[0]:
             raise ValueError(
                 f"compute_teacher_targets: {ids.shape[0]} captions for {frames.shape[0]} videos; one caption per video."

@@ -236,9 +236,7 @@ class ClusterSTMTeacher(nn.Module):
         """Makes the teacher build its frames from a student's `pixel_values` (see [`frames_from_student`])."""
         self.student_frames = student_frames
 
-    def frames_from_student(
-        self, pixel_values: torch.Tensor, student_frames: StudentFrames | None = None
-    ) -> torch.Tensor:
+    def frames_from_student(self, pixel_values: torch.Tensor, student_frames: StudentFrames | None = None) -> torch.Tensor:
         """
         The teacher's frames made from the student's normalised frames `(B, T, 3, H, W)`: the first frame of every
         tubelet, the student's normalisation undone (exact: it is affine), resized (bicubic) to the size at which the
@@ -247,9 +245,7 @@ class ClusterSTMTeacher(nn.Module):
         """
         spec = student_frames if student_frames is not None else self.student_frames
         if spec is None:
-            raise ValueError(
-                "frames_from_student needs the student's frame settings: call check_teacher_compatibility."
-            )
+            raise ValueError("frames_from_student needs the student's frame settings: call check_teacher_compatibility.")
         _check_video(pixel_values)
         frames = pixel_values[:, :: spec.tubelet_size].to(device=self.device, dtype=torch.float32)
         size = self.input_size_for_grid(spec.grid(*frames.shape[-2:]), spec.patch_size)
@@ -279,15 +275,9 @@ class ClusterSTMTeacher(nn.Module):
         model_max = getattr(self.tokenizer, "model_max_length", None)
         if max_length is None:
             max_length = model_max if isinstance(model_max, int) and 0 < model_max <= 4096 else 77
-        tokens = self.tokenizer(
-            list(captions), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
+        tokens = self.tokenizer(list(captions), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         input_ids, attention_mask = self._prepare_ids(tokens["input_ids"], tokens.get("attention_mask"))
-        return (
-            {"input_ids": input_ids}
-            if attention_mask is None
-            else {"input_ids": input_ids, "attention_mask": attention_mask}
-        )
+        return {"input_ids": input_ids} if attention_mask is None else {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def _prepare_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
         pad_token_id = getattr(self.tokenizer, "pad_token_id", None)

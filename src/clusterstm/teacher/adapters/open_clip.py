@@ -144,9 +144,7 @@ class OpenCLIPTokenizer:
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
 
-def load_open_clip(
-    path: str, dtype: torch.dtype | None = None
-) -> tuple[nn.Module, OpenCLIPTokenizer, ImageNormalization]:
+def load_open_clip(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, OpenCLIPTokenizer, ImageNormalization]:
     """Loads an open_clip folder (`open_clip_config.json` + `*.safetensors`): model, tokenizer, image statistics."""
     import json
 

@@ -34,7 +34,5 @@ class Siglip2Adapter(SiglipAdapter):
         patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(m, grid_h * grid_w, p * p * c)
         spatial_shapes = torch.tensor([[grid_h, grid_w]], device=frames.device).expand(m, 2)
         mask = torch.ones(m, grid_h * grid_w, dtype=torch.long, device=frames.device)
-        output = self.model.vision_model(
-            pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=spatial_shapes
-        )
+        output = self.model.vision_model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=spatial_shapes)
         return output.last_hidden_state
