@@ -244,10 +244,16 @@ def video_text_matching_loss(
     attention_mask: torch.Tensor,
     video_tokens: torch.Tensor,
     logits_per_text: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Video-text matching (binary) loss on the positive pairs plus one hard negative video per text and one hard negative
     text per video, drawn in proportion to their contrastive similarity (the positive is never drawn).
+
+    With `input_ids`, a pair whose caption is identical to the positive's (token for token under the attention mask)
+    is a positive too, so it is never drawn as a negative: labelling it "no match" would teach the head the opposite
+    of what it should learn (synthetic and web corpora repeat captions). A row whose every other caption is identical
+    falls back to drawing among all other rows.
 
     Args:
         fusion_model: the fusion layers ([`ClusterSTMTextFusionModel`]); they cross-attend to `video_tokens`.
@@ -256,12 +262,20 @@ def video_text_matching_loss(
         attention_mask: text attention mask, `(B, L)`.
         video_tokens: video tower tokens, `(B, M, H_v)`.
         logits_per_text: contrastive logits, `(B, B)`, row `i` = text `i`.
+        input_ids: the captions' token ids `(B, L)`, *optional*: masks duplicated captions out of the negatives.
     """
     batch_size = text_hidden_states.shape[0]
     with torch.no_grad():
         eye = torch.eye(batch_size, dtype=torch.bool, device=logits_per_text.device)
-        weights_text_to_video = logits_per_text.float().softmax(dim=1).add(1e-8).masked_fill(eye, 0.0)
-        weights_video_to_text = logits_per_text.t().float().softmax(dim=1).add(1e-8).masked_fill(eye, 0.0)
+        excluded = eye
+        if input_ids is not None:
+            ids = input_ids.masked_fill(attention_mask == 0, -1)
+            same_caption = (ids[:, None, :] == ids[None, :, :]).all(-1).to(eye.device)
+            # Rows left with no negative keep the plain rule (the diagonal only) instead of failing to sample.
+            has_negative = (~same_caption).any(dim=1, keepdim=True)
+            excluded = torch.where(has_negative, same_caption, eye)
+        weights_text_to_video = logits_per_text.float().softmax(dim=1).add(1e-8).masked_fill(excluded, 0.0)
+        weights_video_to_text = logits_per_text.t().float().softmax(dim=1).add(1e-8).masked_fill(excluded, 0.0)
         negative_videos = torch.multinomial(weights_text_to_video, 1).squeeze(1)
         negative_texts = torch.multinomial(weights_video_to_text, 1).squeeze(1)
     texts = torch.cat([text_hidden_states, text_hidden_states, text_hidden_states[negative_texts]], dim=0)
@@ -1656,6 +1670,7 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
                 attention_mask,
                 video_tokens,
                 logits_per_text,
+                input_ids=input_ids,
             )
 
         # CODEPATH: loss weight (training setting); 0 skips masked language modelling.
@@ -1997,6 +2012,7 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
                 attention_mask,
                 outputs.vision_model_output.last_hidden_state,
                 outputs.logits_per_text,
+                input_ids=input_ids,
             )
             loss = loss + self.config.matching_loss_weight * matching_loss
 
