@@ -31,7 +31,12 @@ from pathlib import Path
 
 import torch
 
-from clusterstm.data.synthetic import SyntheticVideoTextConfig, generate_split_metadata, object_token_masks, render_clips
+from clusterstm.data.synthetic import (
+    SyntheticVideoTextConfig,
+    generate_split_metadata,
+    object_token_masks,
+    render_clips,
+)
 from clusterstm.teacher.dense import RELEVANCE_METHODS
 from clusterstm.teacher.localization import relevance_localization
 from clusterstm.teacher.targets import compute_teacher_targets
