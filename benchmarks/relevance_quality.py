@@ -52,6 +52,7 @@ def evaluate(
     batch_size: int = 16,
     min_coverage: float = 0.25,
     seed: int = 0,
+    max_text_length: int = 32,
 ) -> dict:
     """Scores every (method, window size) on the first `num_clips` clips of `split`."""
     teacher = ClusterSTMTeacher.from_pretrained(teacher_path).eval()
@@ -69,7 +70,7 @@ def evaluate(
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         frames = teacher.prepare_frames(torch.from_numpy(render_clips(chunk, config)))
-        text = teacher.prepare_text([row["caption"] for row in chunk])
+        text = teacher.prepare_text([row["caption"] for row in chunk], max_length=max_text_length)
         for method in methods:
             for window in window_sizes:
                 targets = compute_teacher_targets(
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--window_sizes", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--methods", nargs="+", default=list(RELEVANCE_METHODS), choices=RELEVANCE_METHODS)
     parser.add_argument("--min_coverage", type=float, default=0.25)
+    parser.add_argument("--max_text_length", type=int, default=32, help="Caption tokens (the tiny teacher's 32).")
     parser.add_argument("--num_threads", type=int, default=None)
     parser.add_argument("--output_dir", default=None, help="Writes relevance_quality.{md,json} there.")
     args = parser.parse_args(argv)
@@ -166,7 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.num_threads)
     load_before = [round(x, 2) for x in os.getloadavg()]
     start = time.perf_counter()
-    report = evaluate(args.teacher, args.num_clips, args.window_sizes, args.methods, args.split, min_coverage=args.min_coverage)
+    report = evaluate(
+        args.teacher, args.num_clips, args.window_sizes, args.methods, args.split,
+        min_coverage=args.min_coverage, max_text_length=args.max_text_length,
+    )
     report.update(
         command="python benchmarks/relevance_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
         wall_time_s=time.perf_counter() - start,

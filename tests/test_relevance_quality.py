@@ -197,3 +197,40 @@ def test_relevance_method_errors():
         compute_teacher_targets(_teacher("clip"), pixels, ids, window_size=1, relevance_method="gradcam")
     with pytest.raises(ValueError, match="supports only relevance_method='window'"):
         compute_teacher_targets(_teacher("siglip"), pixels, ids, window_size=1, relevance_method="maskclip")
+
+
+def test_relevance_quality_benchmark_end_to_end(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    vision = {**VISION, "image_size": 64, "patch_size": 16}
+    folder = tmp_path / "teacher"
+    text = {**TEXT, "max_position_embeddings": 32}
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)).save_pretrained(folder)
+    backend = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "[PAD]": 1, "red": 2, "circle": 3}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "relevance_quality.py"
+    spec = importlib.util.spec_from_file_location("relevance_quality", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "out"
+    argv = ["--teacher", str(folder), "--num_clips", "3", "--window_sizes", "1", "3", "--output_dir", str(out)]
+    report = module.main(argv)
+    assert [(r["method"], r["window_size"]) for r in report["results"]] == [
+        (m, w) for m in ("window", "maskclip", "clearclip") for w in (1, 3)
+    ]
+    for row in report["results"]:
+        assert 0.0 <= row["pointing_game"] <= 1.0 and 0.0 <= row["auc"] <= 1.0
+    assert json.loads((out / "relevance_quality.json").read_text())["num_clips"] == 3
+    assert "| maskclip | 3x3 |" in (out / "relevance_quality.md").read_text()
+    with pytest.raises(ValueError, match="native size"):
+        small = tmp_path / "small"
+        CLIPModel(CLIPConfig(text_config=text, vision_config=VISION, projection_dim=24)).save_pretrained(small)
+        PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(small)
+        module.evaluate(str(small), 1, [1], ["window"])
