@@ -57,3 +57,11 @@ def test_padding_is_ignored_and_all_duplicate_rows_fall_back():
     loss = video_text_matching_loss(fusion, head, texts, torch.ones(3, 3), videos, torch.zeros(3, 3), input_ids=same)
     assert torch.isfinite(loss)
     assert all(text != video for text, video in fusion.pairs[3:].tolist())
+
+
+def test_matching_features_is_the_caption_token_mean():
+    from clusterstm.models.modeling_clusterstm import matching_features
+
+    fused = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]], [[5.0, 6.0], [0.0, 0.0], [-9.0, 9.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert torch.equal(matching_features(fused, mask), torch.tensor([[2.0, 3.0], [5.0, 6.0]]))
