@@ -421,14 +421,15 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np
     raise ValueError(f"Unknown shape {shape!r}.")
 
 
-def render_clips(rows: list[dict[str, Any]], config: SyntheticVideoTextConfig) -> np.ndarray:
+def render_object_labels(rows: list[dict[str, Any]], config: SyntheticVideoTextConfig) -> tuple[np.ndarray, np.ndarray]:
     """
-    Render clips from their metadata (as returned by [`generate_split_metadata`]).
+    Where every object of every clip is drawn, pixel by pixel (the geometry [`render_clips`] paints).
 
     Returns:
-        `np.ndarray` uint8 of shape `(len(rows), num_frames, image_size, image_size, 3)`.
+        `labels`: `np.ndarray` int8 `(len(rows), num_frames, image_size, image_size)`, the index of the object (in
+        `row["objects"]`, the caption's order) covering each pixel, `-1` for background; and `palette`: float32
+        `(len(rows), max_objects + 1, 3)`, each object's RGB colour.
     """
-    background = _render_backgrounds(rows, config)
     n, t_len, size = len(rows), config.num_frames, config.image_size
     alpha = np.linspace(0.0, 1.0, t_len, dtype=np.float32)[None, :, None, None]  # (1, T, 1, 1)
     grid = np.arange(size, dtype=np.float32) + 0.5
@@ -456,12 +457,58 @@ def render_clips(rows: list[dict[str, Any]], config: SyntheticVideoTextConfig) -
             mask = _shape_mask(shape, grid[None, None, None, :] - cx, grid[None, None, :, None] - cy, r)
             labels[idx] = np.where(mask, np.int8(slot), labels[idx])
             palette[idx, slot] = [COLOURS[o["colour"]] for o in objs]
+    return labels, palette
+
+
+def render_clips(rows: list[dict[str, Any]], config: SyntheticVideoTextConfig) -> np.ndarray:
+    """
+    Render clips from their metadata (as returned by [`generate_split_metadata`]).
+
+    Returns:
+        `np.ndarray` uint8 of shape `(len(rows), num_frames, image_size, image_size, 3)`.
+    """
+    background = _render_backgrounds(rows, config)
+    n = len(rows)
+    labels, palette = render_object_labels(rows, config)
+    max_objects = palette.shape[1] - 1
     video = np.clip(np.rint(background), 0, 255).astype(np.uint8)
     if max_objects:
         drawn = labels >= 0
         clip_index = np.broadcast_to(np.arange(n)[:, None, None, None], labels.shape)
         video[drawn] = palette[clip_index[drawn], labels[drawn]].astype(np.uint8)
     return video
+
+
+def object_token_masks(
+    rows: list[dict[str, Any]],
+    config: SyntheticVideoTextConfig,
+    patch_size: int,
+    tubelet_size: int = 1,
+    min_coverage: float = 0.25,
+) -> np.ndarray:
+    """
+    Which patch tokens of every frame show an object the caption names (every object of a synthetic clip is named).
+
+    The token grid is the one a ViT with `patch_size` and `tubelet_size` lays on the clip: token `(t, i)` is the
+    `patch_size x patch_size` patch `i` (row-major) of frame `t * tubelet_size` (the first frame of the tubelet, the
+    frame the teacher sees). A token counts as on an object when at least `min_coverage` of its pixels are object
+    pixels.
+
+    Returns:
+        `np.ndarray` bool of shape `(len(rows), num_frames // tubelet_size, (image_size // patch_size) ** 2)`.
+    """
+    if patch_size < 1 or config.image_size % patch_size:
+        raise ValueError(f"`patch_size` ({patch_size}) must divide the image size ({config.image_size}).")
+    if tubelet_size < 1 or config.num_frames % tubelet_size:
+        raise ValueError(f"`tubelet_size` ({tubelet_size}) must divide the number of frames ({config.num_frames}).")
+    if not 0.0 < min_coverage <= 1.0:
+        raise ValueError(f"`min_coverage` must be in (0, 1], got {min_coverage}.")
+    labels, _ = render_object_labels(rows, config)
+    covered = (labels[:, ::tubelet_size] >= 0).astype(np.float32)  # (B, T', H, W)
+    b, t = covered.shape[:2]
+    side = config.image_size // patch_size
+    fraction = covered.reshape(b, t, side, patch_size, side, patch_size).mean(axis=(3, 5))
+    return (fraction >= min_coverage).reshape(b, t, side * side)
 
 
 def _iter_chunks(rows: list[dict[str, Any]], chunk_size: int) -> Iterator[list[dict[str, Any]]]:

@@ -237,6 +237,21 @@ def video_text_contrastive_loss(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def matching_features(fused: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """
+    What the matching head reads: the mean of the fused text states over the caption's tokens (`attention_mask`),
+    `(B, L, H)` -> `(B, H)`.
+
+    Why not the fused `[CLS]` alone (BLIP's choice, with a pretrained BERT): from scratch, it is the word tokens whose
+    cross-attention first finds what they name in the video, and the `[CLS]` state hardly depends on either input at
+    initialisation, so a head on it sits at the 1:2 prior (entropy 0.637). Measured with
+    `benchmarks/matching_probe.py` (fusion layers and head trained on fixed tower outputs): `[CLS]` stays at
+    0.6366 for 150 steps at lr 5e-4 and 1e-4, the token mean leaves it (see docs/RESULTS.md).
+    """
+    weights = attention_mask.to(fused.dtype)[..., None]
+    return (fused * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
 def video_text_matching_loss(
     fusion_model: nn.Module,
     itm_head: nn.Module,
@@ -244,31 +259,45 @@ def video_text_matching_loss(
     attention_mask: torch.Tensor,
     video_tokens: torch.Tensor,
     logits_per_text: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Video-text matching (binary) loss on the positive pairs plus one hard negative video per text and one hard negative
     text per video, drawn in proportion to their contrastive similarity (the positive is never drawn).
 
+    With `input_ids`, a pair whose caption is identical to the positive's (token for token under the attention mask)
+    is a positive too, so it is never drawn as a negative: labelling it "no match" would teach the head the opposite
+    of what it should learn (synthetic and web corpora repeat captions). A row whose every other caption is identical
+    falls back to drawing among all other rows.
+
     Args:
         fusion_model: the fusion layers ([`ClusterSTMTextFusionModel`]); they cross-attend to `video_tokens`.
-        itm_head: maps the fused `[CLS]` state to two logits (no match / match).
+        itm_head: maps the fused text states' mean ([`matching_features`]) to two logits (no match / match).
         text_hidden_states: output of the text tower's text-only layers, `(B, L, H)`.
         attention_mask: text attention mask, `(B, L)`.
         video_tokens: video tower tokens, `(B, M, H_v)`.
         logits_per_text: contrastive logits, `(B, B)`, row `i` = text `i`.
+        input_ids: the captions' token ids `(B, L)`, *optional*: masks duplicated captions out of the negatives.
     """
     batch_size = text_hidden_states.shape[0]
     with torch.no_grad():
         eye = torch.eye(batch_size, dtype=torch.bool, device=logits_per_text.device)
-        weights_text_to_video = logits_per_text.float().softmax(dim=1).add(1e-8).masked_fill(eye, 0.0)
-        weights_video_to_text = logits_per_text.t().float().softmax(dim=1).add(1e-8).masked_fill(eye, 0.0)
+        excluded = eye
+        if input_ids is not None:
+            ids = input_ids.masked_fill(attention_mask == 0, -1)
+            same_caption = (ids[:, None, :] == ids[None, :, :]).all(-1).to(eye.device)
+            # Rows left with no negative keep the plain rule (the diagonal only) instead of failing to sample.
+            has_negative = (~same_caption).any(dim=1, keepdim=True)
+            excluded = torch.where(has_negative, same_caption, eye)
+        weights_text_to_video = logits_per_text.float().softmax(dim=1).add(1e-8).masked_fill(excluded, 0.0)
+        weights_video_to_text = logits_per_text.t().float().softmax(dim=1).add(1e-8).masked_fill(excluded, 0.0)
         negative_videos = torch.multinomial(weights_text_to_video, 1).squeeze(1)
         negative_texts = torch.multinomial(weights_video_to_text, 1).squeeze(1)
     texts = torch.cat([text_hidden_states, text_hidden_states, text_hidden_states[negative_texts]], dim=0)
     masks = torch.cat([attention_mask, attention_mask, attention_mask[negative_texts]], dim=0)
     videos = torch.cat([video_tokens, video_tokens[negative_videos], video_tokens], dim=0)
     fused = fusion_model(texts, videos, attention_mask=masks)
-    logits = itm_head(fused[:, 0]).float()
+    logits = itm_head(matching_features(fused, masks)).float()
     labels = torch.zeros(3 * batch_size, dtype=torch.long, device=logits.device)
     labels[:batch_size] = 1
     return nn.functional.cross_entropy(logits, labels)
@@ -1660,6 +1689,7 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
                 attention_mask,
                 video_tokens,
                 logits_per_text,
+                input_ids=input_ids,
             )
 
         # CODEPATH: loss weight (training setting); 0 skips masked language modelling.
@@ -1892,12 +1922,15 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Probability `(batch_size,)` that text `i` matches video `i` (the matching head on the fused [CLS])."""
+        """Probability `(batch_size,)` that text `i` matches video `i` (the matching head on the fused text states'
+        mean, see [`matching_features`])."""
         if video_tokens.shape[0] != input_ids.shape[0]:
             raise ValueError(f"Got {video_tokens.shape[0]} videos for {input_ids.shape[0]} texts; pass pairs.")
         text = self.clusterstm.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         fused = self.fusion_model(text, video_tokens, attention_mask=attention_mask)
-        return self.itm_head(fused[:, 0]).float().softmax(dim=-1)[:, 1]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.itm_head(matching_features(fused, attention_mask)).float().softmax(dim=-1)[:, 1]
 
     def rerank(
         self,
@@ -2001,6 +2034,7 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
                 attention_mask,
                 outputs.vision_model_output.last_hidden_state,
                 outputs.logits_per_text,
+                input_ids=input_ids,
             )
             loss = loss + self.config.matching_loss_weight * matching_loss
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .dense import check_relevance_method
 from .teacher import ClusterSTMTeacher
 
 
@@ -47,6 +48,7 @@ def compute_teacher_targets(
     teacher_pixel_values: torch.Tensor | None = None,
     teacher_input_ids: torch.Tensor | None = None,
     teacher_attention_mask: torch.Tensor | None = None,
+    relevance_method: str = "window",
 ) -> TeacherTargets:
     """
     Runs the frozen `teacher` (eval mode, no gradient) once over a batch and returns the requested targets.
@@ -61,6 +63,11 @@ def compute_teacher_targets(
         input_ids, attention_mask (*optional*): the captions, tokenised for the teacher unless `teacher_input_ids` /
             `teacher_attention_mask` (the teacher tokenizer's ids) are given. Needed for the relevance.
         window_size (`int`): odd window of the relevance pooling (`config.relevance_window_size`).
+        relevance_method (`str`, *optional*, defaults to `"window"`): which tokens the window pooler reads:
+            `"window"` the tower's last hidden states (Algorithm III), `"maskclip"` the value path of the last
+            attention layer (Zhou et al., ECCV 2022), `"clearclip"` the last attention without residual and
+            feed-forward (Lan et al., ECCV 2024); see `clusterstm.teacher.dense`. Only CLIP-like teachers support
+            the last two (a `ValueError` otherwise). They cost one more tower pass.
         need_relevance / need_patch_tokens / need_cls_attention (`bool`): which targets to return; the others are
             `None` (patch tokens are large: ~`T * N * C * 4` bytes per clip).
 
@@ -71,6 +78,7 @@ def compute_teacher_targets(
         return TeacherTargets()
     if window_size < 1 or window_size % 2 == 0:
         raise ValueError(f"window_size must be an odd integer >= 1, got {window_size}.")
+    check_relevance_method(relevance_method)
     teacher.eval()
     if teacher_pixel_values is not None:
         frames = teacher_pixel_values
@@ -90,7 +98,11 @@ def compute_teacher_targets(
                 f"compute_teacher_targets: {ids.shape[0]} captions for {frames.shape[0]} videos; one caption per video."
             )
         text_embeds = teacher.encode_text(ids, mask)
-        relevance = teacher.relevance(video.patch_tokens, text_embeds, window_size).float()
+        tokens = video.patch_tokens
+        # CODEPATH: relevance_method ("window" default = Algorithm III; "maskclip" / "clearclip" dense readings).
+        if relevance_method != "window":
+            tokens = teacher.encode_dense(frames, relevance_method)
+        relevance = teacher.relevance(tokens, text_embeds, window_size).float()
     return TeacherTargets(
         relevance=relevance,
         patch_tokens=video.patch_tokens if need_patch_tokens else None,

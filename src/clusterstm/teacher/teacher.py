@@ -313,6 +313,17 @@ class ClusterSTMTeacher(nn.Module):
         )
 
     @torch.no_grad()
+    def encode_dense(self, pixel_values: torch.Tensor, method: str) -> torch.Tensor:
+        """
+        Patch tokens `(batch_size, num_frames, num_patches, hidden_size)` read from the last block by a training-free
+        dense method (``"maskclip"``, ``"clearclip"``; ``"window"`` returns the ordinary patch tokens), see
+        `clusterstm.teacher.dense`. Raises `ValueError` for families that do not support it.
+        """
+        _check_video(pixel_values)
+        frames = pixel_values.to(device=self.device, dtype=self.dtype)
+        return self.adapter.encode_dense_frames(frames, method)
+
+    @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """
         Text embeddings in the teacher's joint space, shape `(batch_size, projection_dim)`. The ids are first brought

@@ -87,6 +87,17 @@ class TeacherAdapter:
         """
         raise NotImplementedError
 
+    def encode_dense_frames(self, frames: torch.Tensor, method: str) -> torch.Tensor:
+        """
+        Patch tokens read from the last block in a training-free dense way (``"maskclip"`` or ``"clearclip"``, see
+        `clusterstm.teacher.dense`), `(batch_size, num_frames, num_patches, hidden_size)`, for the window pooler.
+        Families whose last block has another layout do not support it.
+        """
+        raise ValueError(
+            f"relevance_method={method!r} is implemented for CLIP-like teachers (Hugging Face CLIP attention layout); "
+            f"the {self.family} adapter supports only relevance_method='window'."
+        )
+
     def build_pooler(self) -> nn.Module:
         """The module mapping windows of patch tokens `(M, w*w, C)` to joint-space embeddings `(M, D)`."""
         raise NotImplementedError

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..dense import check_relevance_method, dense_tokens
 from ..relevance import CLIPWindowPooler
 from .base import TeacherAdapter, capture_attention_input, cls_attention_from_input
 
@@ -37,6 +38,21 @@ class CLIPAdapter(TeacherAdapter):
         b, t = frames.shape[:2]
         tokens, attention = self._run_tower(frames.flatten(0, 1), t)
         return tokens.reshape(b, t, tokens.shape[1], -1), attention.reshape(b, t, -1)
+
+    def encode_dense_frames(self, frames: torch.Tensor, method: str) -> torch.Tensor:
+        """MaskCLIP / ClearCLIP readings of the last block (see `clusterstm.teacher.dense`) in place of its output."""
+        if check_relevance_method(method) == "window":
+            return self.encode_frames(frames)[0]
+        b, t = frames.shape[:2]
+        flat = frames.flatten(0, 1)
+        tower = self.model.vision_model
+        attention = tower.encoder.layers[-1].self_attn
+        interpolate = tuple(flat.shape[-2:]) != (self.native_size, self.native_size)
+        num_patches = (flat.shape[-2] // self.patch_size) * (flat.shape[-1] // self.patch_size)
+        with capture_attention_input(attention) as captured:
+            tower(pixel_values=flat, interpolate_pos_encoding=interpolate)
+        tokens = dense_tokens(attention, captured.hidden_states, method)[:, 1 : 1 + num_patches]
+        return tokens.reshape(b, t, num_patches, -1)
 
     def build_pooler(self) -> nn.Module:
         return CLIPWindowPooler(self.model.vision_model.post_layernorm, self.model.visual_projection)

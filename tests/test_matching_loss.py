@@ -1,0 +1,67 @@
+"""video_text_matching_loss: duplicated captions are never drawn as negatives."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clusterstm.models.modeling_clusterstm import video_text_matching_loss
+
+
+class _RecordingFusion(nn.Module):
+    """Returns the video id (stored in every video token) and the text id as the fused [CLS] state."""
+
+    def forward(self, texts, videos, attention_mask=None):
+        self.pairs = torch.stack([texts[:, 0, 0], videos[:, 0, 0]], dim=-1).long()
+        return torch.cat([texts[:, :1, :1], videos[:, :1, :1]], dim=-1).float()
+
+
+def _inputs(batch_size: int):
+    ids = torch.arange(batch_size, dtype=torch.float32)
+    texts = ids[:, None, None].expand(batch_size, 3, 2).clone()
+    videos = ids[:, None, None].expand(batch_size, 5, 2).clone()
+    return texts, videos
+
+
+def test_identical_captions_are_not_negatives():
+    torch.manual_seed(0)
+    texts, videos = _inputs(4)
+    input_ids = torch.tensor([[1, 7, 8, 2], [1, 7, 8, 2], [1, 5, 2, 0], [1, 6, 2, 0]])
+    attention_mask = (input_ids != 0).long()
+    # Contrastive logits that make the duplicate the hardest negative by far (0 <-> 1), as a trained model would.
+    logits = torch.zeros(4, 4)
+    logits[0, 1] = logits[1, 0] = 50.0
+    fusion, head = _RecordingFusion(), nn.Linear(2, 2)
+    for _ in range(20):
+        video_text_matching_loss(fusion, head, texts, attention_mask, videos, logits, input_ids=input_ids)
+        negatives = fusion.pairs[4:]  # (text, video) of the 2 * B negative pairs
+        same = {(0, 1), (1, 0), (0, 0), (1, 1), (2, 2), (3, 3)}
+        assert not any(tuple(p) in same for p in negatives.tolist()), negatives.tolist()
+    # Without the ids the duplicate is (almost surely) drawn: the plain rule only excludes the diagonal.
+    video_text_matching_loss(fusion, head, texts, attention_mask, videos, logits)
+    assert (0, 1) in [tuple(p) for p in fusion.pairs[4:].tolist()]
+
+
+def test_padding_is_ignored_and_all_duplicate_rows_fall_back():
+    torch.manual_seed(0)
+    texts, videos = _inputs(3)
+    # Rows 0 and 1 differ only under padding: the same caption. All three identical -> fall back, no error.
+    input_ids = torch.tensor([[1, 5, 2, 0], [1, 5, 2, 9], [1, 6, 2, 0]])
+    attention_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]])
+    fusion, head = _RecordingFusion(), nn.Linear(2, 2)
+    for _ in range(10):
+        video_text_matching_loss(fusion, head, texts, attention_mask, videos, torch.zeros(3, 3), input_ids=input_ids)
+        for text, video in fusion.pairs[3:].tolist():
+            assert {text, video} != {0, 1} and text != video
+    same = torch.tensor([[1, 5, 2]] * 3)
+    loss = video_text_matching_loss(fusion, head, texts, torch.ones(3, 3), videos, torch.zeros(3, 3), input_ids=same)
+    assert torch.isfinite(loss)
+    assert all(text != video for text, video in fusion.pairs[3:].tolist())
+
+
+def test_matching_features_is_the_caption_token_mean():
+    from clusterstm.models.modeling_clusterstm import matching_features
+
+    fused = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]], [[5.0, 6.0], [0.0, 0.0], [-9.0, 9.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert torch.equal(matching_features(fused, mask), torch.tensor([[2.0, 3.0], [5.0, 6.0]]))
