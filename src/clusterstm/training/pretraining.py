@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -39,14 +38,19 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from torch.utils.data import DataLoader, Sampler
 from transformers import HfArgumentParser, get_scheduler
 
+from ..data.corpus import build_train_corpus as _build_corpus
+from ..data.corpus import corpus_parameters, derive_seed
+
+# The strategy names and the one check of the masking settings live next to the mask builder (shared with the cache).
+from ..models.masking_clusterstm import MASK_FEATURES, validate_masking_arguments  # noqa: F401  (re-exported)
+from ..models.masking_clusterstm import MASK_STRATEGY_NAMES as MASK_STRATEGIES
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Written last into a checkpoint folder, just before it is renamed into place: a folder without it is incomplete.
 CHECKPOINT_MARKER = "training_state.json"
 TMP_CHECKPOINT_PREFIX = ".tmp-checkpoint-"
-MASK_STRATEGIES = ("cluster", "random", "tube", "attention", "none")  # the keys of masking_clusterstm.MASK_STRATEGIES
-MASK_FEATURES = ("teacher", "patch")
 TEACHER_LOSSES = ("relevance_loss_weight", "alignment_loss_weight")
 # Written into output_dir: which teacher (or target cache) produced this run's targets, for `clusterstm visualize`.
 TEACHER_RECORD = "teacher_config.json"
@@ -187,21 +191,6 @@ class PretrainingArguments:
         validate_pretraining_arguments(self)
 
 
-def validate_masking_arguments(args: Any) -> None:
-    """The one check of the masking settings (`mask_strategy`, `mask_ratio`, `dc_ratio`, `dpc_k`, `mask_features`)
-    of the pretraining arguments and of the target cache writer; raises `ValueError` naming the flag."""
-    if args.mask_strategy not in MASK_STRATEGIES:
-        raise ValueError(f"--mask_strategy must be one of {MASK_STRATEGIES}, got {args.mask_strategy!r}.")
-    if not (isinstance(args.mask_ratio, (int, float)) and 0.0 <= args.mask_ratio < 1.0):
-        raise ValueError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}.")
-    if not 0.0 < args.dc_ratio < 1.0:
-        raise ValueError(f"--dc_ratio must be in (0, 1), got {args.dc_ratio}.")
-    if args.dpc_k < 1:
-        raise ValueError(f"--dpc_k must be >= 1, got {args.dpc_k}.")
-    if args.mask_features not in MASK_FEATURES:
-        raise ValueError(f"--mask_features must be one of {MASK_FEATURES}, got {args.mask_features!r}.")
-
-
 def validate_pretraining_arguments(args: PretrainingArguments) -> None:
     """Raises `ValueError` naming the flag for every inconsistent or out-of-range argument."""
     if (args.dataset_name is None) == (args.train_file is None):
@@ -268,12 +257,6 @@ def validate_pretraining_arguments(args: PretrainingArguments) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Seeds and sampling
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def derive_seed(*values: int | str) -> int:
-    """A 63-bit seed that is a pure function of `values` (stable across processes, runs and Python versions)."""
-    digest = hashlib.blake2b(repr(tuple(values)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -545,44 +528,8 @@ def _objective_losses(outputs: Any) -> dict[str, torch.Tensor]:
 
 
 def build_train_corpus(args: PretrainingArguments, num_frames: int, image_size: int):
-    """
-    The training corpus (`clusterstm.data.sources.Corpus`: a `datasets` object and the resolver its rows need): the
-    synthetic benchmark in memory, or any format of docs/DATA_FORMATS.md (optionally streamed).
-    """
-    from ..data.sources import Corpus, load_training_corpus
-
-    if args.dataset_name == "synthetic":
-        from ..data.readers import load_video_text_dataset
-        from ..data.synthetic import SyntheticVideoTextConfig
-
-        sizes = {"num_val": 0, "num_test": 0, "num_compositional": 0}
-        if args.num_train_clips is not None:
-            sizes["num_train"] = args.num_train_clips
-        config = SyntheticVideoTextConfig(
-            num_frames=max(num_frames, 2), image_size=image_size, seed=args.synthetic_seed, **sizes
-        )
-        corpus = Corpus(load_video_text_dataset("synthetic", split="train", synthetic_config=config), None)
-    else:
-        corpus = load_training_corpus(
-            dataset_name=args.dataset_name,
-            train_file=args.train_file,
-            video_root=args.video_root,
-            video_column=args.video_column,
-            caption_column=args.caption_column,
-            video_path_template=args.video_path_template,
-            dataset_config_name=args.dataset_config_name,
-            split=args.train_split_name,
-            streaming=args.streaming,
-            skip_bad_shards=args.skip_bad_samples,
-        )
-    if args.max_train_samples is not None:
-        dataset = corpus.dataset
-        corpus.dataset = (
-            dataset.take(args.max_train_samples)
-            if args.streaming
-            else dataset.select(range(min(len(dataset), args.max_train_samples)))
-        )
-    return corpus
+    """The training corpus of `args` (built by `clusterstm.data.corpus.build_train_corpus`, shared with the cache)."""
+    return _build_corpus(**corpus_parameters(args), num_frames=num_frames, image_size=image_size)
 
 
 def build_train_dataset(args: PretrainingArguments, num_frames: int, image_size: int):
