@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import speed_metrics
 
+from ..tasks.retrieval import chance_retrieval_metrics
 from .errors import explain_disk_full
 
 logger = logging.getLogger(__name__)
@@ -581,29 +582,6 @@ class ClusterSTMDataCollator:
 
 
 # ================================================================================================ baselines
-def chance_retrieval_metrics(num_videos: int, captions_per_video: int = 1) -> dict[str, float]:
-    """Expected metrics of a random ranking of `num_videos` videos with `captions_per_video` captions each.
-
-    Text-to-video: R@K = K / N, mean rank (N + 1) / 2. Video-to-text (a video counts at its best caption among
-    `n = N * m` texts): R@K = 1 - C(n - m, K) / C(n, K), mean rank 1 + (n - m) / (m + 1).
-    """
-    if num_videos < 1 or captions_per_video < 1:
-        raise ValueError("chance_retrieval_metrics needs at least one video and one caption per video")
-    m = captions_per_video
-    n = num_videos * m
-    out: dict[str, float] = {}
-    for k in (1, 5, 10):
-        out[f"t2v_r{k}"] = 100.0 * min(k, num_videos) / num_videos
-    out["t2v_meanr"] = (num_videos + 1) / 2.0
-    for k in (1, 5, 10):
-        fail = 1.0
-        for j in range(min(k, n)):
-            fail *= max(0.0, (n - m - j) / (n - j))
-        out[f"v2t_r{k}"] = 100.0 * (1.0 - fail)
-    out["v2t_meanr"] = 1.0 + (n - m) / (m + 1.0)
-    return out
-
-
 def video_colour_features(videos: Sequence[Any], bins: int = 8) -> np.ndarray:
     """A simple video descriptor: the colour histogram (`bins` per RGB channel) of all frames, L1-normalised."""
     feats = []
@@ -783,7 +761,7 @@ class ClusterSTMTrainer(Trainer):
 
     # ------------------------------------------------------------------ retrieval
     def _evaluate_retrieval(self, model, data: VideoCaptions) -> dict[str, Any]:
-        from ..tasks.metrics import retrieval_metrics_from_embeddings
+        from ..tasks.retrieval import retrieval_scores
 
         args = self.model_args
         texts, text_to_video = data.texts()
@@ -806,7 +784,7 @@ class ClusterSTMTrainer(Trainer):
             raise RuntimeError("Retrieval evaluation lost or duplicated samples while gathering.")
         video_embeds = torch.stack([video_rows[i][0] for i in range(len(data))])
         text_embeds = torch.stack([text_rows[i][0] for i in range(len(texts))])
-        metrics = retrieval_metrics_from_embeddings(
+        metrics = retrieval_scores(
             text_embeds,
             video_embeds,
             text_to_video,

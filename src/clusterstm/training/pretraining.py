@@ -45,6 +45,9 @@ from ..data.corpus import corpus_parameters, derive_seed
 from ..models.masking_clusterstm import MASK_FEATURES, validate_masking_arguments  # noqa: F401  (re-exported)
 from ..models.masking_clusterstm import MASK_STRATEGY_NAMES as MASK_STRATEGIES
 
+# The package's one retrieval evaluator (kept importable from here).
+from ..tasks.retrieval import evaluate_zero_shot_retrieval  # noqa: F401
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -1225,57 +1228,3 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = HfArgumentParser(PretrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
     return run_pretraining(args)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Zero-shot evaluation
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate_zero_shot_retrieval(
-    model: torch.nn.Module,
-    processor: Any,
-    dataset: Any,
-    batch_size: int = 32,
-    caption_column: str = "caption",
-    max_text_length: int = 32,
-) -> dict[str, float]:
-    """
-    Zero-shot text-to-video and video-to-text retrieval of a (pre)trained ClusterSTM model on `dataset` (one
-    caption per clip; e.g. the synthetic `test` split), with unmasked videos and uniformly sampled frames.
-
-    Args:
-        model: `ClusterSTMForPreTraining`, `ClusterSTMModel` or any model with a `.clusterstm` dual encoder.
-        processor: its `ClusterSTMProcessor`.
-        dataset: map-style dataset with a `video` array or `video_path` column and `caption_column`.
-
-    Returns:
-        `dict` with `t2v_r1`, `t2v_r5`, `t2v_r10`, `v2t_r1`, ... in percent (from `clusterstm.metrics`) and
-        `chance_r1`.
-    """
-    from ..data.readers import VideoTextCollator
-    from ..tasks.metrics import retrieval_metrics
-
-    encoder = getattr(model, "clusterstm", model)
-    was_training = model.training
-    model.eval()
-    collator = VideoTextCollator(
-        processor, sampling="uniform", max_length=max_text_length, caption_column=caption_column
-    )
-    device = next(encoder.parameters()).device
-    video_embeds, text_embeds = [], []
-    for start in range(0, len(dataset), batch_size):
-        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = collator(rows)
-        video = encoder.get_video_features(pixel_values=batch["pixel_values"].to(device))
-        text = encoder.get_text_features(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        )
-        video_embeds.append(torch.nn.functional.normalize(video.pooler_output.float(), dim=-1).cpu())
-        text_embeds.append(torch.nn.functional.normalize(text.pooler_output.float(), dim=-1).cpu())
-    model.train(was_training)
-    similarity = torch.cat(text_embeds) @ torch.cat(video_embeds).T
-    metrics = {k: float(v) for k, v in retrieval_metrics(similarity).items()}
-    metrics["chance_r1"] = 100.0 / similarity.shape[1]
-    return metrics
