@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .base import DownstreamTask
+
 TIE_RULE = "ties count against the ground truth: rank = number of candidates scoring >= the ground truth"
 
 
@@ -155,3 +157,33 @@ def evaluate_zero_shot_retrieval(
         for start in range(0, len(dataset), batch_size)
     )
     return zero_shot_retrieval(model, batches)
+
+
+def chance_baseline(train_data: Any, eval_data: Any, caption_tokenizer: str = "auto") -> dict[str, Any]:
+    """Chance retrieval on the evaluation records (keys `baseline_chance_*`), see [`chance_retrieval_metrics`]."""
+    num_texts = sum(len(c) for c in eval_data.captions)
+    out = chance_retrieval_metrics(len(eval_data), max(1, round(num_texts / max(len(eval_data), 1))))
+    return {f"baseline_chance_{k}": v for k, v in out.items()}
+
+
+TASK = DownstreamTask(
+    name="retrieval",
+    head_class_name="ClusterSTMForVideoTextRetrieval",
+    records="captions",
+    training_targets="contrastive",
+    evaluation="retrieval",
+    pipeline_tag="feature-extraction",
+    card_metrics={
+        "r1": ("recall@1", "R@1"),
+        "r5": ("recall@5", "R@5"),
+        "r10": ("recall@10", "R@10"),
+        "medr": ("median_rank", "MedR"),
+        "meanr": ("mean_rank", "MeanR"),
+    },
+    card_tasks={
+        "t2v": ("text-to-video-retrieval", "Text-to-Video Retrieval"),
+        "v2t": ("video-to-text-retrieval", "Video-to-Text Retrieval"),
+    },
+    aliases=("retrieval",),
+    baseline=chance_baseline,
+)
