@@ -38,6 +38,8 @@ class DownstreamTask:
         aliases: other names an eval result may give the task in a model card.
         baseline: `(train_records, eval_records, caption_tokenizer) -> dict`, reference numbers keyed `baseline_*`.
         check_dependencies: raises `ImportError` with the install command when evaluation needs a missing extra.
+        headline: (metric key, label, baseline key, baseline label) of the benchmarks' one-line comparison, keys as
+            fine-tuning reports them without the `eval_` prefix.
     """
 
     name: str
@@ -52,6 +54,7 @@ class DownstreamTask:
     card_tasks: dict[str, tuple[str, str]] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     check_dependencies: Callable[[], None] | None = None
+    headline: tuple[str, str, str, str] | None = None
 
     def __post_init__(self) -> None:
         for value, allowed, what in (

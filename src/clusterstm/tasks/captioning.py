@@ -89,5 +89,6 @@ TASK = DownstreamTask(
     card_tasks={"captioning": ("video-captioning", "Video Captioning")},
     aliases=("captioning", "caption"),
     baseline=nearest_neighbour_baseline,
+    headline=("cider", "CIDEr", "baseline_nn_cider", "nearest-neighbour caption"),
     check_dependencies=check_captioning_dependencies,
 )

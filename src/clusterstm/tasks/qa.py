@@ -30,4 +30,5 @@ TASK = DownstreamTask(
     card_tasks={"qa": ("video-question-answering", "Video Question Answering")},
     aliases=("qa", "video_qa"),
     baseline=majority_answer_baseline,
+    headline=("accuracy", "QA accuracy (%)", "baseline_majority_accuracy", "majority answer"),
 )

@@ -186,4 +186,5 @@ TASK = DownstreamTask(
     },
     aliases=("retrieval",),
     baseline=chance_baseline,
+    headline=("t2v_r1", "text->video R@1 (%)", "baseline_chance_t2v_r1", "chance"),
 )
