@@ -978,7 +978,9 @@ def run_finetuning(
     image_size = ClusterSTMConfig.from_pretrained(checkpoint).vision_config.image_size
     synthetic_frames = 8
     train_data = eval_data = predict_data = None
-    needs_train = training_args.do_train or (data_args.compute_baselines and training_args.do_eval) or classifies_answers
+    needs_train = (
+        training_args.do_train or (data_args.compute_baselines and training_args.do_eval) or classifies_answers
+    )
     if needs_train and (data_args.dataset_name == "synthetic" or data_args.train_file):
         train_data = _load_split(task, data_args, "train", synthetic_frames, image_size)
         train_data = train_data.subset(data_args.max_train_samples)
