@@ -518,33 +518,24 @@ class ClusterSTMDataCollator:
         """What the task's head trains on (`clusterstm.tasks.base.TRAINING_TARGETS`)."""
         return get_task(self.task).training_targets
 
-    def _pixel_values(self, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], torch.Tensor]:
-        from ..models.video_processing_clusterstm import VideoDecodingError
+    def __post_init__(self) -> None:
+        from ..data.readers import VideoTextCollator
 
-        video_kwargs: dict[str, Any] = {"sampling": "random" if self.training else "uniform"}
-        if self.num_frames is not None:
-            video_kwargs["num_frames"] = self.num_frames
-        process = self.processor.video_processor
-        if not self.skip_bad_samples:
-            videos = [item["video"] for item in items]
-            return items, process(videos, return_tensors="pt", **video_kwargs)["pixel_values"]
-        processed: list[torch.Tensor | None] = []
-        for item in items:
-            try:
-                processed.append(process([item["video"]], return_tensors="pt", **video_kwargs)["pixel_values"][0])
-            except VideoDecodingError as error:
-                logger.warning("Skipping an unreadable video (replaced by another sample of the batch): %s", error)
-                processed.append(None)
-        good = [i for i, video in enumerate(processed) if video is not None]
-        if not good:
-            raise VideoDecodingError(f"Every video of the batch is unreadable ({len(items)} items).")
-        items = list(items)
-        for i, video in enumerate(processed):
-            if video is None:
-                pick = good[int(torch.randint(len(good), (1,)).item())]
-                items[i], processed[i] = items[pick], processed[pick]
-                self.num_skipped += 1
-        return items, torch.stack(processed)
+        # The package's one video collator (built on the processor) decodes, samples and preprocesses the clips and
+        # replaces unreadable ones; this class adds the task's texts and labels.
+        self._videos = VideoTextCollator(
+            self.processor,
+            num_frames=self.num_frames,
+            sampling="random" if self.training else "uniform",
+            skip_bad_samples=self.skip_bad_samples,
+            video_column="video",
+        )
+
+    def _pixel_values(self, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], torch.Tensor]:
+        before = self._videos.num_skipped
+        items, pixel_values = self._videos.videos(items)
+        self.num_skipped += self._videos.num_skipped - before
+        return items, pixel_values
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
