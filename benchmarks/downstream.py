@@ -18,13 +18,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from clusterstm.tasks import TASKS as TASK_REGISTRY
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# (task, metric key, metric label, baseline key, baseline label); all in the units finetuning reports.
-TASKS = (
-    ("retrieval", "eval_t2v_r1", "text->video R@1 (%)", "eval_baseline_chance_t2v_r1", "chance"),
-    ("qa", "eval_accuracy", "QA accuracy (%)", "eval_baseline_majority_accuracy", "majority answer"),
-    ("captioning", "eval_cider", "CIDEr", "eval_baseline_nn_cider", "nearest-neighbour caption"),
+# (task, metric key, metric label, baseline key, baseline label), from each registered task's `headline`; all in
+# the units finetuning reports.
+TASKS = tuple(
+    (task.name, f"eval_{key}", label, f"eval_{baseline_key}", baseline_label)
+    for task in TASK_REGISTRY.values()
+    if task.headline is not None
+    for key, label, baseline_key, baseline_label in (task.headline,)
 )
 
 

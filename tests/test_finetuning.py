@@ -226,6 +226,8 @@ class OracleRetrievalModel(torch.nn.Module):
 
 
 class IdentityVideoProcessor:
+    num_frames = 1
+
     def __call__(self, videos, return_tensors="pt", **kwargs):
         return {"pixel_values": torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in videos])}
 
@@ -240,7 +242,7 @@ def test_retrieval_evaluation_is_exact_with_several_captions(tiny_checkpoint, tm
     assert processor.tokenizer.unk_token_id not in word_ids
     processor.video_processor = IdentityVideoProcessor()
     # 7 videos (odd: the last batch is short), 1-3 captions each.
-    videos = [np.full((1, 2), float(i)) for i in range(7)]
+    videos = [np.full((1, 1, 2), float(i)) for i in range(7)]  # (T, H, W) clips
     captions = [[f"{words[i]} thing"] * (1 + i % 3) for i in range(7)]
     data = VideoCaptions(videos, [str(i) for i in range(7)], captions)
     trainer = ClusterSTMTrainer(
@@ -415,6 +417,8 @@ word_ids = [processor.tokenizer.convert_tokens_to_ids(w) for w in words]
 
 
 class IdentityVideoProcessor:
+    num_frames = 1
+
     def __call__(self, videos, return_tensors="pt", **kwargs):
         return {"pixel_values": torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in videos])}
 
@@ -442,7 +446,7 @@ class Oracle(torch.nn.Module):
 
 processor.video_processor = IdentityVideoProcessor()
 data = VideoCaptions(
-    [np.full((1, 2), float(i)) for i in range(7)], [str(i) for i in range(7)], [[words[i]] * (1 + i % 3) for i in range(7)]
+    [np.full((1, 1, 2), float(i)) for i in range(7)], [str(i) for i in range(7)], [[words[i]] * (1 + i % 3) for i in range(7)]
 )
 args = TrainingArguments(output_dir=out, per_device_eval_batch_size=2, report_to="none", use_cpu=True)
 results = {"world_size": args.world_size}

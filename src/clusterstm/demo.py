@@ -254,13 +254,12 @@ def _figures(output_dir: Path, teacher_dir: Path, pretrain_dir: Path, seed: int)
 
 
 def chance_retrieval(num_candidates: int) -> dict[str, float]:
-    """Expected retrieval metrics of a random ranking of ``num_candidates`` items with one correct match."""
-    return {
-        "r1": 100.0 / num_candidates,
-        "r5": 100.0 * min(5, num_candidates) / num_candidates,
-        "r10": 100.0 * min(10, num_candidates) / num_candidates,
-        "medr": (num_candidates + 1) / 2,
-    }
+    """Expected retrieval metrics of a random ranking of ``num_candidates`` items with one correct match (from
+    `clusterstm.tasks.retrieval.chance_retrieval_metrics`, text-to-video side)."""
+    from .tasks.retrieval import chance_retrieval_metrics
+
+    chance = chance_retrieval_metrics(num_candidates)
+    return {key: chance[f"t2v_{key}"] for key in ("r1", "r5", "r10", "medr")}
 
 
 _TABLE_ROWS = (

@@ -439,30 +439,10 @@ class VideoTextCollator:
         rows = [dict(row) for row in rows]
         # Streamed rows carry their reader's position; the last row's is the reader's position after this batch.
         positions = [row.pop(STREAM_POSITION_KEY, None) for row in rows]
-        clips: list[Any] = [None] * len(rows)
-        bad: list[int] = []
-        for i, row in enumerate(rows):
-            try:
-                rows[i] = row = self._prepare(row)
-                clips[i] = self._decode(row)
-            except VideoDecodingError as error:
-                if not self.skip_bad_samples:
-                    raise
-                logger.warning("Skipping bad sample (replaced by another sample): %s", error)
-                bad.append(i)
-        skipped = len(bad)
-        for i in bad:
-            rows[i], clips[i] = self._replacement(rows, clips)
-        self.num_skipped += skipped
-
+        rows, pixel_values, skipped = self._videos(rows)
         captions = [row.get(self.caption_column) for row in rows]
         for i, caption in enumerate(captions):
             _check_caption(caption, f"{i} of the batch", self.caption_column)
-        # Sampling happened at decode time for files; arrays are (re)sampled here to `num_frames`.
-        extra = {"do_rescale": False, "do_normalize": False} if self.uint8_pixels else {}
-        pixel_values = self.video_processor(
-            clips, num_frames=self.num_frames, sampling=self.sampling, return_tensors="pt", **extra
-        )["pixel_values"]
         text = self.tokenizer(
             captions,
             padding=True,
@@ -491,6 +471,39 @@ class VideoTextCollator:
         if positions[-1] is not None:
             batch["stream_position"] = positions[-1]
         return batch
+
+    def videos(self, rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], torch.Tensor]:
+        """
+        The `pixel_values` `(B, T, 3, H, W)` of `rows` (decoded and sampled as in `__call__`), and the rows with any
+        unreadable sample replaced (`skip_bad_samples=True`), so that a row's other fields (text, label) stay with
+        its video. Fine-tuning's collator uses it and adds its own texts and labels.
+        """
+        if len(rows) == 0:
+            raise ValueError("Cannot collate an empty batch.")
+        rows, pixel_values, _ = self._videos([dict(row) for row in rows])
+        return rows, pixel_values
+
+    def _videos(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], torch.Tensor, int]:
+        clips: list[Any] = [None] * len(rows)
+        bad: list[int] = []
+        for i, row in enumerate(rows):
+            try:
+                rows[i] = row = self._prepare(row)
+                clips[i] = self._decode(row)
+            except VideoDecodingError as error:
+                if not self.skip_bad_samples:
+                    raise
+                logger.warning("Skipping bad sample (replaced by another sample): %s", error)
+                bad.append(i)
+        for i in bad:
+            rows[i], clips[i] = self._replacement(rows, clips)
+        self.num_skipped += len(bad)
+        # Sampling happened at decode time for files; arrays are (re)sampled here to `num_frames`.
+        extra = {"do_rescale": False, "do_normalize": False} if self.uint8_pixels else {}
+        pixel_values = self.video_processor(
+            clips, num_frames=self.num_frames, sampling=self.sampling, return_tensors="pt", **extra
+        )["pixel_values"]
+        return rows, pixel_values, len(bad)
 
     def normalize_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Finish uint8 `pixel_values` of a `uint8_pixels` batch (on any device): the video processor's fused

@@ -12,12 +12,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import transformers
 from transformers import (
     AutoConfig,
     AutoModel,
-    AutoModelForImageTextToText,
     AutoModelForPreTraining,
-    AutoModelForVisualQuestionAnswering,
     AutoProcessor,
     AutoVideoProcessor,
     GenerationConfig,
@@ -25,13 +24,7 @@ from transformers import (
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from ..models.configuration_clusterstm import ClusterSTMConfig
-from ..models.modeling_clusterstm import (
-    ClusterSTMForPreTraining,
-    ClusterSTMForVideoCaptioning,
-    ClusterSTMForVideoQuestionAnswering,
-    ClusterSTMForVideoTextRetrieval,
-    ClusterSTMModel,
-)
+from ..models.modeling_clusterstm import ClusterSTMForPreTraining, ClusterSTMModel
 from ..models.pipelines_clusterstm import (
     CUSTOM_PIPELINES,
     TEXT_TO_VIDEO_RETRIEVAL,
@@ -41,6 +34,7 @@ from ..models.pipelines_clusterstm import (
 )
 from ..models.processing_clusterstm import ClusterSTMProcessor
 from ..models.video_processing_clusterstm import ClusterSTMVideoProcessor
+from ..tasks import TASKS
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
@@ -49,16 +43,21 @@ MODEL_AUTO_MAP: dict[str, str] = {
     "AutoConfig": "configuration_clusterstm.ClusterSTMConfig",
     "AutoModel": "modeling_clusterstm.ClusterSTMModel",
     "AutoModelForPreTraining": "modeling_clusterstm.ClusterSTMForPreTraining",
-    "AutoModelForVisualQuestionAnswering": "modeling_clusterstm.ClusterSTMForVideoQuestionAnswering",
-    "AutoModelForImageTextToText": "modeling_clusterstm.ClusterSTMForVideoCaptioning",
+    # every task head that has a transformers Auto class (`clusterstm.tasks.TASKS`)
+    **{task.auto_class: f"modeling_clusterstm.{task.head_class_name}" for task in TASKS.values() if task.auto_class},
 }
 
 _MODEL_AUTO_CLASSES = {
     "AutoModel": (AutoModel, ClusterSTMModel),
     "AutoModelForPreTraining": (AutoModelForPreTraining, ClusterSTMForPreTraining),
-    "AutoModelForVisualQuestionAnswering": (AutoModelForVisualQuestionAnswering, ClusterSTMForVideoQuestionAnswering),
-    "AutoModelForImageTextToText": (AutoModelForImageTextToText, ClusterSTMForVideoCaptioning),
+    **{
+        task.auto_class: (getattr(transformers, task.auto_class), task.head_class())
+        for task in TASKS.values()
+        if task.auto_class
+    },
 }
+# Task heads without a transformers Auto class (retrieval) save their remote code under AutoModel.
+_AUTO_MODEL_HEADS = tuple(task.head_class() for task in TASKS.values() if not task.auto_class)
 
 
 def remote_code_files() -> list[Path]:
@@ -78,7 +77,8 @@ def register_auto_classes() -> None:
         auto_class.register(ClusterSTMConfig, model_class, exist_ok=True)
         model_class.register_for_auto_class(auto_name)
     # Retrieval has no transformers Auto class; it saves its remote code under AutoModel.
-    ClusterSTMForVideoTextRetrieval.register_for_auto_class("AutoModel")
+    for head in _AUTO_MODEL_HEADS:
+        head.register_for_auto_class("AutoModel")
     AutoVideoProcessor.register(ClusterSTMConfig, ClusterSTMVideoProcessor, exist_ok=True)
     AutoProcessor.register(ClusterSTMConfig, ClusterSTMProcessor, exist_ok=True)
     ClusterSTMVideoProcessor.register_for_auto_class("AutoVideoProcessor")
@@ -98,7 +98,7 @@ def _complete_auto_map(output_dir: Path, model_class_name: str) -> None:
     config_path = output_dir / "config.json"
     config = json.loads(config_path.read_text())
     auto_map = dict(MODEL_AUTO_MAP)
-    if model_class_name == ClusterSTMForVideoTextRetrieval.__name__:
+    if model_class_name in {head.__name__ for head in _AUTO_MODEL_HEADS}:
         auto_map["AutoModel"] = f"modeling_clusterstm.{model_class_name}"
     config["auto_map"] = auto_map
     config["custom_pipelines"] = CUSTOM_PIPELINES

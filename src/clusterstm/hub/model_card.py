@@ -17,6 +17,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..tasks import TASKS as _TASK_REGISTRY
+from ..tasks import get_task
+
 DEFAULT_TAGS = ["clusterstm", "video-text", "video-language", "masked-video-modeling", "custom_code"]
 
 PAPER_TITLE = "Cluster-Wise Spatio-Temporal Masking for Efficient Video-Language Pretraining"
@@ -29,36 +32,10 @@ CITATION = """@inproceedings{clusterstm2026,
   archivePrefix = {arXiv}
 }"""
 
-# task key -> (model-index task type, human name)
-TASKS = {
-    "t2v": ("text-to-video-retrieval", "Text-to-Video Retrieval"),
-    "v2t": ("video-to-text-retrieval", "Video-to-Text Retrieval"),
-    "qa": ("video-question-answering", "Video Question Answering"),
-    "captioning": ("video-captioning", "Video Captioning"),
-}
-_TASK_ALIASES = {
-    "retrieval": "retrieval",
-    "video_qa": "qa",
-    "qa": "qa",
-    "captioning": "captioning",
-    "caption": "captioning",
-}
-
-# metric key (as produced by clusterstm.metrics) -> (metric type, display name)
-_RETRIEVAL_METRICS = {
-    "r1": ("recall@1", "R@1"),
-    "r5": ("recall@5", "R@5"),
-    "r10": ("recall@10", "R@10"),
-    "medr": ("median_rank", "MedR"),
-    "meanr": ("mean_rank", "MeanR"),
-}
-_QA_METRICS = {"accuracy": ("accuracy", "Accuracy")}
-_CAPTION_METRICS = {
-    "bleu_4": ("bleu", "BLEU-4"),
-    "meteor": ("meteor", "METEOR"),
-    "rouge_l": ("rouge", "ROUGE-L"),
-    "cider": ("cider", "CIDEr"),
-}
+# task key -> (model-index task type, human name), from the task registry
+TASKS = {key: value for task in _TASK_REGISTRY.values() for key, value in task.card_tasks.items()}
+# eval-result task name -> registered task (every task's name and aliases, from `clusterstm.tasks.TASKS`)
+_TASK_ALIASES = {alias: task.name for task in _TASK_REGISTRY.values() for alias in (task.name, *task.aliases)}
 
 MODEL_CARD_TEMPLATE = """
 # {model_name}
@@ -154,21 +131,7 @@ def _first(*values: Any) -> Any:
 
 def _metric_entries(task: str, metrics: dict[str, Any]) -> list[tuple[str, str, str, float]]:
     """(task key, metric type, display name, value) for the known metrics of a task; `eval_` prefixes ignored."""
-    clean = {k.removeprefix("eval_").removeprefix("test_"): v for k, v in metrics.items()}
-    entries = []
-    if task == "retrieval":
-        for direction in ("t2v", "v2t"):
-            for prefix, suffix in (("", ""), ("dsl_", " (dual-softmax)")):
-                for key, (mtype, name) in _RETRIEVAL_METRICS.items():
-                    value = clean.get(f"{prefix}{direction}_{key}")
-                    if value is not None:
-                        entries.append((direction, mtype if not prefix else f"{mtype}_dsl", name + suffix, value))
-    else:
-        table = _QA_METRICS if task == "qa" else _CAPTION_METRICS
-        for key, (mtype, name) in table.items():
-            if clean.get(key) is not None:
-                entries.append((task, mtype, name, clean[key]))
-    return entries
+    return get_task(task).card_entries(metrics)
 
 
 def _eval_results(eval_results: list[dict[str, Any]] | None) -> list[EvalResult]:

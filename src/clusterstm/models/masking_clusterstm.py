@@ -686,6 +686,7 @@ def attention_guided_mask(
 # ---------------------------------------------------------------------------------------------------------------------
 
 from collections.abc import Callable, Sequence  # noqa: E402  (kept with the section it serves)
+from typing import Any  # noqa: E402
 
 
 def _per_sample(draw, batch_size: int, generator) -> torch.BoolTensor:
@@ -735,6 +736,26 @@ MASK_STRATEGIES: dict[str, Callable[..., torch.BoolTensor | None]] = {
     "attention": _attention_strategy,
     "none": _none_strategy,
 }
+MASK_STRATEGY_NAMES: tuple[str, ...] = tuple(MASK_STRATEGIES)
+# What cluster masking clusters: the teacher's tokens or the student's patch embeddings.
+MASK_FEATURES: tuple[str, ...] = ("teacher", "patch")
+
+
+def validate_masking_arguments(args: Any) -> None:
+    """The one check of the masking settings (`mask_strategy`, `mask_ratio`, `dc_ratio`, `dpc_k`, `mask_features`)
+    of the pretraining arguments and of the target cache writer; raises `ValueError` naming the flag."""
+    if args.mask_strategy not in MASK_STRATEGY_NAMES:
+        raise ValueError(f"--mask_strategy must be one of {MASK_STRATEGY_NAMES}, got {args.mask_strategy!r}.")
+    if not (isinstance(args.mask_ratio, (int, float)) and 0.0 <= args.mask_ratio < 1.0):
+        raise ValueError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}.")
+    if not 0.0 < args.dc_ratio < 1.0:
+        raise ValueError(f"--dc_ratio must be in (0, 1), got {args.dc_ratio}.")
+    if args.dpc_k < 1:
+        raise ValueError(f"--dpc_k must be >= 1, got {args.dpc_k}.")
+    if args.mask_features not in MASK_FEATURES:
+        raise ValueError(f"--mask_features must be one of {MASK_FEATURES}, got {args.mask_features!r}.")
+
+
 # Inputs a strategy cannot do without, beyond the token grid: validated once, in `build_mask`.
 STRATEGY_INPUTS: dict[str, tuple[str, ...]] = {"cluster": ("features",), "attention": ("cls_attention",)}
 

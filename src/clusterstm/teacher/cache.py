@@ -272,7 +272,7 @@ class PrecomputeTargetsArguments:
     device: str | None = field(default=None, metadata={"help": "Teacher device (default: cuda if available)."})
 
     def __post_init__(self) -> None:
-        from ..training.pretraining import validate_masking_arguments
+        from ..models.masking_clusterstm import validate_masking_arguments
 
         if (self.dataset_name is None) == (self.train_file is None):
             raise ValueError("Pass exactly one of --dataset_name synthetic or --train_file.")
@@ -306,11 +306,11 @@ def write_teacher_targets(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from ..data.corpus import build_train_dataset, corpus_parameters, derive_seed
     from ..data.readers import VideoTextCollator
     from ..models.configuration_clusterstm import ClusterSTMConfig
     from ..models.masking_clusterstm import build_mask
     from ..models.processing_clusterstm import ClusterSTMProcessor
-    from ..training.pretraining import build_train_dataset, derive_seed
     from .compatibility import check_teacher_compatibility
     from .targets import compute_teacher_targets
     from .teacher import ClusterSTMTeacher
@@ -323,7 +323,9 @@ def write_teacher_targets(
         teacher = ClusterSTMTeacher.from_pretrained(args.teacher_name_or_path, device=device)
     check_teacher_compatibility(teacher, config, processor)
     if dataset is None:
-        dataset = build_train_dataset(args, vision.num_frames, vision.image_size)
+        dataset = build_train_dataset(
+            **corpus_parameters(args), num_frames=vision.num_frames, image_size=vision.image_size
+        )
     collator = VideoTextCollator(
         processor,
         teacher_tokenizer=teacher.tokenizer,

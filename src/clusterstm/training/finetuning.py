@@ -31,11 +31,20 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import speed_metrics
 
+from ..tasks import TASKS as _TASK_REGISTRY
+from ..tasks import get_task
+from ..tasks.captioning import (  # noqa: F401  (kept importable from here)
+    CAPTIONING_INSTALL,
+    check_captioning_dependencies,
+    nearest_neighbour_captions,
+    video_colour_features,
+)
+from ..tasks.retrieval import chance_retrieval_metrics  # noqa: F401  (kept importable from here)
 from .errors import explain_disk_full
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("retrieval", "qa", "captioning")
+TASKS = tuple(_TASK_REGISTRY)  # the registered downstream tasks (`clusterstm.tasks.TASKS`)
 _EVAL_SPLITS = ("validation", "test", "compositional")
 _PATH_KEYS = ("video", "video_path", "file_name", "path")
 _CAPTION_KEYS = ("caption", "captions", "sentences", "sentence", "text")
@@ -203,27 +212,9 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
         hub_id = training_args.hub_model_id
         if not hub_id or hub_id.count("/") != 1 or not all(hub_id.split("/")):
             raise ValueError(f"--push_to_hub needs --hub_model_id in the form 'namespace/name', got {hub_id!r}.")
-    if model_args.task == "captioning" and training_args.do_eval:
-        check_captioning_dependencies()
-
-
-CAPTIONING_INSTALL = "pip install 'clusterstm[captioning]'"
-
-
-def check_captioning_dependencies() -> None:
-    """Raise `ImportError` with the install command when the captioning metrics' optional dependency is missing.
-
-    Called at start-up, so that a `--task captioning --do_eval` run never trains for hours and then fails to score.
-    """
-    try:
-        from pycocoevalcap.bleu.bleu import Bleu  # noqa: F401
-        from pycocoevalcap.cider.cider import Cider  # noqa: F401
-        from pycocoevalcap.rouge.rouge import Rouge  # noqa: F401
-    except ImportError as error:
-        raise ImportError(
-            f"--task captioning with --do_eval scores captions with pycocoevalcap, which is not installed ({error}). "
-            f"Install it with: {CAPTIONING_INSTALL}"
-        ) from error
+    check = get_task(model_args.task).check_dependencies
+    if check is not None and training_args.do_eval:
+        check()
 
 
 # ================================================================================================ annotations
@@ -401,7 +392,7 @@ def load_synthetic_split(
     config = SyntheticVideoTextConfig(num_frames=num_frames, image_size=image_size, seed=seed, **sizes)
     rows = generate_split_metadata(config, split)
     clips = list(render_clips(rows, config)) if rows else []
-    if task == "qa":
+    if get_task(task).records == "questions":
         videos, questions, answers, types = [], [], [], []
         for row, clip in zip(rows, clips):
             for question, answer, kind in zip(row["questions"], row["answers"], row["question_types"]):
@@ -522,33 +513,29 @@ class ClusterSTMDataCollator:
     skip_bad_samples: bool = False
     num_skipped: int = field(default=0, init=False)
 
-    def _pixel_values(self, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], torch.Tensor]:
-        from ..models.video_processing_clusterstm import VideoDecodingError
+    @property
+    def targets(self) -> str:
+        """What the task's head trains on (`clusterstm.tasks.base.TRAINING_TARGETS`)."""
+        return get_task(self.task).training_targets
 
-        video_kwargs: dict[str, Any] = {"sampling": "random" if self.training else "uniform"}
-        if self.num_frames is not None:
-            video_kwargs["num_frames"] = self.num_frames
-        process = self.processor.video_processor
-        if not self.skip_bad_samples:
-            videos = [item["video"] for item in items]
-            return items, process(videos, return_tensors="pt", **video_kwargs)["pixel_values"]
-        processed: list[torch.Tensor | None] = []
-        for item in items:
-            try:
-                processed.append(process([item["video"]], return_tensors="pt", **video_kwargs)["pixel_values"][0])
-            except VideoDecodingError as error:
-                logger.warning("Skipping an unreadable video (replaced by another sample of the batch): %s", error)
-                processed.append(None)
-        good = [i for i, video in enumerate(processed) if video is not None]
-        if not good:
-            raise VideoDecodingError(f"Every video of the batch is unreadable ({len(items)} items).")
-        items = list(items)
-        for i, video in enumerate(processed):
-            if video is None:
-                pick = good[int(torch.randint(len(good), (1,)).item())]
-                items[i], processed[i] = items[pick], processed[pick]
-                self.num_skipped += 1
-        return items, torch.stack(processed)
+    def __post_init__(self) -> None:
+        from ..data.readers import VideoTextCollator
+
+        # The package's one video collator (built on the processor) decodes, samples and preprocesses the clips and
+        # replaces unreadable ones; this class adds the task's texts and labels.
+        self._videos = VideoTextCollator(
+            self.processor,
+            num_frames=self.num_frames,
+            sampling="random" if self.training else "uniform",
+            skip_bad_samples=self.skip_bad_samples,
+            video_column="video",
+        )
+
+    def _pixel_values(self, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], torch.Tensor]:
+        before = self._videos.num_skipped
+        items, pixel_values = self._videos.videos(items)
+        self.num_skipped += self._videos.num_skipped - before
+        return items, pixel_values
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
@@ -568,12 +555,12 @@ class ClusterSTMDataCollator:
             batch["attention_mask"] = encoding["attention_mask"]
         if "labels" in items[0]:
             batch["labels"] = torch.tensor([item["labels"] for item in items], dtype=torch.long)
-        elif self.task == "captioning" and self.training and "input_ids" in batch:
+        elif self.targets == "caption_tokens" and self.training and "input_ids" in batch:
             # Teacher forcing: predict every caption token; padding is ignored by the loss.
             labels = batch["input_ids"].clone()
             labels[batch["attention_mask"] == 0] = -100
             batch["labels"] = labels
-        if self.task == "retrieval" and self.training:
+        if self.targets == "contrastive" and self.training:
             batch["return_loss"] = True
         if self.keep_index:
             batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
@@ -581,86 +568,14 @@ class ClusterSTMDataCollator:
 
 
 # ================================================================================================ baselines
-def chance_retrieval_metrics(num_videos: int, captions_per_video: int = 1) -> dict[str, float]:
-    """Expected metrics of a random ranking of `num_videos` videos with `captions_per_video` captions each.
-
-    Text-to-video: R@K = K / N, mean rank (N + 1) / 2. Video-to-text (a video counts at its best caption among
-    `n = N * m` texts): R@K = 1 - C(n - m, K) / C(n, K), mean rank 1 + (n - m) / (m + 1).
-    """
-    if num_videos < 1 or captions_per_video < 1:
-        raise ValueError("chance_retrieval_metrics needs at least one video and one caption per video")
-    m = captions_per_video
-    n = num_videos * m
-    out: dict[str, float] = {}
-    for k in (1, 5, 10):
-        out[f"t2v_r{k}"] = 100.0 * min(k, num_videos) / num_videos
-    out["t2v_meanr"] = (num_videos + 1) / 2.0
-    for k in (1, 5, 10):
-        fail = 1.0
-        for j in range(min(k, n)):
-            fail *= max(0.0, (n - m - j) / (n - j))
-        out[f"v2t_r{k}"] = 100.0 * (1.0 - fail)
-    out["v2t_meanr"] = 1.0 + (n - m) / (m + 1.0)
-    return out
-
-
-def video_colour_features(videos: Sequence[Any], bins: int = 8) -> np.ndarray:
-    """A simple video descriptor: the colour histogram (`bins` per RGB channel) of all frames, L1-normalised."""
-    feats = []
-    for video in videos:
-        if isinstance(video, (str, os.PathLike)):
-            from ..models.video_processing_clusterstm import read_video_pyav
-
-            video = read_video_pyav(video, 8, "uniform")
-        array = np.asarray(video)
-        if array.ndim == 3:
-            array = np.repeat(array[..., None], 3, axis=-1)
-        if array.shape[-1] != 3 and array.shape[1] == 3:
-            array = np.moveaxis(array, 1, -1)
-        array = array.reshape(-1, 3).astype(np.float64)
-        if array.max() <= 1.0:
-            array = array * 255.0
-        hist = [np.histogram(array[:, c], bins=bins, range=(0, 256))[0] for c in range(3)]
-        feat = np.concatenate(hist).astype(np.float64)
-        feats.append(feat / max(feat.sum(), 1.0))
-    return np.stack(feats) if feats else np.zeros((0, 3 * bins))
-
-
-def nearest_neighbour_captions(train: VideoCaptions, evaluation: VideoCaptions, bins: int = 8) -> list[str]:
-    """For every evaluation video, the first caption of the nearest training video (colour-histogram L2)."""
-    train_feats = video_colour_features(train.videos, bins)
-    eval_feats = video_colour_features(evaluation.videos, bins)
-    predictions = []
-    for feat in eval_feats:
-        nearest = int(np.argmin(((train_feats - feat[None]) ** 2).sum(axis=1)))
-        predictions.append(train.captions[nearest][0])
-    return predictions
-
-
 def baseline_metrics(task: str, train_data: Any, eval_data: Any, caption_tokenizer: str = "auto") -> dict[str, Any]:
-    """Reference numbers a model must beat, keys prefixed `baseline_`.
+    """Reference numbers a model must beat, keys prefixed `baseline_` (each task's `baseline` in `clusterstm.tasks`).
 
     - retrieval: chance (R@K = K / num_videos, ranks (N + 1) / 2);
     - qa: always answering the most frequent training answer;
     - captioning: the caption of the nearest training video in colour-histogram space.
     """
-    if task == "retrieval":
-        num_texts = sum(len(c) for c in eval_data.captions)
-        out = chance_retrieval_metrics(len(eval_data), max(1, round(num_texts / max(len(eval_data), 1))))
-        return {f"baseline_chance_{k}": v for k, v in out.items()}
-    if task == "qa":
-        from ..tasks.metrics import qa_accuracy
-
-        majority = Counter(train_data.answers).most_common(1)[0][0]
-        out = qa_accuracy([majority] * len(eval_data), eval_data.answers)
-        return {"baseline_majority_answer": majority, "baseline_majority_accuracy": out["accuracy"]}
-    if task == "captioning":
-        from ..tasks.metrics import caption_metrics
-
-        predictions = nearest_neighbour_captions(train_data, eval_data)
-        out = caption_metrics(predictions, eval_data.captions, tokenizer=caption_tokenizer, meteor=False)
-        return {f"baseline_nn_{k}": v for k, v in out.items()}
-    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return get_task(task).baseline(train_data, eval_data, caption_tokenizer)
 
 
 # ================================================================================================ trainer
@@ -759,7 +674,8 @@ class ClusterSTMTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Task-specific evaluation; `eval_dataset` may be the raw records of a split (default: the eval split)."""
-        if self.task == "qa":
+        evaluation = get_task(self.task).evaluation
+        if evaluation == "trainer":
             return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         data = eval_dataset if eval_dataset is not None else self.eval_dataset
         if not isinstance(data, VideoCaptions):
@@ -769,7 +685,7 @@ class ClusterSTMTrainer(Trainer):
         was_training = model.training
         model.eval()
         try:
-            if self.task == "retrieval":
+            if evaluation == "retrieval":
                 metrics = self._evaluate_retrieval(model, data)
             else:
                 metrics = self._evaluate_captioning(model, data, metric_key_prefix)
@@ -783,7 +699,7 @@ class ClusterSTMTrainer(Trainer):
 
     # ------------------------------------------------------------------ retrieval
     def _evaluate_retrieval(self, model, data: VideoCaptions) -> dict[str, Any]:
-        from ..tasks.metrics import retrieval_metrics_from_embeddings
+        from ..tasks.retrieval import retrieval_scores
 
         args = self.model_args
         texts, text_to_video = data.texts()
@@ -806,7 +722,7 @@ class ClusterSTMTrainer(Trainer):
             raise RuntimeError("Retrieval evaluation lost or duplicated samples while gathering.")
         video_embeds = torch.stack([video_rows[i][0] for i in range(len(data))])
         text_embeds = torch.stack([text_rows[i][0] for i in range(len(texts))])
-        metrics = retrieval_metrics_from_embeddings(
+        metrics = retrieval_scores(
             text_embeds,
             video_embeds,
             text_to_video,
@@ -948,13 +864,6 @@ def argmax_logits(logits, labels):
 
 
 # ================================================================================================ model loading
-_HEADS = {
-    "retrieval": "ClusterSTMForVideoTextRetrieval",
-    "qa": "ClusterSTMForVideoQuestionAnswering",
-    "captioning": "ClusterSTMForVideoCaptioning",
-}
-
-
 def _load_processor(path: str):
     from ..models.processing_clusterstm import ClusterSTMProcessor
 
@@ -962,12 +871,8 @@ def _load_processor(path: str):
 
 
 def head_class(task: str):
-    """The model class of a task (`retrieval`, `qa`, `captioning`)."""
-    if task not in _HEADS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    from ..models import modeling_clusterstm
-
-    return getattr(modeling_clusterstm, _HEADS[task])
+    """The model class of a task (`retrieval`, `qa`, `captioning`; see `clusterstm.tasks.TASKS`)."""
+    return get_task(task).head_class()
 
 
 def resolve_checkpoint(model_args: ModelArguments, training_args: TrainingArguments) -> str:
@@ -998,7 +903,8 @@ def load_model_and_processor(
     if model_args.matching_loss_weight is not None:
         config.matching_loss_weight = model_args.matching_loss_weight
     extra: dict[str, Any] = {}
-    if model_args.task == "qa":
+    targets = get_task(model_args.task).training_targets
+    if targets == "answer_classes":
         if answer_vocabulary is None:
             raise ValueError("QA needs an answer vocabulary.")
         config.id2label = dict(enumerate(answer_vocabulary))
@@ -1006,12 +912,12 @@ def load_model_and_processor(
         extra["ignore_mismatched_sizes"] = True
     processor = _load_processor(path)
     tokenizer = processor.tokenizer
-    if model_args.task == "captioning":
+    if targets == "caption_tokens":
         config.bos_token_id = tokenizer.cls_token_id
         config.eos_token_id = tokenizer.sep_token_id
         config.pad_token_id = tokenizer.pad_token_id
     model = head_class(model_args.task).from_pretrained(path, config=config, use_safetensors=True, **extra)
-    if model_args.task == "captioning":
+    if targets == "caption_tokens":
         model.generation_config.bos_token_id = tokenizer.cls_token_id
         model.generation_config.eos_token_id = tokenizer.sep_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -1028,7 +934,7 @@ def _load_split(task: str, data_args: DataArguments, split: str, num_frames: int
     path = {"train": data_args.train_file, "eval": data_args.validation_file, "predict": data_args.test_file}[split]
     if path is None:
         return None
-    loader = load_video_questions if task == "qa" else load_video_captions
+    loader = load_video_questions if get_task(task).records == "questions" else load_video_captions
     return loader(path, data_args.video_root, data_args.video_filename_template)
 
 
@@ -1043,6 +949,9 @@ def run_finetuning(
     validate_arguments(model_args, data_args, training_args)
 
     task = model_args.task
+    spec = get_task(task)
+    # An answer-classification head needs its answer vocabulary (from the training answers at the latest).
+    classifies_answers = spec.training_targets == "answer_classes"
     # The collator needs the raw `video` / `text` columns: never let Trainer drop them (transformers#27535).
     if training_args.remove_unused_columns:
         logger.info("Setting remove_unused_columns=False: the collator decodes the raw `video`/`text` columns.")
@@ -1060,7 +969,9 @@ def run_finetuning(
     image_size = ClusterSTMConfig.from_pretrained(checkpoint).vision_config.image_size
     synthetic_frames = 8
     train_data = eval_data = predict_data = None
-    needs_train = training_args.do_train or (data_args.compute_baselines and training_args.do_eval) or task == "qa"
+    needs_train = (
+        training_args.do_train or (data_args.compute_baselines and training_args.do_eval) or classifies_answers
+    )
     if needs_train and (data_args.dataset_name == "synthetic" or data_args.train_file):
         train_data = _load_split(task, data_args, "train", synthetic_frames, image_size)
         train_data = train_data.subset(data_args.max_train_samples)
@@ -1072,7 +983,7 @@ def run_finetuning(
         predict_data = predict_data.subset(data_args.max_eval_samples)
 
     answer_vocabulary = None
-    if task == "qa":
+    if classifies_answers:
         # Priority: --answer_list, then the vocabulary a fine-tuned QA checkpoint carries (its classifier rows follow
         # it), then the training answers.
         if data_args.answer_list is not None:
@@ -1099,13 +1010,13 @@ def run_finetuning(
         training=False,
         max_text_length=data_args.max_text_length,
         num_frames=data_args.num_frames,
-        keep_index=task != "qa",
+        keep_index=spec.evaluation != "trainer",
     )
 
     def as_dataset(data, training: bool):
         if data is None:
             return None
-        if task == "qa":
+        if spec.records == "questions":
             return QuestionDataset(data, model.config.label2id)
         return CaptionedVideoDataset(data) if training else data
 
@@ -1116,7 +1027,7 @@ def run_finetuning(
     output_dir = training_args.output_dir
 
     qa_metrics = None
-    if task == "qa":
+    if spec.evaluation == "trainer":
         qa_metrics = QAComputeMetrics(model.config.id2label, eval_data.question_types if eval_data else None)
     trainer = ClusterSTMTrainer(
         model=model,
@@ -1126,7 +1037,7 @@ def run_finetuning(
         data_collator=collator,
         processing_class=processor,
         compute_metrics=qa_metrics,
-        preprocess_logits_for_metrics=argmax_logits if task == "qa" else None,
+        preprocess_logits_for_metrics=argmax_logits if spec.evaluation == "trainer" else None,
         task=task,
         eval_collator=eval_collator,
         model_args=model_args,
@@ -1164,7 +1075,7 @@ def run_finetuning(
         results.update(metrics)
 
     if training_args.do_predict:
-        if task == "qa":
+        if spec.evaluation == "trainer":
             qa_metrics.question_types = predict_data.question_types
             output = trainer.predict(QuestionDataset(predict_data, model.config.label2id), metric_key_prefix="predict")
             metrics = dict(output.metrics)
@@ -1190,14 +1101,6 @@ def run_finetuning(
     return results
 
 
-_CARD_TASKS = {"retrieval": "retrieval", "qa": "qa", "captioning": "captioning"}
-_PIPELINE_TAGS = {
-    "retrieval": "feature-extraction",
-    "qa": "visual-question-answering",
-    "captioning": "video-text-to-text",
-}
-
-
 def push_finetuned_model(
     trainer: Trainer,
     processor: Any,
@@ -1210,7 +1113,7 @@ def push_finetuned_model(
 
     The base model is named by its Hub id, or by its folder name when it is a local folder (never its path).
     """
-    from ..hub.model_card import _metric_entries, write_model_card
+    from ..hub.model_card import write_model_card
     from ..hub.publish import push_checkpoint
 
     output_dir = training_args.output_dir
@@ -1218,10 +1121,11 @@ def push_finetuned_model(
         with explain_disk_full(output_dir, "the model to push"):
             _complete_remote_code(trainer, processor)
     task = model_args.task
+    spec = get_task(task)
     dataset = "ClusterSTM synthetic benchmark" if data_args.dataset_name == "synthetic" else None
     eval_results = []
     eval_metrics = {k: v for k, v in results.items() if k.startswith("eval_")}
-    if eval_metrics and _metric_entries(_CARD_TASKS[task], eval_metrics):
+    if eval_metrics and spec.card_entries(eval_metrics):
         name = dataset or Path(data_args.validation_file or "evaluation data").stem
         eval_results.append({"task": task, "dataset_name": name, "dataset_type": name, "metrics": eval_metrics})
     world = max(training_args.world_size, 1)
@@ -1235,7 +1139,7 @@ def push_finetuned_model(
     }
     with explain_disk_full(output_dir, "the model card"):
         write_model_card(
-            output_dir, trainer.model.config, run_info, eval_results or None, pipeline_tag=_PIPELINE_TAGS[task]
+            output_dir, trainer.model.config, run_info, eval_results or None, pipeline_tag=spec.pipeline_tag
         )
     return push_checkpoint(
         output_dir,

@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -41,6 +40,16 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration
 from torch.utils.data import DataLoader, Sampler
 from transformers import HfArgumentParser, get_scheduler
+
+from ..data.corpus import build_train_corpus as _build_corpus
+from ..data.corpus import corpus_parameters, derive_seed
+
+# The strategy names and the one check of the masking settings live next to the mask builder (shared with the cache).
+from ..models.masking_clusterstm import MASK_FEATURES, validate_masking_arguments  # noqa: F401  (re-exported)
+from ..models.masking_clusterstm import MASK_STRATEGY_NAMES as MASK_STRATEGIES
+
+# The package's one retrieval evaluator (kept importable from here).
+from ..tasks.retrieval import evaluate_zero_shot_retrieval  # noqa: F401
 
 # The checkpoint functions live in `checkpointing`; re-exported here, where they were first defined.
 from .checkpointing import (  # noqa: F401
@@ -67,8 +76,6 @@ from .errors import explain_disk_full
 
 logger = logging.getLogger(__name__)
 
-MASK_STRATEGIES = ("cluster", "random", "tube", "attention", "none")  # the keys of masking_clusterstm.MASK_STRATEGIES
-MASK_FEATURES = ("teacher", "patch")
 TEACHER_LOSSES = ("relevance_loss_weight", "alignment_loss_weight")
 # Written into output_dir: which teacher (or target cache) produced this run's targets, for `clusterstm visualize`.
 TEACHER_RECORD = "teacher_config.json"
@@ -236,21 +243,6 @@ class PretrainingArguments:
         validate_pretraining_arguments(self)
 
 
-def validate_masking_arguments(args: Any) -> None:
-    """The one check of the masking settings (`mask_strategy`, `mask_ratio`, `dc_ratio`, `dpc_k`, `mask_features`)
-    of the pretraining arguments and of the target cache writer; raises `ValueError` naming the flag."""
-    if args.mask_strategy not in MASK_STRATEGIES:
-        raise ValueError(f"--mask_strategy must be one of {MASK_STRATEGIES}, got {args.mask_strategy!r}.")
-    if not (isinstance(args.mask_ratio, (int, float)) and 0.0 <= args.mask_ratio < 1.0):
-        raise ValueError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}.")
-    if not 0.0 < args.dc_ratio < 1.0:
-        raise ValueError(f"--dc_ratio must be in (0, 1), got {args.dc_ratio}.")
-    if args.dpc_k < 1:
-        raise ValueError(f"--dpc_k must be >= 1, got {args.dpc_k}.")
-    if args.mask_features not in MASK_FEATURES:
-        raise ValueError(f"--mask_features must be one of {MASK_FEATURES}, got {args.mask_features!r}.")
-
-
 def validate_pretraining_arguments(args: PretrainingArguments) -> None:
     """Raises `ValueError` naming the flag for every inconsistent or out-of-range argument."""
     if (args.dataset_name is None) == (args.train_file is None):
@@ -317,12 +309,6 @@ def validate_pretraining_arguments(args: PretrainingArguments) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Seeds and sampling
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def derive_seed(*values: int | str) -> int:
-    """A 63-bit seed that is a pure function of `values` (stable across processes, runs and Python versions)."""
-    digest = hashlib.blake2b(repr(tuple(values)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -475,44 +461,8 @@ def _objective_losses(outputs: Any) -> dict[str, torch.Tensor]:
 
 
 def build_train_corpus(args: PretrainingArguments, num_frames: int, image_size: int):
-    """
-    The training corpus (`clusterstm.data.sources.Corpus`: a `datasets` object and the resolver its rows need): the
-    synthetic benchmark in memory, or any format of docs/DATA_FORMATS.md (optionally streamed).
-    """
-    from ..data.sources import Corpus, load_training_corpus
-
-    if args.dataset_name == "synthetic":
-        from ..data.readers import load_video_text_dataset
-        from ..data.synthetic import SyntheticVideoTextConfig
-
-        sizes = {"num_val": 0, "num_test": 0, "num_compositional": 0}
-        if args.num_train_clips is not None:
-            sizes["num_train"] = args.num_train_clips
-        config = SyntheticVideoTextConfig(
-            num_frames=max(num_frames, 2), image_size=image_size, seed=args.synthetic_seed, **sizes
-        )
-        corpus = Corpus(load_video_text_dataset("synthetic", split="train", synthetic_config=config), None)
-    else:
-        corpus = load_training_corpus(
-            dataset_name=args.dataset_name,
-            train_file=args.train_file,
-            video_root=args.video_root,
-            video_column=args.video_column,
-            caption_column=args.caption_column,
-            video_path_template=args.video_path_template,
-            dataset_config_name=args.dataset_config_name,
-            split=args.train_split_name,
-            streaming=args.streaming,
-            skip_bad_shards=args.skip_bad_samples,
-        )
-    if args.max_train_samples is not None:
-        dataset = corpus.dataset
-        corpus.dataset = (
-            dataset.take(args.max_train_samples)
-            if args.streaming
-            else dataset.select(range(min(len(dataset), args.max_train_samples)))
-        )
-    return corpus
+    """The training corpus of `args` (built by `clusterstm.data.corpus.build_train_corpus`, shared with the cache)."""
+    return _build_corpus(**corpus_parameters(args), num_frames=num_frames, image_size=image_size)
 
 
 def build_train_dataset(args: PretrainingArguments, num_frames: int, image_size: int):
@@ -1455,57 +1405,3 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = HfArgumentParser(PretrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
     return run_pretraining(args)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Zero-shot evaluation
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate_zero_shot_retrieval(
-    model: torch.nn.Module,
-    processor: Any,
-    dataset: Any,
-    batch_size: int = 32,
-    caption_column: str = "caption",
-    max_text_length: int = 32,
-) -> dict[str, float]:
-    """
-    Zero-shot text-to-video and video-to-text retrieval of a (pre)trained ClusterSTM model on `dataset` (one
-    caption per clip; e.g. the synthetic `test` split), with unmasked videos and uniformly sampled frames.
-
-    Args:
-        model: `ClusterSTMForPreTraining`, `ClusterSTMModel` or any model with a `.clusterstm` dual encoder.
-        processor: its `ClusterSTMProcessor`.
-        dataset: map-style dataset with a `video` array or `video_path` column and `caption_column`.
-
-    Returns:
-        `dict` with `t2v_r1`, `t2v_r5`, `t2v_r10`, `v2t_r1`, ... in percent (from `clusterstm.metrics`) and
-        `chance_r1`.
-    """
-    from ..data.readers import VideoTextCollator
-    from ..tasks.metrics import retrieval_metrics
-
-    encoder = getattr(model, "clusterstm", model)
-    was_training = model.training
-    model.eval()
-    collator = VideoTextCollator(
-        processor, sampling="uniform", max_length=max_text_length, caption_column=caption_column
-    )
-    device = next(encoder.parameters()).device
-    video_embeds, text_embeds = [], []
-    for start in range(0, len(dataset), batch_size):
-        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = collator(rows)
-        video = encoder.get_video_features(pixel_values=batch["pixel_values"].to(device))
-        text = encoder.get_text_features(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        )
-        video_embeds.append(torch.nn.functional.normalize(video.pooler_output.float(), dim=-1).cpu())
-        text_embeds.append(torch.nn.functional.normalize(text.pooler_output.float(), dim=-1).cpu())
-    model.train(was_training)
-    similarity = torch.cat(text_embeds) @ torch.cat(video_embeds).T
-    metrics = {k: float(v) for k, v in retrieval_metrics(similarity).items()}
-    metrics["chance_r1"] = 100.0 / similarity.shape[1]
-    return metrics

@@ -135,42 +135,50 @@ def evaluate_frame_text_retrieval(
 ) -> dict[str, float]:
     """Zero-shot retrieval between the middle frame of each clip and the clips' captions.
 
-    Returns image->text and text->image R@1/R@5 in percent and the chance R@1. A caption is counted as correct
-    only for its own clip (identical captions of other clips count as misses, so this is a lower bound).
+    Returns image->text and text->image R@1/R@5 in percent and the chance R@1, ranked by the package's one evaluator
+    (`clusterstm.tasks.retrieval`; ties count against the ground truth). A caption is counted as correct only for its
+    own clip (identical captions of other clips count as misses, so this is a lower bound).
     """
-    model.eval()
+    from ..tasks.retrieval import encode_retrieval_batches, retrieval_scores
+
     middle = videos[:, videos.shape[1] // 2]
-    image_embeds, text_embeds = [], []
-    for start in range(0, len(captions), 128):
-        pixel_values = normalize_frames(middle[start : start + 128])
-        image_embeds.append(model.get_image_features(pixel_values=pixel_values))
-        tokens = tokenizer(
-            list(captions[start : start + 128]),
-            padding=True,
-            truncation=True,
-            max_length=max_text_length,
-            return_tensors="pt",
-        )
-        text_embeds.append(
-            model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        )
-    image = _as_embeddings(image_embeds)
-    text = _as_embeddings(text_embeds)
-    similarity = image @ text.T
-    targets = torch.arange(len(captions))
+
+    def batches():
+        for start in range(0, len(captions), 128):
+            tokens = tokenizer(
+                list(captions[start : start + 128]),
+                padding=True,
+                truncation=True,
+                max_length=max_text_length,
+                return_tensors="pt",
+            )
+            yield {"pixel_values": normalize_frames(middle[start : start + 128]), **tokens}
+
+    encoder = _FrameEncoder(model)
+    encoder.training = model.training  # so the model's mode is restored afterwards
+    text_embeds, image_embeds = encode_retrieval_batches(encoder, batches())
+    # The package's one evaluator and tie rule (`clusterstm.tasks.retrieval.TIE_RULE`): frames play the videos.
+    metrics = retrieval_scores(text_embeds, image_embeds)
     results = {}
-    for name, scores in (("image_to_text", similarity), ("text_to_image", similarity.T)):
-        ranks = (scores > scores[targets, targets].unsqueeze(1)).sum(dim=1)
-        results[f"{name}_R@1"] = float((ranks < 1).float().mean() * 100)
-        results[f"{name}_R@5"] = float((ranks < 5).float().mean() * 100)
+    for name, direction in (("image_to_text", "v2t"), ("text_to_image", "t2v")):
+        results[f"{name}_R@1"] = float(metrics[f"{direction}_r1"])
+        results[f"{name}_R@5"] = float(metrics[f"{direction}_r5"])
     results["chance_R@1"] = 100.0 / len(captions)
     return results
 
 
-def _as_embeddings(chunks: list[Any]) -> torch.Tensor:
-    # `get_*_features` returns a tensor in older transformers and an output object with `pooler_output` in newer ones.
-    tensors = [chunk if isinstance(chunk, torch.Tensor) else chunk.pooler_output for chunk in chunks]
-    return torch.nn.functional.normalize(torch.cat(tensors).float(), dim=-1)
+class _FrameEncoder(torch.nn.Module):
+    """A `CLIPModel` seen as a video-text dual encoder: a "video" is one frame (for `encode_retrieval_batches`)."""
+
+    def __init__(self, model: CLIPModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def get_video_features(self, pixel_values: torch.Tensor) -> Any:
+        return self.model.get_image_features(pixel_values=pixel_values)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
 
 
 def run_teacher_training(args: TeacherTrainingArguments) -> dict[str, Any]:
