@@ -183,7 +183,16 @@ def _masking(ratio: float, seed: int = 0):
     )
 
 
-def bench_preset(preset: str, num_frames: int, batch_size: int, steps: int, ratios=RATIOS) -> list[dict]:
+def bench_preset(
+    preset: str,
+    num_frames: int,
+    batch_size: int,
+    steps: int,
+    ratios=RATIOS,
+    device: str = "cpu",
+    mixed_precision: str = "no",
+) -> list[dict]:
+    """Times every variant of one preset side by side; `device`/`mixed_precision` ("no" or "bf16") as a run would."""
     import torch
 
     import clusterstm.models.masking_clusterstm as masking
@@ -196,7 +205,8 @@ def bench_preset(preset: str, num_frames: int, batch_size: int, steps: int, rati
     work_dir = Path(work.name)
     model, teacher, processor, student_dir, corpus, rows, batch = build(preset, num_frames, batch_size, work_dir)
     config = model.config
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    device = torch.device(device)
+    autocast_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
     model.train()
     num_tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
 
@@ -225,6 +235,13 @@ def bench_preset(preset: str, num_frames: int, batch_size: int, steps: int, rati
         caches[ratio] = cache.collator(lambda _rows: dict(batch), caption_column="caption")
         precompute[ratio] = stats
 
+    model.to(device)
+    teacher.to(device=device, dtype=autocast_dtype or torch.float32)  # the teacher in the run's precision
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def on_device(step_batch: dict) -> dict:
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in step_batch.items()}
+
     timers = {"teacher": _Timer(), "mask": _Timer()}
     original_targets = targets_module.compute_teacher_targets
     original_cluster = masking.MASK_STRATEGIES["cluster"]
@@ -242,9 +259,12 @@ def bench_preset(preset: str, num_frames: int, batch_size: int, steps: int, rati
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        step_batch = caches[ratio](rows) if source == "cached" else batch
+        step_batch = on_device(caches[ratio](rows) if source == "cached" else batch)
         saved = _SavedTensors()
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack),
+            torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None),
+        ):
             outputs = pretraining_forward(
                 model, step_batch, _masking(ratio), step, 0, teacher if source == "online" else None
             )
@@ -418,6 +438,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--base_batch_size", type=int, default=2)
     parser.add_argument("--base_frames", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="where the model, teacher and batch live (e.g. cuda)")
+    parser.add_argument(
+        "--mixed_precision", choices=["no", "bf16"], default="no", help="bf16 autocast and a bf16 teacher, as a run"
+    )
     parser.add_argument(
         "--output_dir",
         default=None,
@@ -430,10 +454,11 @@ def main(argv=None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = args.steps or (1 if args.quick else 2)
-    rows = bench_preset("tiny", 8, 8, steps, ratios=(0.0, 0.8) if args.quick else RATIOS)
+    placement = {"device": args.device, "mixed_precision": args.mixed_precision}
+    rows = bench_preset("tiny", 8, 8, steps, ratios=(0.0, 0.8) if args.quick else RATIOS, **placement)
     print(render(rows), flush=True)
     if not args.quick:
-        rows += bench_preset("base", args.base_frames, args.base_batch_size, steps)
+        rows += bench_preset("base", args.base_frames, args.base_batch_size, steps, **placement)
     table = render(rows)
     print()
     print(table)
