@@ -136,14 +136,10 @@ def deterministic_torch() -> Iterator[None]:
     differed after two steps in 47 of 180 weight tensors (by ~1e-9, first in the patch and position embeddings),
     and by whole retrieval points after 200 steps. With one thread, or with deterministic algorithms, the two runs
     were bitwise identical. ``warn_only`` keeps the demo running on a device where an operation has no
-    deterministic version. Deterministic algorithms alone still let the QA fine-tuning stage differ between runs
-    (eval loss ~2e-5 apart, seen in two of several repeated runs on a loaded machine), so the demo also runs its CPU
-    kernels on one intra-op thread, which made every measured run bitwise identical.
+    deterministic version. Not sufficient yet: two runs can still differ (see the README's reproducibility notes).
     """
     import torch
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     previous_cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     # cuBLAS needs a fixed workspace to be deterministic; it reads this when it first initialises.
@@ -155,7 +151,6 @@ def deterministic_torch() -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous_cudnn
-        torch.set_num_threads(previous_threads)
 
 
 @contextlib.contextmanager
