@@ -95,11 +95,8 @@ def test_quickstart_demo_runs_end_to_end_and_reproduces(tmp_path):
     )
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     rerun_results = json.loads((again / "results.json").read_text())
-    if reproducible_metrics(rerun_results) != reproducible_metrics(results):
-        # KNOWN GAP (issue 20 left open): two seeded runs on one machine still differ (seen: the teacher stage's
-        # initial loss 3.4805 vs 3.4764, so some draw is not seeded); the source is not found yet. Everything above
-        # is asserted; this marks the run as an expected failure until the source is fixed (then it passes).
-        pytest.xfail("a seeded demo --quick does not yet reproduce its results.json exactly (issue 20)")
+    # This failed until the offline tokenizer's vocabulary was made deterministic (huggingface/tokenizers#1794).
+    assert reproducible_metrics(rerun_results) == reproducible_metrics(results)
 
 
 def test_reproducible_metrics_drops_only_timings_and_paths():

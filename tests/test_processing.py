@@ -41,6 +41,17 @@ def test_tokenizer_special_tokens_and_template(tokenizer):
     assert tokens[0] == "[CLS]" and unknown[-1] == "[SEP]" and len(unknown) >= 3
 
 
+def test_tokenizer_vocabulary_is_deterministic():
+    # The tokenizers trainer gave a different vocabulary on every call (huggingface/tokenizers#1794), which made
+    # seeded runs irreproducible: the vocabulary is now characters then words by count, ties alphabetical.
+    vocabularies = {tuple(sorted(train_wordpiece_tokenizer(CORPUS, vocab_size=300).get_vocab().items())) for _ in range(5)}
+    assert len(vocabularies) == 1
+    small = train_wordpiece_tokenizer(["ba ab ab"], vocab_size=11)
+    assert small.convert_ids_to_tokens(list(range(11))) == SPECIAL_TOKENS + ["a", "b", "##a", "##b", "ab", "ba"]
+    assert small.tokenize("aab") == ["a", "##a", "##b"]
+    assert train_wordpiece_tokenizer(["ba ab ab"], vocab_size=10).tokenize("ba") == ["b", "##a"]
+
+
 def test_tokenizer_save_load(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     for loaded in (AutoTokenizer.from_pretrained(tmp_path), load_local_tokenizer(tmp_path)):

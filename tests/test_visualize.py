@@ -29,6 +29,18 @@ def test_visualize_video_writes_the_three_figures(clip_and_teacher, tmp_path):
         assert path.stat().st_size > 1000, path
 
 
+def test_visualize_checks_its_inputs_before_loading_the_teacher(clip_and_teacher, tmp_path, monkeypatch):
+    import clusterstm.visualize as visualize
+
+    video, caption, teacher = clip_and_teacher
+    # Input errors must come before the (slow) teacher load: any load attempt fails this test.
+    monkeypatch.setattr(visualize, "resolve_teacher_path", lambda *a: pytest.fail("teacher loaded before checks"))
+    with pytest.raises(ValueError, match="caption is empty"):
+        visualize_video(teacher, video, "  ", output_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        visualize_video(teacher, tmp_path / "missing.mp4", caption, output_dir=tmp_path)
+
+
 def test_relevance_figure_has_a_colour_bar_per_heatmap_row(tmp_path, monkeypatch):
     import matplotlib.figure
 

@@ -35,7 +35,10 @@ FIGURE_NOTES: dict[str, str] = {
 }
 
 # results.json keys that measure time (or name paths) and so differ from run to run by design.
-_UNREPRODUCIBLE_KEY_PARTS = ("runtime", "per_second", "wall_time", "seconds", "figures", "output_dir")
+# Timings, paths and the run id (a fresh uuid per run) are the only parts of results.json a rerun may change.
+_UNREPRODUCIBLE_KEY_PARTS = (
+    "runtime", "per_second", "wall_time", "seconds", "figures", "output_dir", "name_or_path", "run_id"
+)
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def _cuda_available() -> bool:
 
 
 def reproducible_metrics(results: dict[str, Any]) -> dict[str, Any]:
-    """``results`` without its timings and paths: what a rerun with the same seed must reproduce exactly."""
+    """``results`` without its timings, paths and run id: what a rerun with the same seed must reproduce exactly."""
 
     def keep(key: str) -> bool:
         return not any(part in key for part in _UNREPRODUCIBLE_KEY_PARTS)
@@ -136,7 +139,8 @@ def deterministic_torch() -> Iterator[None]:
     differed after two steps in 47 of 180 weight tensors (by ~1e-9, first in the patch and position embeddings),
     and by whole retrieval points after 200 steps. With one thread, or with deterministic algorithms, the two runs
     were bitwise identical. ``warn_only`` keeps the demo running on a device where an operation has no
-    deterministic version. Not sufficient yet: two runs can still differ (see the README's reproducibility notes).
+    deterministic version. The other source of run-to-run change was the offline tokenizer's vocabulary (see
+    `train_wordpiece_tokenizer`).
     """
     import torch
 

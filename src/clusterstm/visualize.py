@@ -230,6 +230,11 @@ def visualize_video(
 ) -> list[Path]:
     """Writes ``relevance.png`` (Figure I), ``clusters.png`` (Figure II) and ``kept_tokens.png`` (cluster-wise vs
     random masking at the same ratio, random drawn with a fixed seed) for one video and caption."""
+    # Cheap input checks first: loading the teacher takes seconds.
+    if not str(caption).strip():
+        raise ValueError("visualize: the caption is empty; give the text whose relevance to show.")
+    if not Path(video).is_file():
+        raise FileNotFoundError(f"visualize: video file not found: {video}")
     teacher_path, config = resolve_teacher_path(checkpoint_or_teacher)
     teacher = ClusterSTMTeacher.from_pretrained(teacher_path)
     if teacher.tokenizer is None:

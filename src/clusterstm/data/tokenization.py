@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -24,6 +25,38 @@ def _batched(texts: Iterable[str], batch_size: int = 1000) -> Iterator[list[str]
         yield batch
 
 
+def _deterministic_vocabulary(
+    texts: list[str],
+    normalizer: normalizers.Normalizer,
+    pre_tokenizer: pre_tokenizers.PreTokenizer,
+    vocab_size: int,
+    min_frequency: int,
+) -> dict[str, int]:
+    """
+    Special tokens, then the character alphabet (word-initial and `##` continuations), then whole words by count.
+
+    The `tokenizers` WordPiece trainer is not used because its vocabulary depends on hash-map iteration order, so two
+    runs on one corpus give different ids and even different merges (huggingface/tokenizers#1794), which made seeded
+    runs irreproducible. Ties here are broken alphabetically; a word outside the vocabulary falls back to its
+    characters through WordPiece's greedy longest match.
+    """
+    word_counts: Counter[str] = Counter()
+    for text in texts:
+        word_counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    initials = sorted({word[0] for word in word_counts})
+    continuations = sorted({f"##{char}" for word in word_counts for char in word[1:]})
+    tokens = list(SPECIAL_TOKENS) + initials + continuations
+    known = set(tokens)
+    ranked = sorted(word_counts.items(), key=lambda item: (-item[1], item[0]))
+    for word, count in ranked:
+        if len(tokens) >= vocab_size or count < min_frequency:
+            break
+        if word not in known:
+            tokens.append(word)
+            known.add(word)
+    return {token: index for index, token in enumerate(tokens[:vocab_size])}
+
+
 def train_wordpiece_tokenizer(
     texts: Iterable[str],
     vocab_size: int = 1000,
@@ -33,9 +66,10 @@ def train_wordpiece_tokenizer(
     extra_tokens: Iterable[str] | None = None,
 ) -> BertTokenizerFast:
     """
-    Train a BERT-style WordPiece tokenizer on local text with the `tokenizers` library (no download).
+    Build a BERT-style WordPiece tokenizer from local text with the `tokenizers` library (no download).
 
-    The tokenizer uses the BERT normaliser (lowercasing and accent stripping when `lowercase`), BERT
+    The vocabulary is deterministic (the same corpus always gives the same ids): the characters of the corpus, then
+    its most frequent whole words. The tokenizer uses the BERT normaliser (lowercasing and accent stripping when `lowercase`), BERT
     pre-tokenisation, the special tokens `[PAD] [UNK] [CLS] [SEP] [MASK]` (ids 0-4 in that order) and the
     `[CLS] A [SEP]` / `[CLS] A [SEP] B [SEP]` post-processor, and is wrapped in a [`BertTokenizerFast`] that
     saves with `save_pretrained` and reloads with `AutoTokenizer.from_pretrained(folder)` offline.
@@ -43,7 +77,7 @@ def train_wordpiece_tokenizer(
     Args:
         texts (`Iterable[str]`): Training corpus (captions, questions, answers).
         vocab_size (`int`, *optional*, defaults to 1000): Maximum vocabulary size (a small corpus gives fewer).
-        min_frequency (`int`, *optional*, defaults to 1): Minimum count for a merge to be kept.
+        min_frequency (`int`, *optional*, defaults to 1): Minimum count for a word to enter the vocabulary.
         lowercase (`bool`, *optional*, defaults to `True`): Lowercase and strip accents.
         model_max_length (`int`, *optional*, defaults to 64): Default truncation length of the tokenizer.
         extra_tokens (`Iterable[str]`, *optional*): Words that must be whole tokens (e.g. a QA answer vocabulary).
@@ -62,18 +96,16 @@ def train_wordpiece_tokenizer(
     if not texts:
         raise ValueError("Cannot train a tokenizer on an empty corpus.")
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tokenizer.normalizer = normalizers.BertNormalizer(
+    normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=lowercase, lowercase=lowercase
     )
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS,
-        continuing_subword_prefix="##",
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    vocab = _deterministic_vocabulary(texts, normalizer, pre_tokenizer, vocab_size, min_frequency)
+    tokenizer = Tokenizer(
+        models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##", max_input_chars_per_word=100)
     )
-    tokenizer.train_from_iterator(_batched(texts), trainer=trainer, length=len(texts))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS]:0 $A:0 [SEP]:0",
