@@ -344,3 +344,45 @@ def test_pretrain_script_trains_from_cache_without_a_teacher(assets, tmp_path):
         timeout=300,
     )  # fmt: skip
     assert failed.returncode == 2 and "mask_ratio: cache 0.5, run 0.75" in failed.stderr
+
+
+def test_relevance_method_reaches_the_targets_the_cache_and_the_run_record(assets):
+    """`--relevance_method` (issue 21): online pretraining and the cache read relevance the chosen way, the cache
+    records it, a run with another method is refused, and a cache written before the flag counts as `window`."""
+    from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
+    from clusterstm.models.processing_clusterstm import ClusterSTMProcessor
+    from clusterstm.training.pretraining import run_pretraining
+
+    root, student, teacher_dir = assets
+    out = root / "cache-maskclip"
+    write_teacher_targets(
+        _precompute_args(student, teacher_dir, out, mask_strategy="random", num_train_clips=3, relevance_method="maskclip")
+    )
+    assert json.loads((out / "targets_config.json").read_text())["relevance_method"] == "maskclip"
+    cache = TeacherTargetCache(out)
+    config = ClusterSTMConfig.from_pretrained(student)
+    processor = ClusterSTMProcessor.from_pretrained(student)
+    maskclip_run = _pretraining_args(
+        student, root / "u", teacher_targets=str(out), mask_strategy="random", relevance_method="maskclip"
+    )
+    cache.check_run(maskclip_run, config, processor)
+    with pytest.raises(ValueError, match=r"relevance_method: cache 'maskclip', run 'window'"):
+        cache.check_run(_pretraining_args(student, root / "u", teacher_targets=str(out), mask_strategy="random"), config, processor)
+    cache.config.pop("relevance_method")  # as written before the flag existed
+    cache.check_run(_pretraining_args(student, root / "u", teacher_targets=str(out), mask_strategy="random"), config, processor)
+
+    # the cached relevance is the MaskCLIP relevance, not the window-pooled one
+    stored = torch.from_numpy(cache.relevance.astype(np.float32))
+    window_cache = root / "cache-window"
+    write_teacher_targets(_precompute_args(student, teacher_dir, window_cache, mask_strategy="random", num_train_clips=3))
+    window = torch.from_numpy(TeacherTargetCache(window_cache).relevance.astype(np.float32))
+    assert stored.shape == window.shape and not torch.allclose(stored, window, atol=1e-2)
+
+    with pytest.raises(ValueError, match="relevance_method must be one of"):
+        _pretraining_args(student, root / "u", relevance_method="gradcam")
+    run = run_pretraining(
+        _pretraining_args(student, root / "run-clearclip", teacher_name_or_path=str(teacher_dir), relevance_method="clearclip")
+    )
+    assert np.isfinite(run["train_relevance_loss"])
+    record = json.loads((root / "run-clearclip" / "teacher_config.json").read_text())
+    assert record["relevance_method"] == "clearclip"

@@ -257,6 +257,7 @@ def visualize_video(
             tokens["input_ids"],
             tokens.get("attention_mask"),
             window_size=w,
+            relevance_method=config.get("relevance_method", "window"),
             need_patch_tokens=patch_tokens is None,
         )
         patch_tokens = targets.patch_tokens if patch_tokens is None else patch_tokens

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .dense import check_relevance_method
+
 logger = logging.getLogger(__name__)
 
 TARGETS_CONFIG = "targets_config.json"
@@ -93,12 +95,14 @@ def _package_version() -> str:
     return __version__
 
 
-def run_settings(config: Any, processor: Any, frame_sampling: str) -> dict[str, Any]:
-    """The data/model settings a cache must share with a run (from the student config and processor)."""
+def run_settings(config: Any, processor: Any, frame_sampling: str, relevance_method: str = "window") -> dict[str, Any]:
+    """The data/model settings a cache must share with a run (from the student config and processor, and how the
+    relevance was read from the teacher)."""
     vision = config.vision_config
     video_processor = processor.video_processor
     return {
         "relevance_window_size": config.relevance_window_size,
+        "relevance_method": relevance_method,
         "num_frames": vision.num_frames,
         "image_size": vision.image_size,
         "patch_size": vision.patch_size,
@@ -161,11 +165,13 @@ class TeacherTargetCache:
     def check_run(self, args: Any, config: Any, processor: Any) -> None:
         """Raises `ValueError` naming every setting of the run (`args`: the pretraining arguments; the student's
         `config` and `processor`) that differs from the cache's."""
-        expected = run_settings(config, processor, args.frame_sampling)
+        expected = run_settings(config, processor, args.frame_sampling, args.relevance_method)
+        # Caches written before `relevance_method` existed hold window-pooled relevance.
+        written = {"relevance_method": "window", **self.config}
         mismatches = [
-            f"{name}: cache {self.config.get(name)!r}, run {value!r}"
+            f"{name}: cache {written.get(name)!r}, run {value!r}"
             for name, value in expected.items()
-            if self.config.get(name) != value
+            if written.get(name) != value
         ]
         if mask_needs_teacher(args.mask_strategy, args.mask_features):
             cached = self.config.get("mask") or {}
@@ -266,6 +272,9 @@ class PrecomputeTargetsArguments:
     dc_ratio: float = field(default=0.02, metadata={"help": "Cluster masking density cut-off quantile."})
     dpc_k: int = field(default=5, metadata={"help": "Cluster masking DPC-KNN neighbours."})
     mask_features: str = field(default="teacher", metadata={"help": "Cluster masking features: teacher or patch."})
+    relevance_method: str = field(
+        default="window", metadata={"help": "How relevance is read from the teacher: window, maskclip or clearclip."}
+    )
     seed: int = field(default=42, metadata={"help": "Seed of the stored attention-guided masks."})
     per_device_batch_size: int = field(default=16, metadata={"help": "Clips per teacher forward (alias --batch_size)."})
     shard_size: int = field(default=10000, metadata={"help": "Rows per parquet shard."})
@@ -284,6 +293,7 @@ class PrecomputeTargetsArguments:
                 "sampled ones would not match them at training time (see docs/TEACHER_TARGETS.md)."
             )
         validate_masking_arguments(self)
+        check_relevance_method(self.relevance_method)
         for name in ("per_device_batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
@@ -377,6 +387,7 @@ def write_teacher_targets(
             batch["input_ids"],
             batch["attention_mask"],
             window_size=config.relevance_window_size,
+            relevance_method=args.relevance_method,
             need_patch_tokens=store_masks and args.mask_strategy == "cluster",
             need_cls_attention=store_masks and args.mask_strategy == "attention",
             teacher_input_ids=batch.get("teacher_input_ids"),
@@ -419,7 +430,7 @@ def write_teacher_targets(
     flush()
     seconds = time.perf_counter() - start
 
-    settings = run_settings(config, processor, args.frame_sampling)
+    settings = run_settings(config, processor, args.frame_sampling, args.relevance_method)
     record = {
         "teacher_name_or_path": args.teacher_name_or_path,
         **settings,

@@ -50,6 +50,7 @@ from ..models.masking_clusterstm import MASK_STRATEGY_NAMES as MASK_STRATEGIES
 
 # The package's one retrieval evaluator (kept importable from here).
 from ..tasks.retrieval import evaluate_zero_shot_retrieval  # noqa: F401
+from ..teacher.dense import check_relevance_method
 
 # The checkpoint functions live in `checkpointing`; re-exported here, where they were first defined.
 from .checkpointing import (  # noqa: F401
@@ -161,6 +162,14 @@ class PretrainingArguments:
             "help": "A target cache folder from `clusterstm precompute-targets`: train from it with no teacher loaded."
         },
     )
+    relevance_method: str = field(
+        default="window",
+        metadata={
+            "help": "How the teacher's relevance targets are read: `window` (the paper's window pooling through the "
+            "teacher's pooler), `maskclip` or `clearclip` (training-free dense variants of the last block; CLIP-like "
+            "teachers). See docs/RESULTS.md section 7."
+        },
+    )
     max_steps: int = field(
         default=-1, metadata={"help": "Total optimizer steps; overrides --num_train_epochs if > 0."}
     )
@@ -254,6 +263,7 @@ def validate_pretraining_arguments(args: PretrainingArguments) -> None:
     if args.shuffle_buffer_size < 0:
         raise ValueError(f"--shuffle_buffer_size must be >= 0, got {args.shuffle_buffer_size}.")
     validate_masking_arguments(args)
+    check_relevance_method(args.relevance_method)
     if args.teacher_targets is not None:
         if args.teacher_name_or_path is not None:
             raise ValueError("Pass --teacher_targets (a target cache) or --teacher_name_or_path (online), not both.")
@@ -596,6 +606,7 @@ def pretraining_forward(
             inputs["input_ids"],
             inputs.get("attention_mask"),
             window_size=config.relevance_window_size,
+            relevance_method=getattr(args, "relevance_method", "window"),
             need_relevance=needs_relevance,
             need_patch_tokens=needs_tokens or cluster_on_teacher,
             need_cls_attention=needs_cls_attention,
@@ -1286,6 +1297,9 @@ def result_settings(
     precision actually used. `--max_steps` is left out on purpose: extending a run is what resuming is for."""
     settings: dict[str, Any] = {name: getattr(args, name) for name in RESULT_SETTINGS}
     settings.update({name: getattr(config, name, None) for name in OBJECTIVE_WEIGHTS})
+    if args.relevance_method != "window":
+        # Only when set: checkpoints written before the flag existed (all `window`) still resume.
+        settings["relevance_method"] = args.relevance_method
     settings["num_processes"] = accelerator.num_processes
     settings["mixed_precision"] = accelerator.mixed_precision
     if train_dataset is not None:
@@ -1360,6 +1374,7 @@ def teacher_record(args: PretrainingArguments, config: Any) -> dict[str, Any]:
         "teacher_name_or_path": args.teacher_name_or_path,
         "teacher_targets": args.teacher_targets,
         "relevance_window_size": config.relevance_window_size,
+        "relevance_method": args.relevance_method,
         "mask_strategy": args.mask_strategy,
         "mask_ratio": args.mask_ratio,
         "dc_ratio": args.dc_ratio,
