@@ -52,6 +52,8 @@ logger = logging.getLogger("clusterstm.ablation")
 
 ABLATIONS = ("masking", "window", "objective")
 STRATEGIES = ("cluster", "random", "tube", "attention")
+# Relevance methods beside Algorithm III's window pooling (`clusterstm.teacher.dense`).
+RELEVANCE_METHODS = ("maskclip", "clearclip")
 # Objective variants: which of the teacher-driven losses are on (the contrastive loss always is).
 OBJECTIVES: dict[str, dict[str, float]] = {
     "contrastive": {"relevance_loss_weight": 0.0, "alignment_loss_weight": 0.0},
@@ -111,6 +113,8 @@ class RunSpec:
     relevance_window_size: int = 3
     objective: str = "contrastive+relevance (ClusterSTM)"
     seed: int = 0
+    # How the teacher's relevance targets are read (`--relevance_method` of pretraining).
+    relevance_method: str = "window"
 
 
 @dataclass
@@ -150,6 +154,12 @@ def build_grid(
         objectives = list(OBJECTIVES)[::2] if quick else list(OBJECTIVES)
         for objective in objectives:
             grid.groups[objective] = [replace(default, objective=objective, seed=s) for s in seeds]
+        # The same relevance objective on localised targets (docs/RESULTS.md section 7: MaskCLIP / ClearCLIP read the
+        # teacher's last block so that its relevance falls on the named objects).
+        for method in ("maskclip",) if quick else RELEVANCE_METHODS:
+            grid.groups[f"contrastive+relevance ({method} targets)"] = [
+                replace(default, relevance_method=method, seed=s) for s in seeds
+            ]
     else:
         raise ValueError(f"Unknown ablation {name!r}; expected one of {ABLATIONS} or 'all'.")
     return grid
@@ -338,6 +348,7 @@ def pretrain(spec: RunSpec, settings: Settings, assets: Assets, run_dir: Path) -
         warmup_ratio=settings.warmup_ratio,
         mask_strategy=spec.mask_strategy,
         mask_ratio=spec.mask_ratio,
+        relevance_method=spec.relevance_method,
         # The data order and the masks' generators depend on the seed only (not on the strategy), so all strategies
         # see the same batches.
         seed=spec.seed,
@@ -449,8 +460,21 @@ def untrained_reference(settings: Settings, assets: Assets, seeds: Sequence[int]
 
 
 # ------------------------------------------------------------------------------------------------------------ report
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (standard table values; 1.96 beyond 30).
+T_QUANTILE_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+T_QUANTILE_975.update({df: 2.2 for df in range(11, 15)} | {df: 2.1 for df in range(15, 31)})
+
+
+def ci95_half_width(values: np.ndarray) -> float:
+    """Half-width of the 95 % t-interval of the mean of `values` (nan for fewer than two values)."""
+    if len(values) < 2:
+        return float("nan")
+    return T_QUANTILE_975.get(len(values) - 1, 1.96) * float(values.std(ddof=1)) / float(np.sqrt(len(values)))
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean, sample std (ddof=1; 0 for one seed), n and the per-seed values of every numeric metric."""
+    """Mean, sample std (ddof=1; 0 for one seed), 95 % t-interval half-width, n and the per-seed values of every
+    numeric metric."""
     out: dict[str, Any] = {"n": len(rows)}
     keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and not isinstance(rows[0][k], bool)]
     for key in keys:
@@ -458,7 +482,30 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out[key] = {
             "mean": float(values.mean()),
             "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "ci95": ci95_half_width(values),
             "values": values.tolist(),
+        }
+    return out
+
+
+def paired_differences(summary: dict[str, dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+    """Every row minus the first, seed by seed (rows of one seed share the initialisation, data and batch order, so
+    the pairing removes their variance): mean difference, its 95 % t-interval half-width, and whether the interval
+    excludes zero."""
+    labels = list(summary)
+    base = np.array(summary[labels[0]][key]["values"])
+    out = {}
+    for label in labels[1:]:
+        values = np.array(summary[label][key]["values"])
+        if len(values) != len(base):
+            continue
+        diff = values - base
+        half = ci95_half_width(diff)
+        out[label] = {
+            "mean": float(diff.mean()),
+            "ci95": half,
+            "resolved": bool(np.isfinite(half) and abs(diff.mean()) > half),
+            "values": diff.tolist(),
         }
     return out
 
@@ -486,6 +533,10 @@ def write_report(
     md_path = output_dir / f"{stem}.md"
     png_path = plot_dir / f"{stem}.png"
     payload = {"ablation": grid.name, "title": grid.title, "meta": meta, "untrained": reference, "results": summary}
+    if len(summary) > 1 and next(iter(summary.values()))["n"] > 1:
+        payload["paired_vs_first"] = {
+            key: paired_differences(summary, key) for key in ("test_t2v_r1", "test_t2v_meanr", "compositional_t2v_r1")
+        }
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
 
     has_finetune = any("qa_accuracy" in stats for stats in summary.values())
@@ -519,6 +570,7 @@ def write_report(
     if has_finetune:
         untrained += " – | – |"
     lines.append(untrained + " – | – |")
+    lines += _paired_lines(summary)
     chance = reference.get("test_chance_r1", {}).get("mean")
     lines += [
         "",
@@ -538,6 +590,31 @@ def write_report(
     md_path.write_text("\n".join(lines))
     plot(grid, summary, png_path)
     return {"json": json_path, "md": md_path, "png": png_path}
+
+
+def _paired_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """The paired comparison table (every row against the first) for test R@1 and test mean rank."""
+    first = next(iter(summary))
+    if summary[first]["n"] < 2 or len(summary) < 2:
+        return []
+    r1 = paired_differences(summary, "test_t2v_r1")
+    rank = paired_differences(summary, "test_t2v_meanr")
+    lines = [
+        "",
+        f"Paired differences against **{first}** (per seed: same initialisation, data and batches), mean [95 % "
+        "t-interval]; `yes` when the interval excludes 0. The interval's half-width is the smallest difference "
+        "the table resolves.",
+        "",
+        "| variant | test R@1 diff (points) | resolved | test mean rank diff | resolved |",
+        "|---|---|---|---|---|",
+    ]
+    for label in r1:
+        a, b = r1[label], rank[label]
+        lines.append(
+            f"| {label} | {a['mean']:+.1f} [±{a['ci95']:.1f}] | {'yes' if a['resolved'] else 'no'} | "
+            f"{b['mean']:+.1f} [±{b['ci95']:.1f}] | {'yes' if b['resolved'] else 'no'} |"
+        )
+    return lines
 
 
 def plot(grid: Grid, summary: dict[str, dict[str, Any]], path: Path) -> None:
@@ -662,12 +739,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Path]]:
     for name in names:
         grid = build_grid(name, settings, seeds, args.quick, ratios, args.strategies)
         start = time.perf_counter()
-        summary = {}
-        run_seconds = 0.0
-        for label, specs in grid.groups.items():
-            rows = [execute_run(spec, settings, assets, work_dir) for spec in specs]
-            run_seconds += sum(row["wall_time_s"] for row in rows)
-            summary[label] = summarise(rows)
+        # Seed by seed over all rows, so that an interrupted grid has complete seeds to report (rerun it with
+        # fewer --seeds: the finished runs come from the cache).
+        results: dict[RunSpec, dict[str, Any]] = {}
+        for index in range(len(seeds)):
+            for specs in grid.groups.values():
+                results[specs[index]] = execute_run(specs[index], settings, assets, work_dir)
+        summary = {label: summarise([results[spec] for spec in specs]) for label, specs in grid.groups.items()}
+        run_seconds = sum(row["wall_time_s"] for row in results.values())
         description = (
             f"Tiny ClusterSTM ({settings.steps} pretraining steps, batch {settings.batch_size}, lr "
             f"{settings.learning_rate:g}, cosine, {settings.num_train} synthetic training clips of "

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def test_window_and_objective_grids(ablation):
     assert list(window.groups) == ["1x1", "3x3", "5x5"]
     assert [runs[0].relevance_window_size for runs in window.groups.values()] == [1, 3, 5]
     objective = ablation.build_grid("objective", settings, seeds=[0], quick=False, ratios=[0.75])
-    assert list(objective.groups) == list(ablation.OBJECTIVES)
+    assert list(objective.groups)[: len(ablation.OBJECTIVES)] == list(ablation.OBJECTIVES)
     # Runs shared between ablations have the same cache key (they are trained once).
     shared = window.groups["3x3"][0]
     assert ablation.run_key(shared, settings) == ablation.run_key(
@@ -66,6 +67,30 @@ def test_summarise_mean_and_sample_std(ablation):
     assert summary["r1"]["values"] == [1.0, 3.0, 5.0]
     assert "name" not in summary
     assert ablation.summarise([{"r1": 2.0}])["r1"]["std"] == 0.0
+
+
+def test_paired_differences_and_intervals(ablation):
+    # Hand-checkable: differences 2, 3, 4 -> mean 3, std 1, t(2 df) = 4.303 -> half-width 4.303 / sqrt(3) = 2.48.
+    summary = {
+        "base": ablation.summarise([{"r1": 10.0}, {"r1": 20.0}, {"r1": 30.0}]),
+        "better": ablation.summarise([{"r1": 12.0}, {"r1": 23.0}, {"r1": 34.0}]),
+        "same": ablation.summarise([{"r1": 10.0}, {"r1": 21.0}, {"r1": 29.0}]),
+    }
+    assert summary["base"]["r1"]["ci95"] == pytest.approx(4.303 * 10.0 / 3**0.5)
+    paired = ablation.paired_differences(summary, "r1")
+    assert list(paired) == ["better", "same"]
+    assert paired["better"]["mean"] == pytest.approx(3.0) and paired["better"]["values"] == [2.0, 3.0, 4.0]
+    assert paired["better"]["ci95"] == pytest.approx(4.303 / 3**0.5) and paired["better"]["resolved"]
+    assert paired["same"]["mean"] == pytest.approx(0.0) and not paired["same"]["resolved"]
+    assert math.isnan(ablation.ci95_half_width(np.array([1.0])))
+
+
+def test_objective_grid_carries_the_relevance_methods(ablation):
+    grid = ablation.build_grid("objective", ablation.Settings(), seeds=[0, 1], quick=False, ratios=[0.75])
+    methods = {label: runs[0].relevance_method for label, runs in grid.groups.items()}
+    assert methods["contrastive+relevance (ClusterSTM)"] == "window"
+    assert methods["contrastive+relevance (maskclip targets)"] == "maskclip"
+    assert methods["contrastive+relevance (clearclip targets)"] == "clearclip"
 
 
 def test_bad_arguments_are_rejected(ablation):
