@@ -120,7 +120,9 @@ def test_quick_ablation_writes_tables_and_plots(tmp_path):
     ]
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    for name in ("masking", "window", "objective"):
+    matching = (output_dir / "ablation_matching.md").read_text()
+    assert "| +matching, uniform negatives |" in matching and "t2v R@1 re-ranked" in matching
+    for name in ("masking", "window", "objective", "matching"):
         payload = json.loads((output_dir / f"ablation_{name}.json").read_text())
         assert payload["ablation"] == name
         assert payload["meta"]["quick"] is True

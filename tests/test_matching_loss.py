@@ -65,3 +65,30 @@ def test_matching_features_is_the_caption_token_mean():
     fused = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]], [[5.0, 6.0], [0.0, 0.0], [-9.0, 9.0]]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert torch.equal(matching_features(fused, mask), torch.tensor([[2.0, 3.0], [5.0, 6.0]]))
+
+
+def test_uniform_negatives_ignore_the_contrastive_similarity():
+    torch.manual_seed(0)
+    texts, videos = _inputs(4)
+    # Logits that make pair (0, 1) the only hard negative: the hard rule draws it nearly always, uniform rarely.
+    logits = torch.full((4, 4), -50.0)
+    logits[0, 1] = logits[1, 0] = 50.0
+    fusion, head = _RecordingFusion(), nn.Linear(2, 2)
+    drawn = {True: set(), False: set()}
+    for hard in (True, False):
+        for _ in range(30):
+            video_text_matching_loss(fusion, head, texts, torch.ones(4, 3), videos, logits, hard_negatives=hard)
+            drawn[hard].update(tuple(p) for p in fusion.pairs[4:6].tolist())  # negative videos of texts 0 and 1
+    assert drawn[True] == {(0, 1), (1, 0)}
+    assert len(drawn[False]) == 6 and not any(t == v for t, v in drawn[False])  # every other video, never itself
+
+
+def test_matching_negatives_setting_is_validated():
+    import pytest
+
+    from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
+
+    assert ClusterSTMConfig.from_preset("tiny").matching_negatives == "hard"
+    assert ClusterSTMConfig.from_preset("tiny", matching_negatives="uniform").matching_negatives == "uniform"
+    with pytest.raises(ValueError, match="matching_negatives must be one of"):
+        ClusterSTMConfig.from_preset("tiny", matching_negatives="semi-hard")

@@ -23,6 +23,7 @@ logger = logging.get_logger(__name__)
 
 RELEVANCE_LOSSES = ("mse", "zscore_mse", "kl")
 RELEVANCE_TOKENS = ("all", "masked", "visible")
+MATCHING_NEGATIVES = ("hard", "uniform")
 # Masking settings that configurations written before masking moved to the pretraining arguments may still carry in
 # their config.json. They are accepted (and ignored) so those checkpoints load; nothing reads them.
 LEGACY_MASKING_KEYS = ("mask_strategy", "mask_ratio", "dc_ratio", "dpc_k", "mask_features", "mask_at_eval")
@@ -187,6 +188,9 @@ class ClusterSTMConfig(PreTrainedConfig):
         Weight of the relevance reconstruction loss; 0 skips it (and the decoder).
     matching_loss_weight (`float`, *optional*, defaults to 1.0):
         Weight of the video-text matching loss; 0 skips it.
+    matching_negatives (`str`, *optional*, defaults to `"hard"`):
+        How the matching loss draws its negative pairs: `"hard"` (in proportion to the contrastive similarity, the
+        ALBEF/BLIP/UMT rule) or `"uniform"` (any other pair of the batch).
     mlm_loss_weight (`float`, *optional*, defaults to 1.0):
         Weight of the masked language modelling loss; 0 skips it.
     alignment_loss_weight (`float`, *optional*, defaults to 0.0):
@@ -230,6 +234,7 @@ class ClusterSTMConfig(PreTrainedConfig):
     contrastive_loss_weight: float = 1.0
     relevance_loss_weight: float = 1.0
     matching_loss_weight: float = 1.0
+    matching_negatives: str = "hard"
     mlm_loss_weight: float = 1.0
     alignment_loss_weight: float = 0.0
     mlm_probability: float = 0.15
@@ -258,6 +263,10 @@ class ClusterSTMConfig(PreTrainedConfig):
             raise ValueError(f"relevance_loss must be one of {RELEVANCE_LOSSES}, got {self.relevance_loss!r}.")
         if self.relevance_tokens not in RELEVANCE_TOKENS:
             raise ValueError(f"relevance_tokens must be one of {RELEVANCE_TOKENS}, got {self.relevance_tokens!r}.")
+        if self.matching_negatives not in MATCHING_NEGATIVES:
+            raise ValueError(
+                f"matching_negatives must be one of {MATCHING_NEGATIVES}, got {self.matching_negatives!r}."
+            )
         if not 0.0 <= self.mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in [0, 1), got {self.mlm_probability}.")
         if self.relevance_temperature <= 0:

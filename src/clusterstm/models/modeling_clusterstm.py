@@ -260,10 +260,12 @@ def video_text_matching_loss(
     video_tokens: torch.Tensor,
     logits_per_text: torch.Tensor,
     input_ids: torch.Tensor | None = None,
+    hard_negatives: bool = True,
 ) -> torch.Tensor:
     """
     Video-text matching (binary) loss on the positive pairs plus one hard negative video per text and one hard negative
-    text per video, drawn in proportion to their contrastive similarity (the positive is never drawn).
+    text per video, drawn in proportion to their contrastive similarity (the positive is never drawn), or uniformly
+    among the other pairs when `hard_negatives=False`.
 
     With `input_ids`, a pair whose caption is identical to the positive's (token for token under the attention mask)
     is a positive too, so it is never drawn as a negative: labelling it "no match" would teach the head the opposite
@@ -278,6 +280,7 @@ def video_text_matching_loss(
         video_tokens: video tower tokens, `(B, M, H_v)`.
         logits_per_text: contrastive logits, `(B, B)`, row `i` = text `i`.
         input_ids: the captions' token ids `(B, L)`, *optional*: masks duplicated captions out of the negatives.
+        hard_negatives: draw negatives by contrastive similarity (`True`) or uniformly (`False`).
     """
     batch_size = text_hidden_states.shape[0]
     with torch.no_grad():
@@ -289,8 +292,13 @@ def video_text_matching_loss(
             # Rows left with no negative keep the plain rule (the diagonal only) instead of failing to sample.
             has_negative = (~same_caption).any(dim=1, keepdim=True)
             excluded = torch.where(has_negative, same_caption, eye)
-        weights_text_to_video = logits_per_text.float().softmax(dim=1).add(1e-8).masked_fill(excluded, 0.0)
-        weights_video_to_text = logits_per_text.t().float().softmax(dim=1).add(1e-8).masked_fill(excluded, 0.0)
+        if hard_negatives:
+            weights_text_to_video = logits_per_text.float().softmax(dim=1).add(1e-8)
+            weights_video_to_text = logits_per_text.t().float().softmax(dim=1).add(1e-8)
+        else:
+            weights_text_to_video = weights_video_to_text = torch.ones_like(logits_per_text, dtype=torch.float32)
+        weights_text_to_video = weights_text_to_video.masked_fill(excluded, 0.0)
+        weights_video_to_text = weights_video_to_text.masked_fill(excluded, 0.0)
         negative_videos = torch.multinomial(weights_text_to_video, 1).squeeze(1)
         negative_texts = torch.multinomial(weights_video_to_text, 1).squeeze(1)
     texts = torch.cat([text_hidden_states, text_hidden_states, text_hidden_states[negative_texts]], dim=0)
@@ -1690,6 +1698,7 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
                 video_tokens,
                 logits_per_text,
                 input_ids=input_ids,
+                hard_negatives=self.config.matching_negatives == "hard",
             )
 
         # CODEPATH: loss weight (training setting); 0 skips masked language modelling.
@@ -2035,6 +2044,7 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
                 outputs.vision_model_output.last_hidden_state,
                 outputs.logits_per_text,
                 input_ids=input_ids,
+                hard_negatives=self.config.matching_negatives == "hard",
             )
             loss = loss + self.config.matching_loss_weight * matching_loss
 
