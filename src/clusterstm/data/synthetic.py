@@ -511,6 +511,70 @@ def object_token_masks(
     return (fraction >= min_coverage).reshape(b, t, side * side)
 
 
+
+def per_object_token_masks(
+    rows: list[dict[str, Any]],
+    config: SyntheticVideoTextConfig,
+    patch_size: int,
+    tubelet_size: int = 1,
+    min_coverage: float = 0.25,
+) -> np.ndarray:
+    """
+    [`object_token_masks`] object by object: which patch tokens of every frame show object `o` of a clip (`o` in the
+    caption's order), a token counting when at least `min_coverage` of its pixels are that object's.
+
+    Returns:
+        `np.ndarray` bool of shape `(len(rows), num_frames // tubelet_size, max_objects, (image_size // patch_size) **
+        2)`; the slots past a clip's last object are all `False`.
+    """
+    if patch_size < 1 or config.image_size % patch_size:
+        raise ValueError(f"`patch_size` ({patch_size}) must divide the image size ({config.image_size}).")
+    if tubelet_size < 1 or config.num_frames % tubelet_size:
+        raise ValueError(f"`tubelet_size` ({tubelet_size}) must divide the number of frames ({config.num_frames}).")
+    if not 0.0 < min_coverage <= 1.0:
+        raise ValueError(f"`min_coverage` must be in (0, 1], got {min_coverage}.")
+    labels, palette = render_object_labels(rows, config)
+    labels = labels[:, ::tubelet_size]  # (B, T', H, W)
+    b, t = labels.shape[:2]
+    side = config.image_size // patch_size
+    slots = np.arange(palette.shape[1] - 1, dtype=np.int8)
+    pixels = (labels[:, :, None] == slots[None, None, :, None, None]).astype(np.float32)  # (B, T', O, H, W)
+    fraction = pixels.reshape(b, t, len(slots), side, patch_size, side, patch_size).mean(axis=(4, 6))
+    return (fraction >= min_coverage).reshape(b, t, len(slots), side * side)
+
+
+def kept_object_coverage(bool_masked_pos: np.ndarray, object_tokens: np.ndarray) -> dict[str, float]:
+    """
+    How well a mask keeps every object visible: the property cluster-wise masking is designed for.
+
+    Args:
+        bool_masked_pos: `(B, T, N)` bool, `True` = dropped (the model's convention).
+        object_tokens: `(B, T, O, N)` bool from [`per_object_token_masks`].
+
+    Returns:
+        `object_frames_kept`: fraction of the (clip, frame, object) triples, among those where the object has at
+        least one token, in which at least one of its tokens is kept; `clips_all_kept`: fraction of clips in which
+        every object keeps a token in every frame; `object_tokens_kept`: fraction of object tokens kept (the mask's
+        keep rate on objects; equal to `1 - mask_ratio` when masking ignores content); `num_object_frames`.
+    """
+    kept = ~np.asarray(bool_masked_pos, dtype=bool)
+    objects = np.asarray(object_tokens, dtype=bool)
+    if kept.shape != objects.shape[:2] + objects.shape[3:]:
+        raise ValueError(
+            f"bool_masked_pos {kept.shape} does not match object_tokens {objects.shape} (expected (B, T, O, N) for a "
+            "(B, T, N) mask)."
+        )
+    present = objects.any(-1)  # (B, T, O)
+    hit = (objects & kept[:, :, None, :]).any(-1)  # (B, T, O)
+    clip_ok = (hit | ~present).all(axis=(1, 2))
+    num = int(present.sum())
+    return {
+        "object_frames_kept": float(hit[present].mean()) if num else float("nan"),
+        "clips_all_kept": float(clip_ok.mean()),
+        "object_tokens_kept": float((objects & kept[:, :, None, :]).sum() / max(int(objects.sum()), 1)),
+        "num_object_frames": num,
+    }
+
 def _iter_chunks(rows: list[dict[str, Any]], chunk_size: int) -> Iterator[list[dict[str, Any]]]:
     for start in range(0, len(rows), chunk_size):
         yield rows[start : start + chunk_size]
@@ -679,6 +743,9 @@ __all__ = [
     "generate_split_metadata",
     "generate_synthetic_benchmark",
     "get_synthetic_answers",
+    "kept_object_coverage",
+    "object_token_masks",
+    "per_object_token_masks",
     "render_clips",
     "synthetic_text_corpus",
     "write_video_pyav",
