@@ -479,6 +479,17 @@ def render_clips(rows: list[dict[str, Any]], config: SyntheticVideoTextConfig) -
     return video
 
 
+def _check_token_grid(
+    config: SyntheticVideoTextConfig, patch_size: int, tubelet_size: int, min_coverage: float
+) -> None:
+    if patch_size < 1 or config.image_size % patch_size:
+        raise ValueError(f"`patch_size` ({patch_size}) must divide the image size ({config.image_size}).")
+    if tubelet_size < 1 or config.num_frames % tubelet_size:
+        raise ValueError(f"`tubelet_size` ({tubelet_size}) must divide the number of frames ({config.num_frames}).")
+    if not 0.0 < min_coverage <= 1.0:
+        raise ValueError(f"`min_coverage` must be in (0, 1], got {min_coverage}.")
+
+
 def object_token_masks(
     rows: list[dict[str, Any]],
     config: SyntheticVideoTextConfig,
@@ -497,12 +508,7 @@ def object_token_masks(
     Returns:
         `np.ndarray` bool of shape `(len(rows), num_frames // tubelet_size, (image_size // patch_size) ** 2)`.
     """
-    if patch_size < 1 or config.image_size % patch_size:
-        raise ValueError(f"`patch_size` ({patch_size}) must divide the image size ({config.image_size}).")
-    if tubelet_size < 1 or config.num_frames % tubelet_size:
-        raise ValueError(f"`tubelet_size` ({tubelet_size}) must divide the number of frames ({config.num_frames}).")
-    if not 0.0 < min_coverage <= 1.0:
-        raise ValueError(f"`min_coverage` must be in (0, 1], got {min_coverage}.")
+    _check_token_grid(config, patch_size, tubelet_size, min_coverage)
     labels, _ = render_object_labels(rows, config)
     covered = (labels[:, ::tubelet_size] >= 0).astype(np.float32)  # (B, T', H, W)
     b, t = covered.shape[:2]
@@ -527,12 +533,7 @@ def per_object_token_masks(
         `np.ndarray` bool of shape `(len(rows), num_frames // tubelet_size, max_objects, (image_size // patch_size) **
         2)`; the slots past a clip's last object are all `False`.
     """
-    if patch_size < 1 or config.image_size % patch_size:
-        raise ValueError(f"`patch_size` ({patch_size}) must divide the image size ({config.image_size}).")
-    if tubelet_size < 1 or config.num_frames % tubelet_size:
-        raise ValueError(f"`tubelet_size` ({tubelet_size}) must divide the number of frames ({config.num_frames}).")
-    if not 0.0 < min_coverage <= 1.0:
-        raise ValueError(f"`min_coverage` must be in (0, 1], got {min_coverage}.")
+    _check_token_grid(config, patch_size, tubelet_size, min_coverage)
     labels, palette = render_object_labels(rows, config)
     labels = labels[:, ::tubelet_size]  # (B, T', H, W)
     b, t = labels.shape[:2]
