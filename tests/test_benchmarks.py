@@ -140,3 +140,16 @@ def test_quick_ablation_writes_tables_and_plots(tmp_path):
             assert f"| {label} |" in table
         png = tmp_path / "docs" / f"ablation_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A seeded grid reproduces on the same machine: a second run from scratch (its own teacher, tokenizer and
+    # students, nothing cached) gives bitwise the same losses and metrics.
+    again = tmp_path / "again"
+    rerun = [sys.executable, str(ABLATION), "masking", "--quick", "--output_dir", str(again), "--work_dir",
+             str(tmp_path / "work-again")]  # fmt: skip
+    completed = subprocess.run(rerun, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    first = json.loads((output_dir / "ablation_masking.json").read_text())["results"]
+    second = json.loads((again / "ablation_masking.json").read_text())["results"]
+    for label, stats in first.items():
+        for key in ("train_loss_final", "test_t2v_r1", "test_t2v_meanr", "compositional_t2v_meanr"):
+            assert second[label][key]["values"] == stats[key]["values"], (label, key)
