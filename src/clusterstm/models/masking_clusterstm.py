@@ -148,16 +148,22 @@ def exact_float32_matmul():
             owner.fp32_precision = value
 
 
-def _normalize(x: torch.Tensor, name: str) -> torch.Tensor:
-    """L2-normalised tokens in the compute dtype (the arithmetic of `F.normalize`), checking finiteness on the norms:
-    a NaN or inf anywhere in a token makes its norm non-finite, and this reads `C` times fewer values than
+def _token_norms(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` in the compute dtype and its token norms `(..., 1)` clamped as `F.normalize` does, checking finiteness on
+    the norms: a NaN or inf anywhere in a token makes its norm non-finite, and this reads `C` times fewer values than
     `isfinite(x)`. (Finite tokens whose squared norm overflows are refused too: they cannot be normalised.) The
     check is the masking's only host sync."""
     x = x.to(_compute_dtype(x.dtype))
     norms = torch.linalg.vector_norm(x, ord=2, dim=-1, keepdim=True)
     if not bool(torch.isfinite(norms).all()):
         raise ValueError(f"`{name}` contains non-finite values (NaN or inf), or tokens too large to normalise.")
-    return x / norms.clamp_min(1e-12).expand_as(x)
+    return x, norms.clamp_min(1e-12)
+
+
+def _normalize(x: torch.Tensor, name: str) -> torch.Tensor:
+    """L2-normalised tokens in the compute dtype (the arithmetic of `F.normalize`), checked by [`_token_norms`]."""
+    x, norms = _token_norms(x, name)
+    return x / norms.expand_as(x)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -165,47 +171,77 @@ def _normalize(x: torch.Tensor, name: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _pairwise_sq_dist(x: torch.Tensor) -> torch.Tensor:
-    """Squared euclidean distances `(B', N, N)` from one Gram matrix (its diagonal gives the squared norms, so two
-    bit-identical tokens are exactly at distance zero)."""
-    gram = torch.bmm(x, x.transpose(1, 2))
+def _smallest_sorted(values: torch.Tensor, k: int) -> torch.Tensor:
+    """
+    The `k` smallest values of every row of `values` `(..., N)` in ascending order, i.e. `torch.topk(values, k,
+    largest=False).values`, selected among few candidates: the columns are split into `g` strided groups of `N / g`
+    columns each, and the `k` smallest values (as a multiset, ties included) lie in the `k` groups of smallest minimum:
+    those `k` minima are `<=` the `k`-th smallest minimum, which is `<=` every value of every other group. `topk` costs
+    per value, so selecting among the `N / g` minima and then the `k * g` candidates is cheaper than among all `N`.
+    Fixed shapes only (no host sync).
+    """
+    n = values.shape[-1]
+    # the group size g (a divisor of n, with at least k groups) that minimises the values topk has to look at
+    g = min((g for g in range(1, n + 1) if n % g == 0 and n // g >= k), key=lambda g: n // g + k * g)
+    if g == 1:
+        return torch.topk(values, k, dim=-1, largest=False).values
+    width = n // g
+    # group j holds the columns j, j + width, ...: the minima are an elementwise min over g slices (vectorised)
+    minima = values.unflatten(-1, (g, width)).amin(dim=-2)
+    groups = torch.topk(minima, k, dim=-1, largest=False, sorted=False).indices
+    columns = (groups[..., None] + torch.arange(0, n, width, device=values.device)).flatten(-2)
+    return torch.topk(torch.gather(values, -1, columns), k, dim=-1, largest=False).values
+
+
+def _dpc_from_gram(
+    gram: torch.Tensor, c: int, num_clusters: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPC-KNN from the Gram matrices `(b, N, N)` (any strides) of already normalised tokens of dimension `c`; returns
+    labels, centres and the local density rho. Fixed shapes only (no host sync)."""
+    b, n, _ = gram.shape
+    k = min(k, n)
+    # d_ij^2 = ||x_i - x_j||^2 / C, from the Gram matrix (its diagonal gives the squared norms, so two bit-identical
+    # tokens are exactly at distance zero)
     sq_norms = gram.diagonal(dim1=1, dim2=2)
     sq_dist = (sq_norms[:, :, None] + sq_norms[:, None, :]).sub_(gram, alpha=2.0).clamp_min_(0.0)
     sq_dist.diagonal(dim1=1, dim2=2).zero_()
-    return sq_dist
-
-
-def _dpc_knn_chunk(x: torch.Tensor, num_clusters: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPC-KNN on already normalised tokens `(b, N, C)`; returns labels, centres and the local density rho."""
-    b, n, c = x.shape
-    # d_ij^2 = ||x_i - x_j||^2 / C
-    sq_dist = _pairwise_sq_dist(x).div_(c)
+    sq_dist.div_(c)
     # local density: exp(-mean of the k smallest squared distances); the row's own zero is among them
-    knn_sq = torch.topk(sq_dist, k, dim=-1, largest=False).values
-    rho = torch.exp(-knn_sq.mean(dim=-1))
-    dist = sq_dist.sqrt_()
+    rho = torch.exp(-_smallest_sorted(sq_dist, k).mean(dim=-1))
 
-    # j is "denser" than i when rho_j > rho_i, or rho_j == rho_i and j < i (index tie-break, no noise)
-    index = torch.arange(n, device=x.device)
-    denser = (rho[:, None, :] > rho[:, :, None]) | (
-        (rho[:, None, :] == rho[:, :, None]) & (index[None, :] < index[:, None])
-    )
-    dist_max = dist.flatten(1).amax(dim=1)[:, None, None]
-    # min over denser tokens; the densest token has none and gets the frame's largest distance
-    delta = torch.where(denser, dist, dist_max).amin(dim=-1)
-    del denser
+    # j is "denser" than i when rho_j > rho_i, or rho_j == rho_i and j < i (index tie-break, no noise): exactly when j
+    # comes before i in the stable descending order of rho, i.e. rank_j < rank_i
+    order = torch.sort(rho, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=gram.device).expand(b, n))
+    # delta_i^2 = min over denser j of d_ij^2, as the min over j of max(d_ij^2, penalty_ij) with penalty_ij =
+    # big * (rank_j - rank_i + 1/2): negative (so the max is d_ij^2, exactly) for denser j, >= big / 2 (far above any
+    # squared distance, <= 4 / C) otherwise. Arithmetic instead of a boolean mask and `where`, which are much slower
+    # on the CPU. big is a power of two, so the penalties are exact.
+    big = 2.0**40
+    scaled = rank.to(sq_dist.dtype).mul_(big)
+    penalty = torch.sub(scaled[:, None, :], (scaled - big / 2)[:, :, None])
+    delta_sq = torch.maximum(penalty, sq_dist, out=penalty).amin(dim=-1)
+    del penalty
+    # the densest token has no denser token and gets the frame's largest distance; every other delta_sq is already
+    # <= it, so the minimum changes nothing else. sqrt is monotone and correctly rounded: sqrt(min) = min(sqrt).
+    delta = torch.minimum(delta_sq, sq_dist.flatten(1).amax(dim=1, keepdim=True)).sqrt_()
 
     score = rho * delta
     # stable descending sort: equal scores keep index order, so the lower index becomes the centre
     centers = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :num_clusters]
 
     # nearest centre; argmin returns the first minimum, i.e. the centre found first
-    dist_to_centers = torch.gather(dist, 2, centers[:, None, :].expand(b, n, num_clusters))
+    dist_to_centers = torch.gather(sq_dist, 2, centers[:, None, :].expand(b, n, num_clusters)).sqrt_()
     labels = dist_to_centers.argmin(dim=-1)
     # a centre always forms its own cluster, even if it coincides with an earlier centre
-    cluster_ids = torch.arange(num_clusters, device=x.device).expand(b, num_clusters)
+    cluster_ids = torch.arange(num_clusters, device=gram.device).expand(b, num_clusters)
     labels.scatter_(1, centers, cluster_ids)
     return labels, centers, rho
+
+
+def _dpc_knn_chunk(x: torch.Tensor, num_clusters: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPC-KNN on already normalised tokens `(b, N, C)`; returns labels, centres and the local density rho."""
+    return _dpc_from_gram(torch.bmm(x, x.transpose(1, 2)), x.shape[2], num_clusters, k)
 
 
 def _dpc_knn(
@@ -278,12 +314,16 @@ def _quantile_positions(num_values: int, q: float, dtype: torch.dtype) -> tuple[
     return below, above, weight
 
 
-def _upper_gram(chunk: torch.Tensor, t: int, n: int, gram: torch.Tensor) -> None:
+def _upper_gram(chunk: torch.Tensor, t: int, n: int, gram: torch.Tensor, diagonal: bool = False) -> None:
     """Writes `<x_si, x_uj>` for frame pairs `s < u` only into `gram` `(v, T*N, T*N)` (strided `bmm` outputs, no
-    copy); the blocks `s > u` are their transposes and are never computed nor read, the diagonal blocks neither."""
-    for s in range(t - 1):
+    copy); the blocks `s > u` are their transposes and are never computed nor read. With `diagonal=True` the blocks
+    `s = u` (each frame's own Gram matrix, which DPC-KNN needs) come out of the same `bmm` calls, else they are
+    skipped too."""
+    first = 0 if diagonal else 1
+    for s in range(t - first):
         rows = slice(s * n, (s + 1) * n)
-        torch.bmm(chunk[:, rows], chunk[:, (s + 1) * n :].transpose(1, 2), out=gram[:, rows, (s + 1) * n :])
+        columns = slice((s + first) * n, t * n)
+        torch.bmm(chunk[:, rows], chunk[:, columns].transpose(1, 2), out=gram[:, rows, columns])
 
 
 def _group_size(num_values: int, n: int, count: int) -> int:
@@ -362,9 +402,8 @@ def _descending_pair(values: torch.Tensor, below: int, above: int) -> tuple[torc
 
 
 def _video_density(
-    chunk: torch.Tensor,
-    t: int,
     gram: torch.Tensor,
+    t: int,
     dist_buffer: torch.Tensor,
     work_buffer: torch.Tensor,
     below: int,
@@ -372,13 +411,13 @@ def _video_density(
     weight: float,
     sync_free: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unnormalised temporal density `(v, T, N)` and cut-off `(v, T)` of `v` videos `chunk` `(v, T*N, C)`, using
-    preallocated buffers (`gram` `(v, T*N, T*N)`, `dist_buffer` and `work_buffer` `(v, N, (T-1)*N)`). With
-    `sync_free=True` no operation has a data-dependent shape or reads a value on the host."""
-    v, size, _ = chunk.shape
+    """Unnormalised temporal density `(v, T, N)` and cut-off `(v, T)` of `v` videos from the blocks `s < u` of their
+    Gram matrices `gram` `(v, T*N, T*N)` ([`_upper_gram`]), using preallocated buffers (`dist_buffer` and
+    `work_buffer` `(v, N, (T-1)*N)`). With `sync_free=True` no operation has a data-dependent shape or reads a value
+    on the host."""
+    v, size, _ = gram.shape
     n = size // t
-    one = torch.ones((), dtype=chunk.dtype, device=chunk.device)
-    _upper_gram(chunk, t, n, gram)
+    one = torch.ones((), dtype=gram.dtype, device=gram.device)
 
     # cut-off per frame: the `below`-th and `above`-th smallest distances = 1 - the largest inner products
     dc = torch.stack(
@@ -397,7 +436,7 @@ def _video_density(
 
     # rho_si = sum over other frames' tokens of exp(-(dist / dc_s)^2); block (s, u) serves frame s through its row
     # sums (cut-off dc_s) and frame u through its column sums (cut-off dc_u), each in cache-sized pieces
-    rho = torch.zeros(v, t, n, dtype=chunk.dtype, device=chunk.device)
+    rho = torch.zeros(v, t, n, dtype=gram.dtype, device=gram.device)
     for s in range(t - 1):
         m = t - 1 - s
         block = gram[:, s * n : (s + 1) * n, (s + 1) * n :]
@@ -419,6 +458,24 @@ def _temporal_density(
     of the inner product, so the quantile's order statistics are taken on the largest inner products directly.
     `sync_free` (default: on any device but the CPU) selects the quantile path without host syncs.
     """
+    rho, cutoff, _ = _clip_pass(x, dc_ratio, max_chunk_elements, sync_free)
+    return rho, cutoff
+
+
+def _clip_pass(
+    x: torch.Tensor,
+    dc_ratio: float,
+    max_chunk_elements: int,
+    sync_free: bool | None = None,
+    clusters: tuple[int, int] | None = None,
+    norms: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """[`_temporal_density`] of `x` `(B, T, N, C)`, `T >= 2`, one chunk of videos at a time, returning `(rho, cutoff,
+    labels)`. With `clusters = (num_clusters, k)`, DPC-KNN runs on every frame from the diagonal blocks of the same
+    Gram matrices (one `bmm` per frame computes its row of blocks `u >= s`, instead of a second GEMM per frame) and
+    its labels `(B*T, N)` are returned, else `None`. With `norms` `(B, T, N, 1)` (clamped token norms), `x` is raw and
+    is normalised chunk by chunk into a reused buffer (the same division as [`_normalize`], without a full-size
+    copy); otherwise `x` is already normalised."""
     b, t, n, c = x.shape
     below, above, weight = _quantile_positions((t - 1) * n * n, dc_ratio, x.dtype)
     # a Python float (exactly the float32/64 weight): no host-to-device copy
@@ -428,19 +485,27 @@ def _temporal_density(
 
     # on the CPU one video at a time keeps a video's blocks in cache; elsewhere as many as max_chunk_elements allows
     videos_per_chunk = 1 if on_cpu else max(1, min(b, max_chunk_elements // ((t * n) ** 2)))
-    flat = x.reshape(b, t * n, c)
     rho = torch.empty(b, t, n, dtype=x.dtype, device=x.device)
     cutoff = torch.empty(b, t, dtype=x.dtype, device=x.device)
+    labels = None if clusters is None else torch.empty(b * t, n, dtype=torch.long, device=x.device)
+    tokens = None if norms is None else torch.empty(videos_per_chunk, t, n, c, dtype=x.dtype, device=x.device)
     gram_buffer = torch.empty(videos_per_chunk, t * n, t * n, dtype=x.dtype, device=x.device)
     dist_buffer = torch.empty(videos_per_chunk, n, (t - 1) * n, dtype=x.dtype, device=x.device)
     work_buffer = torch.empty_like(dist_buffer)
     for start in range(0, b, videos_per_chunk):
         end = min(start + videos_per_chunk, b)
         v = end - start
+        chunk = x[start:end] if norms is None else torch.div(x[start:end], norms[start:end], out=tokens[:v])
+        gram = gram_buffer[:v]
+        _upper_gram(chunk.reshape(v, t * n, c), t, n, gram, diagonal=clusters is not None)
+        if clusters is not None:
+            # the diagonal blocks: frame s of video i is gram[i, s*n:(s+1)*n, s*n:(s+1)*n]
+            frames = gram.view(v, t, n, t, n).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(v * t, n, n)
+            labels[start * t : end * t] = _dpc_from_gram(frames, c, *clusters)[0]
         rho[start:end], cutoff[start:end] = _video_density(
-            flat[start:end], t, gram_buffer[:v], dist_buffer[:v], work_buffer[:v], below, above, weight, sync_free
+            gram, t, dist_buffer[:v], work_buffer[:v], below, above, weight, sync_free
         )
-    return rho.div_(n), cutoff
+    return rho.div_(n), cutoff, labels
 
 
 @torch.no_grad()
@@ -546,19 +611,30 @@ def cluster_wise_mask(
     b, t, n, c = x.shape
     num_keep = num_visible_tokens(n, mask_ratio)
     with _autocast_disabled(x), exact_float32_matmul():
-        return _cluster_wise_mask(_normalize(x, "x"), num_keep, dc_ratio, k, max_chunk_elements)
+        x, norms = _token_norms(x, "x")
+        return _cluster_wise_mask(x, num_keep, dc_ratio, k, max_chunk_elements, norms=norms)
 
 
 def _cluster_wise_mask(
-    x: torch.Tensor, num_keep: int, dc_ratio: float, k: int, max_chunk_elements: int, sync_free: bool | None = None
+    x: torch.Tensor,
+    num_keep: int,
+    dc_ratio: float,
+    k: int,
+    max_chunk_elements: int,
+    sync_free: bool | None = None,
+    norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[`cluster_wise_mask`] on normalised, validated tokens: no host sync on a GPU (or with `sync_free=True`)."""
+    """[`cluster_wise_mask`] on validated tokens, normalised already or (with `norms`, their clamped norms
+    `(B, T, N, 1)`) normalised here: no host sync on a GPU (or with `sync_free=True`)."""
     b, t, n, c = x.shape
-    labels, _, local_rho = _dpc_knn(x.reshape(b * t, n, c), num_keep, k, max_chunk_elements)
     if t == 1:
-        rho = local_rho
+        x = x if norms is None else x / norms.expand_as(x)
+        labels, _, rho = _dpc_knn(x.reshape(b * t, n, c), num_keep, k, max_chunk_elements)
     else:
-        rho = _temporal_density(x, dc_ratio, max_chunk_elements, sync_free)[0].reshape(b * t, n)
+        # one pass over the videos: the Gram matrix of every video serves both DPC-KNN (diagonal blocks) and the
+        # temporal density (blocks s < u)
+        rho, _, labels = _clip_pass(x, dc_ratio, max_chunk_elements, sync_free, (num_keep, k), norms)
+        rho = rho.reshape(b * t, n)
     return _keep_best_per_cluster(labels, rho, num_keep).reshape(b, t, n)
 
 
