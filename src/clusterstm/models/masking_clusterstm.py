@@ -317,13 +317,30 @@ def _quantile_positions(num_values: int, q: float, dtype: torch.dtype) -> tuple[
 def _upper_gram(chunk: torch.Tensor, t: int, n: int, gram: torch.Tensor, diagonal: bool = False) -> None:
     """Writes `<x_si, x_uj>` for frame pairs `s < u` only into `gram` `(v, T*N, T*N)` (strided `bmm` outputs, no
     copy); the blocks `s > u` are their transposes and are never computed nor read. With `diagonal=True` the blocks
-    `s = u` (each frame's own Gram matrix, which DPC-KNN needs) come out of the same `bmm` calls, else they are
-    skipped too."""
-    first = 0 if diagonal else 1
-    for s in range(t - first):
-        rows = slice(s * n, (s + 1) * n)
-        columns = slice((s + first) * n, t * n)
+    `s = u` (each frame's own Gram matrix, which DPC-KNN needs) are computed too, else they are skipped.
+
+    The upper triangle of blocks is tiled recursively: frames `[lo, mid)` against `[mid, hi)` in one `bmm`, then each
+    half, so that most of the work runs in a few large GEMMs (faster per flop than one thin GEMM per frame)."""
+    spans = [(0, t)]
+    while spans:
+        lo, hi = spans.pop()
+        if hi - lo < 2:
+            continue
+        mid = (lo + hi) // 2
+        rows, columns = slice(lo * n, mid * n), slice(mid * n, hi * n)
         torch.bmm(chunk[:, rows], chunk[:, columns].transpose(1, 2), out=gram[:, rows, columns])
+        spans += [(lo, mid), (mid, hi)]
+    if diagonal:
+        for video, blocks in zip(chunk, _diagonal_blocks(gram, t)):
+            frames = video.unflatten(0, (t, n))
+            torch.bmm(frames, frames.transpose(1, 2), out=blocks)
+
+
+def _diagonal_blocks(gram: torch.Tensor, t: int) -> torch.Tensor:
+    """The view `(v, T, N, N)` of the diagonal blocks of `gram` `(v, T*N, T*N)`: frame `s`'s own Gram matrix."""
+    v, size, _ = gram.shape
+    n = size // t
+    return gram.view(v, t, n, t, n).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
 
 
 def _group_size(num_values: int, n: int, count: int) -> int:
@@ -346,13 +363,13 @@ def _largest_candidates(gram: torch.Tensor, s: int, n: int, count: int, sync_fre
     not an estimate: there is no sampling and no fallback.
 
     With `sync_free=True` every shape is fixed (`topk` of the group maxima, `M = count * r`): no host sync on a GPU.
-    Otherwise (CPU, `v = 1`, data-dependent shapes) the same bound is applied once more, to the maxima: `thr` is the
-    `count`-th largest maximum of groups of `r2` maxima (valid as well: at least `count` maxima, hence values, reach
-    it), found with `kthvalue` on `r * r2` times fewer values than the frame has, and only the values `>= thr` of the
-    groups whose maximum reaches it are returned (a few more than `count`).
+    Otherwise (CPU, `v = 1`, data-dependent shapes) frame `s`'s row of [`_video_candidates`] (`-inf` padded), which
+    selects for all frames of the video at once.
     """
     v, size, _ = gram.shape
     t = size // n
+    if not sync_free:
+        return _video_candidates(gram, t, n, count)[s : s + 1]
     r = _group_size((t - 1) * n * n, n, count)
     # (first row, first column, number of rows, width) of the frame's row block (frames u > s) and column block (u < s)
     regions = [(s * n, (s + 1) * n, n, (t - 1 - s) * n), (0, s * n, s * n, n)]
@@ -360,32 +377,54 @@ def _largest_candidates(gram: torch.Tensor, s: int, n: int, count: int, sync_fre
     steps = torch.arange(r, device=gram.device) * size
     blocks = [gram[:, row : row + rows, column : column + width] for row, column, rows, width in regions]
     maxima = [block.unflatten(1, (block.shape[1] // r, r)).amax(dim=2) for block in blocks]
-    if sync_free:
-        group = torch.topk(torch.cat([m.flatten(1) for m in maxima], dim=1), count, dim=1, sorted=False).indices
-        # flat position of each chosen group's first value in `gram`, region by region
-        first, offset = None, 0
-        for row, column, rows, width in regions:
-            local = group - offset
-            position = (row + (local // width) * r) * size + column + local % width
-            first = position if first is None else torch.where(local >= 0, position, first)
-            offset += (rows // r) * width
-        first = first + torch.arange(v, device=gram.device)[:, None] * size * size
-        return gram.view(-1).index_select(0, (first[..., None] + steps).flatten()).view(v, -1)
+    group = torch.topk(torch.cat([m.flatten(1) for m in maxima], dim=1), count, dim=1, sorted=False).indices
+    # flat position of each chosen group's first value in `gram`, region by region
+    first, offset = None, 0
+    for row, column, rows, width in regions:
+        local = group - offset
+        position = (row + (local // width) * r) * size + column + local % width
+        first = position if first is None else torch.where(local >= 0, position, first)
+        offset += (rows // r) * width
+    first = first + torch.arange(v, device=gram.device)[:, None] * size * size
+    return gram.view(-1).index_select(0, (first[..., None] + steps).flatten()).view(v, -1)
 
-    # CPU: the threshold from maxima of r2 group rows, then the groups and values reaching it
-    r2 = next(
-        r2
-        for r2 in (4, 2, 1)
-        if all(m.shape[1] % r2 == 0 for m in maxima) and sum(m.numel() for m in maxima) // r2 >= count
+
+def _video_candidates(gram: torch.Tensor, t: int, n: int, count: int) -> torch.Tensor:
+    """
+    CPU path of [`_largest_candidates`], for one video (`gram` `(1, T*N, T*N)` holding the blocks of
+    [`_upper_gram`]) and all its frames at once: `(T, M)` values, row `s` holding a superset of the `count` largest
+    inner products of frame `s` with the other frames, ties included, padded with `-inf`.
+
+    The same bound, with data-dependent shapes and few operations per video: the values of every block `s < u` are
+    reduced to maxima of groups of `r` rows once, and these serve both frames (the block's values belong to frame `s`
+    and to frame `u`). The threshold `thr_s` is the `count`-th largest of the maxima of groups of `r2` maxima (valid
+    as well: at least `count` maxima, hence values, reach it), found with `kthvalue` on `r * r2` times fewer values
+    than the frame has; only the groups whose maximum reaches it are read, and only their values `>= thr_s` are kept
+    (a few more than `count`).
+    """
+    size = t * n
+    r = _group_size((t - 1) * n * n, n, count)
+    g = n // r
+    # maxima[s, u]: the group maxima (g, N) of block (min(s, u), max(s, u)); -inf on the diagonal (not a frame pair)
+    maxima = torch.full((t, t, g, n), -torch.inf, dtype=gram.dtype, device=gram.device)
+    for s in range(t - 1):
+        block = gram[0, s * n : (s + 1) * n, (s + 1) * n :]
+        block_maxima = block.unflatten(0, (g, r)).amax(dim=1).unflatten(1, (t - 1 - s, n)).transpose(0, 1)
+        maxima[s, s + 1 :] = block_maxima
+        maxima[s + 1 :, s] = block_maxima
+    r2 = next(r2 for r2 in (4, 2, 1) if g % r2 == 0 and (t - 1) * (g // r2) * n >= count)
+    coarse = maxima.view(t, t, g // r2, r2, n).amax(dim=3).view(t, -1)
+    threshold = torch.kthvalue(coarse, coarse.shape[1] - count + 1, dim=1).values
+    # the groups reaching their frame's threshold, frame by frame (row-major order), and their values
+    frame, other, group, column = (maxima >= threshold[:, None, None, None]).nonzero(as_tuple=True)
+    first = (torch.minimum(frame, other) * n + group * r) * size + torch.maximum(frame, other) * n + column
+    steps = torch.arange(0, r * size, size, device=gram.device)
+    values = gram.reshape(-1).index_select(0, (first[:, None] + steps).flatten()).view(-1, r)
+    keep = values >= threshold[frame, None]
+    counts = torch.zeros(t, dtype=torch.long, device=gram.device).index_add_(0, frame, keep.sum(dim=1))
+    return torch.nn.utils.rnn.pad_sequence(
+        values[keep].split(counts.tolist()), batch_first=True, padding_value=-torch.inf
     )
-    coarse = torch.cat([m[0].unflatten(0, (m.shape[1] // r2, r2)).amax(dim=1).flatten() for m in maxima])
-    threshold = torch.kthvalue(coarse, coarse.numel() - count + 1).values
-    first = []
-    for (row, column, _, _), m in zip(regions, maxima):
-        hit = (m[0] >= threshold).nonzero()
-        first.append((hit[:, 0] * r + row) * size + hit[:, 1] + column)
-    values = gram.view(-1).index_select(0, (torch.cat(first)[:, None] + steps).flatten())
-    return values[values >= threshold][None]
 
 
 def _descending_pair(values: torch.Tensor, below: int, above: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,19 +459,14 @@ def _video_density(
     one = torch.ones((), dtype=gram.dtype, device=gram.device)
 
     # cut-off per frame: the `below`-th and `above`-th smallest distances = 1 - the largest inner products
-    dc = torch.stack(
-        [
-            torch.lerp(
-                *(
-                    one - value
-                    for value in _descending_pair(_largest_candidates(gram, s, n, above + 1, sync_free), below, above)
-                ),
-                weight,
-            )
-            for s in range(t)
-        ],
-        dim=1,
-    ).clamp_min_(MIN_CUTOFF_DISTANCE)
+    if sync_free:
+        pairs = [_descending_pair(_largest_candidates(gram, s, n, above + 1, True), below, above) for s in range(t)]
+        largest_below, largest_above = (torch.stack(values, dim=1) for values in zip(*pairs))
+    else:  # the CPU path, one video: all frames in one selection
+        largest_below, largest_above = (
+            values[None] for values in _descending_pair(_video_candidates(gram, t, n, above + 1), below, above)
+        )
+    dc = torch.lerp(one - largest_below, one - largest_above, weight).clamp_min_(MIN_CUTOFF_DISTANCE)
 
     # rho_si = sum over other frames' tokens of exp(-(dist / dc_s)^2); block (s, u) serves frame s through its row
     # sums (cut-off dc_s) and frame u through its column sums (cut-off dc_u), each in cache-sized pieces
@@ -500,7 +534,7 @@ def _clip_pass(
         _upper_gram(chunk.reshape(v, t * n, c), t, n, gram, diagonal=clusters is not None)
         if clusters is not None:
             # the diagonal blocks: frame s of video i is gram[i, s*n:(s+1)*n, s*n:(s+1)*n]
-            frames = gram.view(v, t, n, t, n).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(v * t, n, n)
+            frames = _diagonal_blocks(gram, t).reshape(v * t, n, n)
             labels[start * t : end * t] = _dpc_from_gram(frames, c, *clusters)[0]
         rho[start:end], cutoff[start:end] = _video_density(
             gram, t, dist_buffer[:v], work_buffer[:v], below, above, weight, sync_free
