@@ -420,24 +420,23 @@ def _video_candidates(gram: torch.Tensor, t: int, n: int, count: int) -> torch.T
     first = (torch.minimum(frame, other) * n + group * r) * size + torch.maximum(frame, other) * n + column
     steps = torch.arange(0, r * size, size, device=gram.device)
     values = gram.reshape(-1).index_select(0, (first[:, None] + steps).flatten()).view(-1, r)
-    keep = values >= threshold[frame, None]
-    counts = torch.zeros(t, dtype=torch.long, device=gram.device).index_add_(0, frame, keep.sum(dim=1))
-    return torch.nn.utils.rnn.pad_sequence(
-        values[keep].split(counts.tolist()), batch_first=True, padding_value=-torch.inf
-    )
+    # frame by frame (a comparison with one scalar threshold each), the values reaching the threshold
+    hits = torch.bincount(frame, minlength=t).tolist()
+    kept = [frame_values[frame_values >= thr] for frame_values, thr in zip(values.split(hits), threshold)]
+    return torch.nn.utils.rnn.pad_sequence(kept, batch_first=True, padding_value=-torch.inf)
 
 
 def _descending_pair(values: torch.Tensor, below: int, above: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `below`-th and `above`-th largest (0-based, `above - below` in {0, 1}) of each row of `values`, with one
-    selection: the `below`-th largest is the `above`-th one when enough values equal it, else the next larger value."""
-    size = values.shape[1]
-    largest_above = torch.kthvalue(values, size - above, dim=1, keepdim=True).values
+    selection: the `above + 1` largest values (a multiset, ties included) hold both, as their smallest and (when
+    `below = above - 1`) second smallest."""
+    largest = torch.topk(values, above + 1, dim=1, sorted=False).values
     if above == below:
-        return largest_above[:, 0], largest_above[:, 0]
-    # the (size - above + 1)-th smallest value: a tie with the previous one, or the smallest value above it
-    tie = (values <= largest_above).sum(dim=1, keepdim=True) > size - above
-    larger = torch.where(values > largest_above, values, torch.inf).amin(dim=1, keepdim=True)
-    return torch.where(tie, largest_above, larger)[:, 0], largest_above[:, 0]
+        largest_above = largest.amin(dim=1)
+        return largest_above, largest_above
+    # ascending: the above-th largest, then the below-th largest
+    smallest_two = torch.topk(largest, 2, dim=1, largest=False).values
+    return smallest_two[:, 1], smallest_two[:, 0]
 
 
 def _video_density(
@@ -470,15 +469,17 @@ def _video_density(
 
     # rho_si = sum over other frames' tokens of exp(-(dist / dc_s)^2); block (s, u) serves frame s through its row
     # sums (cut-off dc_s) and frame u through its column sums (cut-off dc_u), each in cache-sized pieces
+    # (-(w * w) in one pass: addcmul of a zero with value -1, bit-identical to square then negate)
     rho = torch.zeros(v, t, n, dtype=gram.dtype, device=gram.device)
+    zero = torch.zeros((), dtype=gram.dtype, device=gram.device)
     for s in range(t - 1):
         m = t - 1 - s
         block = gram[:, s * n : (s + 1) * n, (s + 1) * n :]
         dist = torch.sub(one, block, out=dist_buffer[:, :, : m * n])
         work = torch.div(dist, dc[:, s, None, None], out=work_buffer[:, :, : m * n])
-        rho[:, s] += work.square_().neg_().exp_().sum(dim=-1)
+        rho[:, s] += torch.addcmul(zero, work, work, value=-1.0, out=work).exp_().sum(dim=-1)
         work = torch.div(dist.view(v, n, m, n), dc[:, None, s + 1 :, None], out=work.view(v, n, m, n))
-        rho[:, s + 1 :] += work.square_().neg_().exp_().sum(dim=1)
+        rho[:, s + 1 :] += torch.addcmul(zero, work, work, value=-1.0, out=work).exp_().sum(dim=1)
     return rho, dc
 
 
