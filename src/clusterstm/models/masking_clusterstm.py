@@ -24,9 +24,12 @@ Conventions shared by every function here:
 * Inputs of any floating dtype are accepted; the arithmetic runs in float32 (float64 inputs stay float64), also under
   `torch.autocast` (switched off locally), and every output lives on the input's device.
 * Masks and densities are not differentiable: everything runs under `torch.no_grad()`.
-* Nothing loops in Python over tokens. The temporal density walks over memory chunks of videos, so that the largest
+* Nothing loops in Python over tokens. Cluster-wise masking walks over memory chunks of videos, so that the largest
   intermediate stays bounded (``max_chunk_elements``; on the CPU one video at a time, which keeps its blocks in
-  cache), and over frames inside a chunk (one GEMM, one quantile selection and two exp-sums per frame).
+  cache). Per chunk, the Gram matrix of each clip's `T*N` tokens is computed once, only its blocks on and above the
+  diagonal (a few large GEMMs): the diagonal blocks feed DPC-KNN, the blocks `s < u` the temporal density of both
+  frames `s` and `u`. Then one quantile selection for all frames of a video on the CPU (one per frame on a GPU) and
+  two exp-sums per frame pair.
 * Float32 matmuls run in full precision whatever the global TF32 / bf16 matmul setting ([`exact_float32_matmul`]):
   a reduced-precision GEMM would change the masks.
 * On a GPU the masking makes one host sync, the finiteness check of the inputs (on the token norms); the algorithm
@@ -488,7 +491,7 @@ def _temporal_density(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Temporal density `(B, T, N)` and cut-off distance `(B, T)` of normalised tokens `x` with `T >= 2`.
 
-    Only the inner products of frame pairs `s < u` are computed (one `bmm` per frame into a buffer reused across
+    Only the inner products of frame pairs `s < u` are computed ([`_upper_gram`], into a buffer reused across
     chunks); each pair's block serves both frames. The distances are `fl(1 - <x_si, x_uj>)`, a non-increasing function
     of the inner product, so the quantile's order statistics are taken on the largest inner products directly.
     `sync_free` (default: on any device but the CPU) selects the quantile path without host syncs.
