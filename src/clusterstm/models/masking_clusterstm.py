@@ -518,11 +518,11 @@ def _clip_pass(
     below, above, weight = _quantile_positions((t - 1) * n * n, dc_ratio, x.dtype)
     # a Python float (exactly the float32/64 weight): no host-to-device copy
     weight = float(weight)
-    on_cpu = x.device.type == "cpu"
-    sync_free = not on_cpu if sync_free is None else sync_free
+    sync_free = x.device.type != "cpu" if sync_free is None else sync_free
 
-    # on the CPU one video at a time keeps a video's blocks in cache; elsewhere as many as max_chunk_elements allows
-    videos_per_chunk = 1 if on_cpu else max(1, min(b, max_chunk_elements // ((t * n) ** 2)))
+    # the CPU path takes one video at a time (its blocks stay in cache, and its quantile selection is per video); the
+    # sync-free path as many videos as max_chunk_elements allows
+    videos_per_chunk = max(1, min(b, max_chunk_elements // ((t * n) ** 2))) if sync_free else 1
     rho = torch.empty(b, t, n, dtype=x.dtype, device=x.device)
     cutoff = torch.empty(b, t, dtype=x.dtype, device=x.device)
     labels = None if clusters is None else torch.empty(b * t, n, dtype=torch.long, device=x.device)
