@@ -517,7 +517,7 @@ def main() -> int:
     print(header)
     print("-" * len(header))
     for b, t, n in cases:
-        row: dict = {"B": b, "T": t, "N": n, "C": c}
+        row: dict = {"B": b, "T": t, "N": n, "C": c, "load_average_1min_before": os.getloadavg()[0]}
         methods = ["fast"]
         if (b, t, n) in reference_cases:
             methods.append("reference")
@@ -791,14 +791,16 @@ def write_report(output_dir: Path, rows: list[dict], summary: dict, c: int, quic
             "(B, T*N, T*N) output) holds every distance the algorithm needs; the GEMM and `cluster_wise_mask` are timed "
             f"in alternating rounds in one process (goal at B=8, T=8, N=196: <= {GEMM_GOAL_RATIO}x, median of rounds).",
             "",
-            "| B | T | N | GEMM s | mask s | mask / GEMM (minima) | mask / GEMM (median of rounds) | rounds |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| B | T | N | GEMM s | mask s | mask / GEMM (minima) | mask / GEMM (median of rounds) | rounds | load (1 min) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in gemm_rows:
             gemm = row["gemm"]
+            load = row.get("load_average_1min_before")
             lines.append(
                 f"| {row['B']} | {row['T']} | {row['N']} | {gemm['time_s']:.3f} | {gemm['mask_time_s']:.3f} | "
-                f"{gemm['ratio_of_minima']:.2f}x | {gemm['ratio_median']:.2f}x | {len(gemm['ratios'])} |"
+                f"{gemm['ratio_of_minima']:.2f}x | {gemm['ratio_median']:.2f}x | {len(gemm['ratios'])} | "
+                f"{'-' if load is None else f'{load:.2f}'} |"
             )
     if "goal_fraction" in summary:
         lines += [
