@@ -22,6 +22,8 @@ Usage:
     python benchmarks/bench_masking.py            # full grid, writes docs/benchmarks/masking.{md,json} (~10 min)
     python benchmarks/bench_masking.py --quick    # tiny grid in < 60 s (CI), prints only unless --output_dir is given
     python benchmarks/bench_masking.py --gemm_only --rounds 7   # only the GEMM-limit ratio at B=8, T=8, N=196
+    python benchmarks/bench_masking.py --gemm_only --rounds 5 --runs 3 --output_dir docs/benchmarks
+        # three such runs, each in a fresh process, all written to docs/benchmarks/masking_gemm.json
     python benchmarks/bench_masking.py --device cuda --shapes 8x8x196 64x16x256 --output_json masking.json
         # time and memory of cluster_wise_mask and of the Gram GEMM on one device (used by benchmarks/gpu_check.sh)
 """
@@ -454,6 +456,9 @@ def main() -> int:
     parser.add_argument("--output_json", type=Path, default=None, help="where the --device measurement is written")
     parser.add_argument("--rounds", type=int, default=5, help="alternating GEMM / mask rounds of the GEMM comparison")
     parser.add_argument(
+        "--runs", type=int, default=1, help="with --gemm_only: repeat the comparison in this many fresh processes"
+    )
+    parser.add_argument(
         "--worker", nargs=6, metavar=("B", "T", "N", "C", "THREADS", "METHODS"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -467,7 +472,7 @@ def main() -> int:
         return 0
 
     if args.gemm_only:
-        return gemm_only(args.output_dir)
+        return gemm_only(args.output_dir, max(1, args.runs))
     if args.device is not None:
         import torch
 
@@ -512,7 +517,7 @@ def main() -> int:
     print(header)
     print("-" * len(header))
     for b, t, n in cases:
-        row: dict = {"B": b, "T": t, "N": n, "C": c}
+        row: dict = {"B": b, "T": t, "N": n, "C": c, "load_average_1min_before": os.getloadavg()[0]}
         methods = ["fast"]
         if (b, t, n) in reference_cases:
             methods.append("reference")
@@ -594,20 +599,33 @@ def gemm_line(row: dict) -> str:
     )
 
 
-def gemm_only(output_dir: Path | None) -> int:
-    """Only the GEMM-limit comparison at the goal shape, in a fresh worker process."""
+def gemm_only(output_dir: Path | None, runs: int = 1) -> int:
+    """Only the GEMM-limit comparison at the goal shape, `runs` times, each in a fresh worker process; with
+    `output_dir`, all runs (with the load average before each) go to masking_gemm.json."""
     b, t, n = GEMM_GOAL_SHAPE
-    load = os.getloadavg()[0]
-    row = {"B": b, "T": t, "N": n, "C": 768, "load_average_1min_before": load}
-    row.update(run_worker(b, t, n, 768, ["gemm"], timeout=900))
-    if "ratio_of_minima" not in row["gemm"]:
-        print(f"FAILED: {row['gemm']}", file=sys.stderr)
-        return 1
-    print(f"torch threads: {row.get('threads')}, 1-min load average before: {load:.2f}")
-    print(gemm_line(row))
+    rows = []
+    for _ in range(runs):
+        load = os.getloadavg()[0]
+        row = {"B": b, "T": t, "N": n, "C": 768, "load_average_1min_before": load}
+        row.update(run_worker(b, t, n, 768, ["gemm"], timeout=900))
+        if "ratio_of_minima" not in row["gemm"]:
+            print(f"FAILED: {row['gemm']}", file=sys.stderr)
+            return 1
+        print(f"torch threads: {row.get('threads')}, 1-min load average before: {load:.2f}")
+        print(gemm_line(row))
+        rows.append(row)
+    if runs > 1:
+        minima = [row["gemm"]["ratio_of_minima"] for row in rows]
+        medians = [row["gemm"]["ratio_median"] for row in rows]
+        print(
+            f"{runs} runs: ratio of minima {', '.join(f'{r:.2f}x' for r in minima)}; "
+            f"median of rounds {', '.join(f'{r:.2f}x' for r in medians)}"
+        )
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "masking_gemm.json").write_text(json.dumps(row, indent=2) + "\n")
+        command = f"python benchmarks/bench_masking.py --gemm_only --rounds {ROUNDS} --runs {runs} --output_dir DIR"
+        payload = {"command": command, "runs": rows}
+        (output_dir / "masking_gemm.json").write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 
 
@@ -773,14 +791,16 @@ def write_report(output_dir: Path, rows: list[dict], summary: dict, c: int, quic
             "(B, T*N, T*N) output) holds every distance the algorithm needs; the GEMM and `cluster_wise_mask` are timed "
             f"in alternating rounds in one process (goal at B=8, T=8, N=196: <= {GEMM_GOAL_RATIO}x, median of rounds).",
             "",
-            "| B | T | N | GEMM s | mask s | mask / GEMM (minima) | mask / GEMM (median of rounds) | rounds |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| B | T | N | GEMM s | mask s | mask / GEMM (minima) | mask / GEMM (median of rounds) | rounds | load (1 min) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in gemm_rows:
             gemm = row["gemm"]
+            load = row.get("load_average_1min_before")
             lines.append(
                 f"| {row['B']} | {row['T']} | {row['N']} | {gemm['time_s']:.3f} | {gemm['mask_time_s']:.3f} | "
-                f"{gemm['ratio_of_minima']:.2f}x | {gemm['ratio_median']:.2f}x | {len(gemm['ratios'])} |"
+                f"{gemm['ratio_of_minima']:.2f}x | {gemm['ratio_median']:.2f}x | {len(gemm['ratios'])} | "
+                f"{'-' if load is None else f'{load:.2f}'} |"
             )
     if "goal_fraction" in summary:
         lines += [

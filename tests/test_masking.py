@@ -606,3 +606,97 @@ def test_tokens_too_large_to_normalise_are_refused():
     x = torch.full((1, 2, 4, 3), 1e30)  # finite, but the squared norm overflows float32
     with pytest.raises(ValueError, match="too large"):
         cluster_wise_mask(x, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fast paths of the GEMM-bound implementation (issue 17): each against a plain computation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 12, 13, 49, 196])
+@pytest.mark.parametrize("discrete", [False, True])
+def test_smallest_sorted_equals_topk(n, discrete):
+    from clusterstm.models.masking_clusterstm import _smallest_sorted
+
+    generator = torch.Generator().manual_seed(n)
+    values = torch.rand(3, 7, n, generator=generator)
+    if discrete:  # many exact ties, also across the candidate groups
+        values = (values * 3).floor()
+    for k in sorted({1, min(3, n), min(5, n), n}):
+        expected = torch.topk(values, k, dim=-1, largest=False).values
+        assert torch.equal(_smallest_sorted(values, k), expected), k
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 5])
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_upper_gram_writes_only_the_blocks_it_promises(t, diagonal):
+    from clusterstm.models.masking_clusterstm import _diagonal_blocks, _upper_gram
+
+    n, c = 4, 3
+    x = torch.randn(2, t * n, c, dtype=torch.float64, generator=torch.Generator().manual_seed(t))
+    gram = torch.full((2, t * n, t * n), float("nan"), dtype=torch.float64)
+    _upper_gram(x, t, n, gram, diagonal=diagonal)
+    full = x @ x.transpose(1, 2)
+    for s in range(t):
+        for u in range(t):
+            block = gram[:, s * n : (s + 1) * n, u * n : (u + 1) * n]
+            if s < u or (s == u and diagonal):
+                assert torch.allclose(block, full[:, s * n : (s + 1) * n, u * n : (u + 1) * n], atol=1e-12), (s, u)
+            else:
+                assert torch.isnan(block).all(), (s, u)
+    if diagonal:
+        frames = x.view(2, t, n, c)
+        assert torch.allclose(_diagonal_blocks(gram, t), frames @ frames.transpose(2, 3), atol=1e-12)
+
+
+@pytest.mark.parametrize("t,n", [(2, 1), (2, 12), (3, 13), (5, 6), (8, 14)])
+@pytest.mark.parametrize("q", [0.0, 0.02, 0.5, 1.0])
+def test_video_candidates_hold_every_frames_order_statistics(t, n, q):
+    from clusterstm.models.masking_clusterstm import _descending_pair, _quantile_positions, _video_candidates
+
+    generator = torch.Generator().manual_seed(t * 100 + n)
+    size = t * n
+    below, above, _ = _quantile_positions((t - 1) * n * n, q, torch.float32)
+    cases = {
+        "random": torch.randn(1, size, size, generator=generator),
+        "ties": torch.randint(0, 3, (1, size, size), generator=generator).float(),
+    }
+    for name, gram in cases.items():
+        got_below, got_above = _descending_pair(_video_candidates(gram, t, n, above + 1), below, above)
+        for s in range(t):
+            rows = slice(s * n, (s + 1) * n)
+            values = torch.cat([gram[0, rows, (s + 1) * n :].flatten(), gram[0, : s * n, rows].flatten()])
+            largest = torch.sort(values, descending=True).values
+            assert got_below[s] == largest[below] and got_above[s] == largest[above], (name, s)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    t=st.integers(2, 4),
+    n=st.sampled_from([1, 2, 3, 7, 10]),
+    c=st.integers(2, 5),
+    ratio=st.floats(0.0, 0.95),
+    k=st.integers(1, 12),
+    duplicated=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_cluster_wise_mask_matches_reference_on_random_shapes(t, n, c, ratio, k, duplicated, seed):
+    # DPC-KNN now runs on the diagonal blocks of each clip's Gram matrix, with a grouped k-smallest selection and a
+    # rank penalty instead of a boolean mask: the masks must stay those of the slow float64 reference
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, t, n, c, dtype=torch.float64, generator=generator)
+    if duplicated:  # bit-identical tokens inside a frame and across frames: exact distance ties
+        x[:, :, n // 2 :] = x[:, :, : n - n // 2]
+        x[:, 1] = x[:, 0]
+    assert torch.equal(cluster_wise_mask(x, ratio, k=k), ref_cluster_wise_mask(x, ratio, k=k))
+
+
+def test_cluster_wise_mask_normalises_chunk_by_chunk_like_normalize():
+    # the raw tokens are normalised one video at a time into a buffer: the same masks as from normalised inputs
+    from clusterstm.models.masking_clusterstm import _cluster_wise_mask
+
+    x = torch.randn(3, 4, 16, 8, generator=torch.Generator().manual_seed(20)) * 5
+    normalised = torch.nn.functional.normalize(x, dim=-1)
+    expected = _cluster_wise_mask(normalised, 4, 0.02, 5, 2**25)
+    assert torch.equal(cluster_wise_mask(x, 0.75), expected)
+    assert torch.equal(cluster_wise_mask(x, 0.75, max_chunk_elements=1), expected)

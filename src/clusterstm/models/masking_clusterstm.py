@@ -24,9 +24,12 @@ Conventions shared by every function here:
 * Inputs of any floating dtype are accepted; the arithmetic runs in float32 (float64 inputs stay float64), also under
   `torch.autocast` (switched off locally), and every output lives on the input's device.
 * Masks and densities are not differentiable: everything runs under `torch.no_grad()`.
-* Nothing loops in Python over tokens. The temporal density walks over memory chunks of videos, so that the largest
+* Nothing loops in Python over tokens. Cluster-wise masking walks over memory chunks of videos, so that the largest
   intermediate stays bounded (``max_chunk_elements``; on the CPU one video at a time, which keeps its blocks in
-  cache), and over frames inside a chunk (one GEMM, one quantile selection and two exp-sums per frame).
+  cache). Per chunk, the Gram matrix of each clip's `T*N` tokens is computed once, only its blocks on and above the
+  diagonal (a few large GEMMs): the diagonal blocks feed DPC-KNN, the blocks `s < u` the temporal density of both
+  frames `s` and `u`. Then one quantile selection for all frames of a video on the CPU (one per frame on a GPU) and
+  two exp-sums per frame pair.
 * Float32 matmuls run in full precision whatever the global TF32 / bf16 matmul setting ([`exact_float32_matmul`]):
   a reduced-precision GEMM would change the masks.
 * On a GPU the masking makes one host sync, the finiteness check of the inputs (on the token norms); the algorithm
@@ -148,16 +151,22 @@ def exact_float32_matmul():
             owner.fp32_precision = value
 
 
-def _normalize(x: torch.Tensor, name: str) -> torch.Tensor:
-    """L2-normalised tokens in the compute dtype (the arithmetic of `F.normalize`), checking finiteness on the norms:
-    a NaN or inf anywhere in a token makes its norm non-finite, and this reads `C` times fewer values than
+def _token_norms(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` in the compute dtype and its token norms `(..., 1)` clamped as `F.normalize` does, checking finiteness on
+    the norms: a NaN or inf anywhere in a token makes its norm non-finite, and this reads `C` times fewer values than
     `isfinite(x)`. (Finite tokens whose squared norm overflows are refused too: they cannot be normalised.) The
     check is the masking's only host sync."""
     x = x.to(_compute_dtype(x.dtype))
     norms = torch.linalg.vector_norm(x, ord=2, dim=-1, keepdim=True)
     if not bool(torch.isfinite(norms).all()):
         raise ValueError(f"`{name}` contains non-finite values (NaN or inf), or tokens too large to normalise.")
-    return x / norms.clamp_min(1e-12).expand_as(x)
+    return x, norms.clamp_min(1e-12)
+
+
+def _normalize(x: torch.Tensor, name: str) -> torch.Tensor:
+    """L2-normalised tokens in the compute dtype (the arithmetic of `F.normalize`), checked by [`_token_norms`]."""
+    x, norms = _token_norms(x, name)
+    return x / norms.expand_as(x)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -165,47 +174,77 @@ def _normalize(x: torch.Tensor, name: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _pairwise_sq_dist(x: torch.Tensor) -> torch.Tensor:
-    """Squared euclidean distances `(B', N, N)` from one Gram matrix (its diagonal gives the squared norms, so two
-    bit-identical tokens are exactly at distance zero)."""
-    gram = torch.bmm(x, x.transpose(1, 2))
+def _smallest_sorted(values: torch.Tensor, k: int) -> torch.Tensor:
+    """
+    The `k` smallest values of every row of `values` `(..., N)` in ascending order, i.e. `torch.topk(values, k,
+    largest=False).values`, selected among few candidates: the columns are split into `g` strided groups of `N / g`
+    columns each, and the `k` smallest values (as a multiset, ties included) lie in the `k` groups of smallest minimum:
+    those `k` minima are `<=` the `k`-th smallest minimum, which is `<=` every value of every other group. `topk` costs
+    per value, so selecting among the `N / g` minima and then the `k * g` candidates is cheaper than among all `N`.
+    Fixed shapes only (no host sync).
+    """
+    n = values.shape[-1]
+    # the group size g (a divisor of n, with at least k groups) that minimises the values topk has to look at
+    g = min((g for g in range(1, n + 1) if n % g == 0 and n // g >= k), key=lambda g: n // g + k * g)
+    if g == 1:
+        return torch.topk(values, k, dim=-1, largest=False).values
+    width = n // g
+    # group j holds the columns j, j + width, ...: the minima are an elementwise min over g slices (vectorised)
+    minima = values.unflatten(-1, (g, width)).amin(dim=-2)
+    groups = torch.topk(minima, k, dim=-1, largest=False, sorted=False).indices
+    columns = (groups[..., None] + torch.arange(0, n, width, device=values.device)).flatten(-2)
+    return torch.topk(torch.gather(values, -1, columns), k, dim=-1, largest=False).values
+
+
+def _dpc_from_gram(
+    gram: torch.Tensor, c: int, num_clusters: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPC-KNN from the Gram matrices `(b, N, N)` (any strides) of already normalised tokens of dimension `c`; returns
+    labels, centres and the local density rho. Fixed shapes only (no host sync)."""
+    b, n, _ = gram.shape
+    k = min(k, n)
+    # d_ij^2 = ||x_i - x_j||^2 / C, from the Gram matrix (its diagonal gives the squared norms, so two bit-identical
+    # tokens are exactly at distance zero)
     sq_norms = gram.diagonal(dim1=1, dim2=2)
     sq_dist = (sq_norms[:, :, None] + sq_norms[:, None, :]).sub_(gram, alpha=2.0).clamp_min_(0.0)
     sq_dist.diagonal(dim1=1, dim2=2).zero_()
-    return sq_dist
-
-
-def _dpc_knn_chunk(x: torch.Tensor, num_clusters: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPC-KNN on already normalised tokens `(b, N, C)`; returns labels, centres and the local density rho."""
-    b, n, c = x.shape
-    # d_ij^2 = ||x_i - x_j||^2 / C
-    sq_dist = _pairwise_sq_dist(x).div_(c)
+    sq_dist.div_(c)
     # local density: exp(-mean of the k smallest squared distances); the row's own zero is among them
-    knn_sq = torch.topk(sq_dist, k, dim=-1, largest=False).values
-    rho = torch.exp(-knn_sq.mean(dim=-1))
-    dist = sq_dist.sqrt_()
+    rho = torch.exp(-_smallest_sorted(sq_dist, k).mean(dim=-1))
 
-    # j is "denser" than i when rho_j > rho_i, or rho_j == rho_i and j < i (index tie-break, no noise)
-    index = torch.arange(n, device=x.device)
-    denser = (rho[:, None, :] > rho[:, :, None]) | (
-        (rho[:, None, :] == rho[:, :, None]) & (index[None, :] < index[:, None])
-    )
-    dist_max = dist.flatten(1).amax(dim=1)[:, None, None]
-    # min over denser tokens; the densest token has none and gets the frame's largest distance
-    delta = torch.where(denser, dist, dist_max).amin(dim=-1)
-    del denser
+    # j is "denser" than i when rho_j > rho_i, or rho_j == rho_i and j < i (index tie-break, no noise): exactly when j
+    # comes before i in the stable descending order of rho, i.e. rank_j < rank_i
+    order = torch.sort(rho, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=gram.device).expand(b, n))
+    # delta_i^2 = min over denser j of d_ij^2, as the min over j of max(d_ij^2, penalty_ij) with penalty_ij =
+    # big * (rank_j - rank_i + 1/2): negative (so the max is d_ij^2, exactly) for denser j, >= big / 2 (far above any
+    # squared distance, <= 4 / C) otherwise. Arithmetic instead of a boolean mask and `where`, which are much slower
+    # on the CPU. big is a power of two, so the penalties are exact.
+    big = 2.0**40
+    scaled = rank.to(sq_dist.dtype).mul_(big)
+    penalty = torch.sub(scaled[:, None, :], (scaled - big / 2)[:, :, None])
+    delta_sq = torch.maximum(penalty, sq_dist, out=penalty).amin(dim=-1)
+    del penalty
+    # the densest token has no denser token and gets the frame's largest distance; every other delta_sq is already
+    # <= it, so the minimum changes nothing else. sqrt is monotone and correctly rounded: sqrt(min) = min(sqrt).
+    delta = torch.minimum(delta_sq, sq_dist.flatten(1).amax(dim=1, keepdim=True)).sqrt_()
 
     score = rho * delta
     # stable descending sort: equal scores keep index order, so the lower index becomes the centre
     centers = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :num_clusters]
 
     # nearest centre; argmin returns the first minimum, i.e. the centre found first
-    dist_to_centers = torch.gather(dist, 2, centers[:, None, :].expand(b, n, num_clusters))
+    dist_to_centers = torch.gather(sq_dist, 2, centers[:, None, :].expand(b, n, num_clusters)).sqrt_()
     labels = dist_to_centers.argmin(dim=-1)
     # a centre always forms its own cluster, even if it coincides with an earlier centre
-    cluster_ids = torch.arange(num_clusters, device=x.device).expand(b, num_clusters)
+    cluster_ids = torch.arange(num_clusters, device=gram.device).expand(b, num_clusters)
     labels.scatter_(1, centers, cluster_ids)
     return labels, centers, rho
+
+
+def _dpc_knn_chunk(x: torch.Tensor, num_clusters: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPC-KNN on already normalised tokens `(b, N, C)`; returns labels, centres and the local density rho."""
+    return _dpc_from_gram(torch.bmm(x, x.transpose(1, 2)), x.shape[2], num_clusters, k)
 
 
 def _dpc_knn(
@@ -278,12 +317,33 @@ def _quantile_positions(num_values: int, q: float, dtype: torch.dtype) -> tuple[
     return below, above, weight
 
 
-def _upper_gram(chunk: torch.Tensor, t: int, n: int, gram: torch.Tensor) -> None:
+def _upper_gram(chunk: torch.Tensor, t: int, n: int, gram: torch.Tensor, diagonal: bool = False) -> None:
     """Writes `<x_si, x_uj>` for frame pairs `s < u` only into `gram` `(v, T*N, T*N)` (strided `bmm` outputs, no
-    copy); the blocks `s > u` are their transposes and are never computed nor read, the diagonal blocks neither."""
-    for s in range(t - 1):
-        rows = slice(s * n, (s + 1) * n)
-        torch.bmm(chunk[:, rows], chunk[:, (s + 1) * n :].transpose(1, 2), out=gram[:, rows, (s + 1) * n :])
+    copy); the blocks `s > u` are their transposes and are never computed nor read. With `diagonal=True` the blocks
+    `s = u` (each frame's own Gram matrix, which DPC-KNN needs) are computed too, else they are skipped.
+
+    The upper triangle of blocks is tiled recursively: frames `[lo, mid)` against `[mid, hi)` in one `bmm`, then each
+    half, so that most of the work runs in a few large GEMMs (faster per flop than one thin GEMM per frame)."""
+    spans = [(0, t)]
+    while spans:
+        lo, hi = spans.pop()
+        if hi - lo < 2:
+            continue
+        mid = (lo + hi) // 2
+        rows, columns = slice(lo * n, mid * n), slice(mid * n, hi * n)
+        torch.bmm(chunk[:, rows], chunk[:, columns].transpose(1, 2), out=gram[:, rows, columns])
+        spans += [(lo, mid), (mid, hi)]
+    if diagonal:
+        for video, blocks in zip(chunk, _diagonal_blocks(gram, t)):
+            frames = video.unflatten(0, (t, n))
+            torch.bmm(frames, frames.transpose(1, 2), out=blocks)
+
+
+def _diagonal_blocks(gram: torch.Tensor, t: int) -> torch.Tensor:
+    """The view `(v, T, N, N)` of the diagonal blocks of `gram` `(v, T*N, T*N)`: frame `s`'s own Gram matrix."""
+    v, size, _ = gram.shape
+    n = size // t
+    return gram.view(v, t, n, t, n).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
 
 
 def _group_size(num_values: int, n: int, count: int) -> int:
@@ -306,13 +366,13 @@ def _largest_candidates(gram: torch.Tensor, s: int, n: int, count: int, sync_fre
     not an estimate: there is no sampling and no fallback.
 
     With `sync_free=True` every shape is fixed (`topk` of the group maxima, `M = count * r`): no host sync on a GPU.
-    Otherwise (CPU, `v = 1`, data-dependent shapes) the same bound is applied once more, to the maxima: `thr` is the
-    `count`-th largest maximum of groups of `r2` maxima (valid as well: at least `count` maxima, hence values, reach
-    it), found with `kthvalue` on `r * r2` times fewer values than the frame has, and only the values `>= thr` of the
-    groups whose maximum reaches it are returned (a few more than `count`).
+    Otherwise (CPU, `v = 1`, data-dependent shapes) frame `s`'s row of [`_video_candidates`] (`-inf` padded), which
+    selects for all frames of the video at once.
     """
     v, size, _ = gram.shape
     t = size // n
+    if not sync_free:
+        return _video_candidates(gram, t, n, count)[s : s + 1]
     r = _group_size((t - 1) * n * n, n, count)
     # (first row, first column, number of rows, width) of the frame's row block (frames u > s) and column block (u < s)
     regions = [(s * n, (s + 1) * n, n, (t - 1 - s) * n), (0, s * n, s * n, n)]
@@ -320,51 +380,71 @@ def _largest_candidates(gram: torch.Tensor, s: int, n: int, count: int, sync_fre
     steps = torch.arange(r, device=gram.device) * size
     blocks = [gram[:, row : row + rows, column : column + width] for row, column, rows, width in regions]
     maxima = [block.unflatten(1, (block.shape[1] // r, r)).amax(dim=2) for block in blocks]
-    if sync_free:
-        group = torch.topk(torch.cat([m.flatten(1) for m in maxima], dim=1), count, dim=1, sorted=False).indices
-        # flat position of each chosen group's first value in `gram`, region by region
-        first, offset = None, 0
-        for row, column, rows, width in regions:
-            local = group - offset
-            position = (row + (local // width) * r) * size + column + local % width
-            first = position if first is None else torch.where(local >= 0, position, first)
-            offset += (rows // r) * width
-        first = first + torch.arange(v, device=gram.device)[:, None] * size * size
-        return gram.view(-1).index_select(0, (first[..., None] + steps).flatten()).view(v, -1)
+    group = torch.topk(torch.cat([m.flatten(1) for m in maxima], dim=1), count, dim=1, sorted=False).indices
+    # flat position of each chosen group's first value in `gram`, region by region
+    first, offset = None, 0
+    for row, column, rows, width in regions:
+        local = group - offset
+        position = (row + (local // width) * r) * size + column + local % width
+        first = position if first is None else torch.where(local >= 0, position, first)
+        offset += (rows // r) * width
+    first = first + torch.arange(v, device=gram.device)[:, None] * size * size
+    return gram.view(-1).index_select(0, (first[..., None] + steps).flatten()).view(v, -1)
 
-    # CPU: the threshold from maxima of r2 group rows, then the groups and values reaching it
-    r2 = next(
-        r2
-        for r2 in (4, 2, 1)
-        if all(m.shape[1] % r2 == 0 for m in maxima) and sum(m.numel() for m in maxima) // r2 >= count
-    )
-    coarse = torch.cat([m[0].unflatten(0, (m.shape[1] // r2, r2)).amax(dim=1).flatten() for m in maxima])
-    threshold = torch.kthvalue(coarse, coarse.numel() - count + 1).values
-    first = []
-    for (row, column, _, _), m in zip(regions, maxima):
-        hit = (m[0] >= threshold).nonzero()
-        first.append((hit[:, 0] * r + row) * size + hit[:, 1] + column)
-    values = gram.view(-1).index_select(0, (torch.cat(first)[:, None] + steps).flatten())
-    return values[values >= threshold][None]
+
+def _video_candidates(gram: torch.Tensor, t: int, n: int, count: int) -> torch.Tensor:
+    """
+    CPU path of [`_largest_candidates`], for one video (`gram` `(1, T*N, T*N)` holding the blocks of
+    [`_upper_gram`]) and all its frames at once: `(T, M)` values, row `s` holding a superset of the `count` largest
+    inner products of frame `s` with the other frames, ties included, padded with `-inf`.
+
+    The same bound, with data-dependent shapes and few operations per video: the values of every block `s < u` are
+    reduced to maxima of groups of `r` rows once, and these serve both frames (the block's values belong to frame `s`
+    and to frame `u`). The threshold `thr_s` is the `count`-th largest of the maxima of groups of `r2` maxima (valid
+    as well: at least `count` maxima, hence values, reach it), found with `kthvalue` on `r * r2` times fewer values
+    than the frame has; only the groups whose maximum reaches it are read, and only their values `>= thr_s` are kept
+    (a few more than `count`).
+    """
+    size = t * n
+    r = _group_size((t - 1) * n * n, n, count)
+    g = n // r
+    # maxima[s, u]: the group maxima (g, N) of block (min(s, u), max(s, u)); -inf on the diagonal (not a frame pair)
+    maxima = torch.full((t, t, g, n), -torch.inf, dtype=gram.dtype, device=gram.device)
+    for s in range(t - 1):
+        block = gram[0, s * n : (s + 1) * n, (s + 1) * n :]
+        block_maxima = block.unflatten(0, (g, r)).amax(dim=1).unflatten(1, (t - 1 - s, n)).transpose(0, 1)
+        maxima[s, s + 1 :] = block_maxima
+        maxima[s + 1 :, s] = block_maxima
+    r2 = next(r2 for r2 in (4, 2, 1) if g % r2 == 0 and (t - 1) * (g // r2) * n >= count)
+    coarse = maxima.view(t, t, g // r2, r2, n).amax(dim=3).view(t, -1)
+    threshold = torch.kthvalue(coarse, coarse.shape[1] - count + 1, dim=1).values
+    # the groups reaching their frame's threshold, frame by frame (row-major order), and their values
+    frame, other, group, column = (maxima >= threshold[:, None, None, None]).nonzero(as_tuple=True)
+    first = (torch.minimum(frame, other) * n + group * r) * size + torch.maximum(frame, other) * n + column
+    steps = torch.arange(0, r * size, size, device=gram.device)
+    values = gram.reshape(-1).index_select(0, (first[:, None] + steps).flatten()).view(-1, r)
+    # frame by frame (a comparison with one scalar threshold each), the values reaching the threshold
+    hits = torch.bincount(frame, minlength=t).tolist()
+    kept = [frame_values[frame_values >= thr] for frame_values, thr in zip(values.split(hits), threshold)]
+    return torch.nn.utils.rnn.pad_sequence(kept, batch_first=True, padding_value=-torch.inf)
 
 
 def _descending_pair(values: torch.Tensor, below: int, above: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `below`-th and `above`-th largest (0-based, `above - below` in {0, 1}) of each row of `values`, with one
-    selection: the `below`-th largest is the `above`-th one when enough values equal it, else the next larger value."""
-    size = values.shape[1]
-    largest_above = torch.kthvalue(values, size - above, dim=1, keepdim=True).values
+    selection: the `above + 1` largest values (a multiset, ties included) hold both, as their smallest and (when
+    `below = above - 1`) second smallest."""
+    largest = torch.topk(values, above + 1, dim=1, sorted=False).values
     if above == below:
-        return largest_above[:, 0], largest_above[:, 0]
-    # the (size - above + 1)-th smallest value: a tie with the previous one, or the smallest value above it
-    tie = (values <= largest_above).sum(dim=1, keepdim=True) > size - above
-    larger = torch.where(values > largest_above, values, torch.inf).amin(dim=1, keepdim=True)
-    return torch.where(tie, largest_above, larger)[:, 0], largest_above[:, 0]
+        largest_above = largest.amin(dim=1)
+        return largest_above, largest_above
+    # ascending: the above-th largest, then the below-th largest
+    smallest_two = torch.topk(largest, 2, dim=1, largest=False).values
+    return smallest_two[:, 1], smallest_two[:, 0]
 
 
 def _video_density(
-    chunk: torch.Tensor,
-    t: int,
     gram: torch.Tensor,
+    t: int,
     dist_buffer: torch.Tensor,
     work_buffer: torch.Tensor,
     below: int,
@@ -372,40 +452,37 @@ def _video_density(
     weight: float,
     sync_free: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unnormalised temporal density `(v, T, N)` and cut-off `(v, T)` of `v` videos `chunk` `(v, T*N, C)`, using
-    preallocated buffers (`gram` `(v, T*N, T*N)`, `dist_buffer` and `work_buffer` `(v, N, (T-1)*N)`). With
-    `sync_free=True` no operation has a data-dependent shape or reads a value on the host."""
-    v, size, _ = chunk.shape
+    """Unnormalised temporal density `(v, T, N)` and cut-off `(v, T)` of `v` videos from the blocks `s < u` of their
+    Gram matrices `gram` `(v, T*N, T*N)` ([`_upper_gram`]), using preallocated buffers (`dist_buffer` and
+    `work_buffer` `(v, N, (T-1)*N)`). With `sync_free=True` no operation has a data-dependent shape or reads a value
+    on the host."""
+    v, size, _ = gram.shape
     n = size // t
-    one = torch.ones((), dtype=chunk.dtype, device=chunk.device)
-    _upper_gram(chunk, t, n, gram)
+    one = torch.ones((), dtype=gram.dtype, device=gram.device)
 
     # cut-off per frame: the `below`-th and `above`-th smallest distances = 1 - the largest inner products
-    dc = torch.stack(
-        [
-            torch.lerp(
-                *(
-                    one - value
-                    for value in _descending_pair(_largest_candidates(gram, s, n, above + 1, sync_free), below, above)
-                ),
-                weight,
-            )
-            for s in range(t)
-        ],
-        dim=1,
-    ).clamp_min_(MIN_CUTOFF_DISTANCE)
+    if sync_free:
+        pairs = [_descending_pair(_largest_candidates(gram, s, n, above + 1, True), below, above) for s in range(t)]
+        largest_below, largest_above = (torch.stack(values, dim=1) for values in zip(*pairs))
+    else:  # the CPU path, one video: all frames in one selection
+        largest_below, largest_above = (
+            values[None] for values in _descending_pair(_video_candidates(gram, t, n, above + 1), below, above)
+        )
+    dc = torch.lerp(one - largest_below, one - largest_above, weight).clamp_min_(MIN_CUTOFF_DISTANCE)
 
     # rho_si = sum over other frames' tokens of exp(-(dist / dc_s)^2); block (s, u) serves frame s through its row
     # sums (cut-off dc_s) and frame u through its column sums (cut-off dc_u), each in cache-sized pieces
-    rho = torch.zeros(v, t, n, dtype=chunk.dtype, device=chunk.device)
+    # (-(w * w) in one pass: addcmul of a zero with value -1, bit-identical to square then negate)
+    rho = torch.zeros(v, t, n, dtype=gram.dtype, device=gram.device)
+    zero = torch.zeros((), dtype=gram.dtype, device=gram.device)
     for s in range(t - 1):
         m = t - 1 - s
         block = gram[:, s * n : (s + 1) * n, (s + 1) * n :]
         dist = torch.sub(one, block, out=dist_buffer[:, :, : m * n])
         work = torch.div(dist, dc[:, s, None, None], out=work_buffer[:, :, : m * n])
-        rho[:, s] += work.square_().neg_().exp_().sum(dim=-1)
+        rho[:, s] += torch.addcmul(zero, work, work, value=-1.0, out=work).exp_().sum(dim=-1)
         work = torch.div(dist.view(v, n, m, n), dc[:, None, s + 1 :, None], out=work.view(v, n, m, n))
-        rho[:, s + 1 :] += work.square_().neg_().exp_().sum(dim=1)
+        rho[:, s + 1 :] += torch.addcmul(zero, work, work, value=-1.0, out=work).exp_().sum(dim=1)
     return rho, dc
 
 
@@ -414,33 +491,59 @@ def _temporal_density(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Temporal density `(B, T, N)` and cut-off distance `(B, T)` of normalised tokens `x` with `T >= 2`.
 
-    Only the inner products of frame pairs `s < u` are computed (one `bmm` per frame into a buffer reused across
+    Only the inner products of frame pairs `s < u` are computed ([`_upper_gram`], into a buffer reused across
     chunks); each pair's block serves both frames. The distances are `fl(1 - <x_si, x_uj>)`, a non-increasing function
     of the inner product, so the quantile's order statistics are taken on the largest inner products directly.
     `sync_free` (default: on any device but the CPU) selects the quantile path without host syncs.
     """
+    rho, cutoff, _ = _clip_pass(x, dc_ratio, max_chunk_elements, sync_free)
+    return rho, cutoff
+
+
+def _clip_pass(
+    x: torch.Tensor,
+    dc_ratio: float,
+    max_chunk_elements: int,
+    sync_free: bool | None = None,
+    clusters: tuple[int, int] | None = None,
+    norms: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """[`_temporal_density`] of `x` `(B, T, N, C)`, `T >= 2`, one chunk of videos at a time, returning `(rho, cutoff,
+    labels)`. With `clusters = (num_clusters, k)`, DPC-KNN runs on every frame from the diagonal blocks of the same
+    Gram matrices (one `bmm` per frame computes its row of blocks `u >= s`, instead of a second GEMM per frame) and
+    its labels `(B*T, N)` are returned, else `None`. With `norms` `(B, T, N, 1)` (clamped token norms), `x` is raw and
+    is normalised chunk by chunk into a reused buffer (the same division as [`_normalize`], without a full-size
+    copy); otherwise `x` is already normalised."""
     b, t, n, c = x.shape
     below, above, weight = _quantile_positions((t - 1) * n * n, dc_ratio, x.dtype)
     # a Python float (exactly the float32/64 weight): no host-to-device copy
     weight = float(weight)
-    on_cpu = x.device.type == "cpu"
-    sync_free = not on_cpu if sync_free is None else sync_free
+    sync_free = x.device.type != "cpu" if sync_free is None else sync_free
 
-    # on the CPU one video at a time keeps a video's blocks in cache; elsewhere as many as max_chunk_elements allows
-    videos_per_chunk = 1 if on_cpu else max(1, min(b, max_chunk_elements // ((t * n) ** 2)))
-    flat = x.reshape(b, t * n, c)
+    # the CPU path takes one video at a time (its blocks stay in cache, and its quantile selection is per video); the
+    # sync-free path as many videos as max_chunk_elements allows
+    videos_per_chunk = max(1, min(b, max_chunk_elements // ((t * n) ** 2))) if sync_free else 1
     rho = torch.empty(b, t, n, dtype=x.dtype, device=x.device)
     cutoff = torch.empty(b, t, dtype=x.dtype, device=x.device)
+    labels = None if clusters is None else torch.empty(b * t, n, dtype=torch.long, device=x.device)
+    tokens = None if norms is None else torch.empty(videos_per_chunk, t, n, c, dtype=x.dtype, device=x.device)
     gram_buffer = torch.empty(videos_per_chunk, t * n, t * n, dtype=x.dtype, device=x.device)
     dist_buffer = torch.empty(videos_per_chunk, n, (t - 1) * n, dtype=x.dtype, device=x.device)
     work_buffer = torch.empty_like(dist_buffer)
     for start in range(0, b, videos_per_chunk):
         end = min(start + videos_per_chunk, b)
         v = end - start
+        chunk = x[start:end] if norms is None else torch.div(x[start:end], norms[start:end], out=tokens[:v])
+        gram = gram_buffer[:v]
+        _upper_gram(chunk.reshape(v, t * n, c), t, n, gram, diagonal=clusters is not None)
+        if clusters is not None:
+            # the diagonal blocks: frame s of video i is gram[i, s*n:(s+1)*n, s*n:(s+1)*n]
+            frames = _diagonal_blocks(gram, t).reshape(v * t, n, n)
+            labels[start * t : end * t] = _dpc_from_gram(frames, c, *clusters)[0]
         rho[start:end], cutoff[start:end] = _video_density(
-            flat[start:end], t, gram_buffer[:v], dist_buffer[:v], work_buffer[:v], below, above, weight, sync_free
+            gram, t, dist_buffer[:v], work_buffer[:v], below, above, weight, sync_free
         )
-    return rho.div_(n), cutoff
+    return rho.div_(n), cutoff, labels
 
 
 @torch.no_grad()
@@ -546,19 +649,30 @@ def cluster_wise_mask(
     b, t, n, c = x.shape
     num_keep = num_visible_tokens(n, mask_ratio)
     with _autocast_disabled(x), exact_float32_matmul():
-        return _cluster_wise_mask(_normalize(x, "x"), num_keep, dc_ratio, k, max_chunk_elements)
+        x, norms = _token_norms(x, "x")
+        return _cluster_wise_mask(x, num_keep, dc_ratio, k, max_chunk_elements, norms=norms)
 
 
 def _cluster_wise_mask(
-    x: torch.Tensor, num_keep: int, dc_ratio: float, k: int, max_chunk_elements: int, sync_free: bool | None = None
+    x: torch.Tensor,
+    num_keep: int,
+    dc_ratio: float,
+    k: int,
+    max_chunk_elements: int,
+    sync_free: bool | None = None,
+    norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[`cluster_wise_mask`] on normalised, validated tokens: no host sync on a GPU (or with `sync_free=True`)."""
+    """[`cluster_wise_mask`] on validated tokens, normalised already or (with `norms`, their clamped norms
+    `(B, T, N, 1)`) normalised here: no host sync on a GPU (or with `sync_free=True`)."""
     b, t, n, c = x.shape
-    labels, _, local_rho = _dpc_knn(x.reshape(b * t, n, c), num_keep, k, max_chunk_elements)
     if t == 1:
-        rho = local_rho
+        x = x if norms is None else x / norms.expand_as(x)
+        labels, _, rho = _dpc_knn(x.reshape(b * t, n, c), num_keep, k, max_chunk_elements)
     else:
-        rho = _temporal_density(x, dc_ratio, max_chunk_elements, sync_free)[0].reshape(b * t, n)
+        # one pass over the videos: the Gram matrix of every video serves both DPC-KNN (diagonal blocks) and the
+        # temporal density (blocks s < u)
+        rho, _, labels = _clip_pass(x, dc_ratio, max_chunk_elements, sync_free, (num_keep, k), norms)
+        rho = rho.reshape(b * t, n)
     return _keep_best_per_cluster(labels, rho, num_keep).reshape(b, t, n)
 
 
