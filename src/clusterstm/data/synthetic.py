@@ -421,7 +421,9 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np
     raise ValueError(f"Unknown shape {shape!r}.")
 
 
-def render_object_labels(rows: list[dict[str, Any]], config: SyntheticVideoTextConfig) -> tuple[np.ndarray, np.ndarray]:
+def render_object_labels(
+    rows: list[dict[str, Any]], config: SyntheticVideoTextConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """
     Where every object of every clip is drawn, pixel by pixel (the geometry [`render_clips`] paints).
 
@@ -517,7 +519,6 @@ def object_token_masks(
     return (fraction >= min_coverage).reshape(b, t, side * side)
 
 
-
 def per_object_token_masks(
     rows: list[dict[str, Any]],
     config: SyntheticVideoTextConfig,
@@ -575,6 +576,7 @@ def kept_object_coverage(bool_masked_pos: np.ndarray, object_tokens: np.ndarray)
         "object_tokens_kept": float((objects & kept[:, :, None, :]).sum() / max(int(objects.sum()), 1)),
         "num_object_frames": num,
     }
+
 
 def _iter_chunks(rows: list[dict[str, Any]], chunk_size: int) -> Iterator[list[dict[str, Any]]]:
     for start in range(0, len(rows), chunk_size):
