@@ -3,7 +3,6 @@
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -86,8 +85,9 @@ def test_quickstart_demo_runs_end_to_end_and_reproduces(tmp_path):
 
     # The same seed reproduces its own numbers exactly (same machine and software).
     again = tmp_path / "again"
+    # Through the same command as the first run, so that both use the same environment (quickstart.sh's .venv).
     rerun = subprocess.run(
-        [sys.executable, "-m", "clusterstm.cli", "demo", "--quick", "--output_dir", str(again)],
+        ["bash", "quickstart.sh", "demo", "--quick", "--output_dir", str(again)],
         cwd=REPO,
         capture_output=True,
         text=True,
