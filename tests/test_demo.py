@@ -47,19 +47,25 @@ def test_cli_rejects_unknown_subcommand():
         build_parser().parse_args(["train-everything"])
 
 
-@pytest.mark.slow
-def test_quickstart_demo_runs_end_to_end_and_reproduces(tmp_path):
-    """The second Quickstart command, in its quick form: every stage, figures, results and a loadable checkpoint,
-    a readable console, and a second run with the same seed gives the same results.json apart from timings."""
-    out = tmp_path / "demo"
+def _quick_demo(output_dir):
+    """`bash quickstart.sh demo --quick`: the README's command, in quickstart.sh's own environment."""
     done = subprocess.run(
-        ["bash", "quickstart.sh", "demo", "--quick", "--output_dir", str(out)],
+        ["bash", "quickstart.sh", "demo", "--quick", "--output_dir", str(output_dir)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=1200,
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.mark.slow
+def test_quickstart_demo_runs_end_to_end_and_reproduces(tmp_path):
+    """The second Quickstart command, in its quick form: every stage, figures, results and a loadable checkpoint,
+    a readable console, and a second run with the same seed gives the same results.json apart from timings."""
+    out = tmp_path / "demo"
+    done = _quick_demo(out)
     assert "zero-shot retrieval" in done.stdout and "ClusterSTM" in done.stdout
     results = json.loads((out / "results.json").read_text())
     for key in ("teacher", "zero_shot_untrained", "zero_shot_pretrained", "pretraining", "qa_finetuned"):
@@ -86,14 +92,7 @@ def test_quickstart_demo_runs_end_to_end_and_reproduces(tmp_path):
     # The same seed reproduces its own numbers exactly (same machine and software).
     again = tmp_path / "again"
     # Through the same command as the first run, so that both use the same environment (quickstart.sh's .venv).
-    rerun = subprocess.run(
-        ["bash", "quickstart.sh", "demo", "--quick", "--output_dir", str(again)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    _quick_demo(again)
     rerun_results = json.loads((again / "results.json").read_text())
     # This failed until the offline tokenizer's vocabulary was made deterministic (huggingface/tokenizers#1794).
     assert reproducible_metrics(rerun_results) == reproducible_metrics(results)
