@@ -61,6 +61,8 @@ def test_tokenizer_save_load(tokenizer, tmp_path):
         load_local_tokenizer(tmp_path / "nope")
     with pytest.raises(ValueError, match="empty corpus"):
         train_wordpiece_tokenizer([])
+    with pytest.raises(ValueError, match=r"text #1 is a int, expected str"):
+        train_wordpiece_tokenizer(["a red circle", 7])
 
 
 def test_processor_outputs(processor, tmp_path):

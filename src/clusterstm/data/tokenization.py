@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def _batched(texts: Iterable[str], batch_size: int = 1000) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise ValueError(f"Tokenizer training text #{i} is a {type(text).__name__}, expected str.")
-        batch.append(text)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _deterministic_vocabulary(
@@ -41,7 +28,9 @@ def _deterministic_vocabulary(
     characters through WordPiece's greedy longest match.
     """
     word_counts: Counter[str] = Counter()
-    for text in texts:
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"Tokenizer training text #{i} is a {type(text).__name__}, expected str.")
         word_counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
     initials = sorted({word[0] for word in word_counts})
     continuations = sorted({f"##{char}" for word in word_counts for char in word[1:]})
@@ -69,8 +58,8 @@ def train_wordpiece_tokenizer(
     Build a BERT-style WordPiece tokenizer from local text with the `tokenizers` library (no download).
 
     The vocabulary is deterministic (the same corpus always gives the same ids): the characters of the corpus, then
-    its most frequent whole words. The tokenizer uses the BERT normaliser (lowercasing and accent stripping when `lowercase`), BERT
-    pre-tokenisation, the special tokens `[PAD] [UNK] [CLS] [SEP] [MASK]` (ids 0-4 in that order) and the
+    its most frequent whole words. The tokenizer uses the BERT normaliser (lowercasing and accent stripping when
+    `lowercase`), BERT pre-tokenisation, the special tokens `[PAD] [UNK] [CLS] [SEP] [MASK]` (ids 0-4 in that order) and the
     `[CLS] A [SEP]` / `[CLS] A [SEP] B [SEP]` post-processor, and is wrapped in a [`BertTokenizerFast`] that
     saves with `save_pretrained` and reloads with `AutoTokenizer.from_pretrained(folder)` offline.
 
