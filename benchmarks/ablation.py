@@ -50,7 +50,7 @@ import torch
 
 logger = logging.getLogger("clusterstm.ablation")
 
-ABLATIONS = ("masking", "window", "objective", "matching")
+ABLATIONS = ("masking", "window", "objective", "matching", "relevance", "equal_time")
 STRATEGIES = ("cluster", "random", "tube", "attention")
 # Relevance methods beside Algorithm III's window pooling (`clusterstm.teacher.dense`).
 RELEVANCE_METHODS = ("maskclip", "clearclip")
@@ -66,6 +66,22 @@ MATCHING_OBJECTIVES: dict[str, dict[str, Any]] = {
     "+matching, hard negatives": {"matching_loss_weight": 1.0, "matching_negatives": "hard"},
     "+matching, uniform negatives": {"matching_loss_weight": 1.0, "matching_negatives": "uniform"},
 }
+# Relevance-objective search (`relevance` grid): loss forms, each at three weights over a decade (the MSE of cosines
+# is ~0.03 at weight 1, two orders below the contrastive loss, so its weights reach higher).
+RELEVANCE_LOSS_WEIGHTS: dict[str, tuple[float, ...]] = {
+    "mse": (1.0, 3.0, 10.0),
+    "zscore_mse": (0.3, 1.0, 3.0),
+    "kl": (0.3, 1.0, 3.0),
+}
+# The relevance settings of the tiny student (`clusterstm init tiny`), which every other grid trains with.
+TINY_RELEVANCE_SETTINGS = {
+    "relevance_loss": "mse",
+    "relevance_loss_weight": 1.0,
+    "relevance_tokens": "all",
+    "decoder_num_layers": 1,
+}
+# Targets of the search: the best-localised relevance of docs/RESULTS.md section 7.
+SEARCH_RELEVANCE_METHOD = "maskclip"
 # Candidates the matching head re-scores per query in the matching ablation's re-ranking evaluation.
 RERANK_TOP_K = 16
 RETRIEVAL_KEYS = (
@@ -122,6 +138,17 @@ class RunSpec:
     seed: int = 0
     # How the teacher's relevance targets are read (`--relevance_method` of pretraining).
     relevance_method: str = "window"
+    # Student config settings of the relevance objective (`relevance_loss`, `relevance_loss_weight`,
+    # `relevance_tokens`, `decoder_num_layers`) as sorted (name, value) pairs; applied after the objective's weights.
+    config_overrides: tuple[tuple[str, Any], ...] = ()
+    # Train from a target cache the teacher wrote once (`--teacher_targets`) instead of the online teacher.
+    cached_targets: bool = False
+    # Pretraining steps of this run when not the grid's (the equal-time comparison).
+    steps: int | None = None
+
+
+# Fields added to `RunSpec` after runs were cached: left out of the cache key at their defaults, so those runs stay.
+LATER_SPEC_FIELDS = ("config_overrides", "cached_targets", "steps")
 
 
 @dataclass
@@ -140,8 +167,12 @@ def build_grid(
     quick: bool,
     ratios: Sequence[float],
     strategies: Sequence[str] | None = None,
+    relevance_center: tuple[tuple[str, Any], ...] | None = None,
+    equal_time_steps: int | None = None,
 ) -> Grid:
-    """The runs of ablation `name` (`masking`, `window` or `objective`)."""
+    """The runs of ablation `name` (one of `ABLATIONS`). `relevance_center`: the relevance settings around which the
+    `relevance` grid varies tokens and decoder depth (and which `equal_time` compares); `equal_time_steps`: the
+    steps the cached-target relevance run gets in the time of the grid's steps of online UMT alignment."""
     default = RunSpec(settings.default_strategy, settings.default_ratio)
     if name == "masking":
         grid = Grid(name, "Masking strategy x mask ratio (objective: contrastive + relevance, 3x3 window)")
@@ -175,9 +206,92 @@ def build_grid(
         )
         for objective in MATCHING_OBJECTIVES:
             grid.groups[objective] = [replace(default, objective=objective, seed=s) for s in seeds]
+    elif name == "relevance":
+        grid = Grid(
+            name,
+            f"Relevance objective search (cluster masking @ {settings.default_ratio:g}, 3x3 window, "
+            f"{SEARCH_RELEVANCE_METHOD} targets): loss form x weight, then tokens and decoder depth around the best",
+        )
+        alignment = "contrastive+alignment (UMT)"
+        grid.groups[alignment] = [replace(default, objective=alignment, seed=s) for s in seeds]
+        grid.groups["contrastive+relevance+alignment"] = [
+            replace(default, objective="contrastive+relevance+alignment", seed=s) for s in seeds
+        ]
+        search = replace(default, relevance_method=SEARCH_RELEVANCE_METHOD)
+        forms = {"mse": (1.0, 10.0), "zscore_mse": (1.0,)} if quick else RELEVANCE_LOSS_WEIGHTS
+        for loss, weights in forms.items():
+            for weight in weights:
+                overrides = relevance_overrides(loss, weight)
+                grid.groups[relevance_label(overrides)] = [
+                    replace(search, config_overrides=overrides, seed=s) for s in seeds
+                ]
+        if relevance_center is not None:
+            variants = [{"relevance_tokens": "masked"}, {"relevance_tokens": "visible"}, {"decoder_num_layers": 2}]
+            for variant in variants[:1] if quick else variants:
+                overrides = relevance_overrides(**{**TINY_RELEVANCE_SETTINGS, **dict(relevance_center), **variant})
+                grid.groups[relevance_label(overrides)] = [
+                    replace(search, config_overrides=overrides, seed=s) for s in seeds
+                ]
+    elif name == "equal_time":
+        if relevance_center is None or equal_time_steps is None:
+            raise ValueError("The equal_time ablation needs --relevance_center (and its calibrated steps).")
+        grid = Grid(
+            name,
+            f"Equal wall-clock (cluster masking @ {settings.default_ratio:g}, 3x3 window): UMT alignment with the "
+            f"online teacher for {settings.steps} steps vs relevance reconstruction ({relevance_label(relevance_center)}"
+            f") from cached targets for the {equal_time_steps} steps that take the same time on this machine",
+        )
+        alignment = "contrastive+alignment (UMT)"
+        grid.groups[f"alignment, online teacher, {settings.steps} steps"] = [
+            replace(default, objective=alignment, seed=s) for s in seeds
+        ]
+        relevance = replace(default, relevance_method=SEARCH_RELEVANCE_METHOD, config_overrides=relevance_center)
+        grid.groups[f"relevance, online teacher, {settings.steps} steps"] = [replace(relevance, seed=s) for s in seeds]
+        grid.groups[f"relevance, cached targets, {equal_time_steps} steps"] = [
+            replace(relevance, cached_targets=True, steps=equal_time_steps, seed=s) for s in seeds
+        ]
     else:
         raise ValueError(f"Unknown ablation {name!r}; expected one of {ABLATIONS} or 'all'.")
     return grid
+
+
+def relevance_overrides(
+    relevance_loss: str, relevance_loss_weight: float, relevance_tokens: str = "all", decoder_num_layers: int = 1
+) -> tuple[tuple[str, Any], ...]:
+    """A relevance configuration as `RunSpec.config_overrides`: the settings that differ from the tiny student's
+    (so that its own configuration is the same run, and the same cache entry, as in the other grids)."""
+    settings = {
+        "relevance_loss": relevance_loss,
+        "relevance_loss_weight": float(relevance_loss_weight),
+        "relevance_tokens": relevance_tokens,
+        "decoder_num_layers": int(decoder_num_layers),
+    }
+    return tuple(sorted((k, v) for k, v in settings.items() if v != TINY_RELEVANCE_SETTINGS[k]))
+
+
+def relevance_label(overrides: tuple[tuple[str, Any], ...]) -> str:
+    """`"zscore_mse x1, all tokens, decoder 1"` for a relevance configuration."""
+    c = {**TINY_RELEVANCE_SETTINGS, **dict(overrides)}
+    return (
+        f"{c['relevance_loss']} x{c['relevance_loss_weight']:g}, {c['relevance_tokens']} tokens, "
+        f"decoder {c['decoder_num_layers']}"
+    )
+
+
+def parse_relevance_center(text: str) -> tuple[tuple[str, Any], ...]:
+    """`LOSS:WEIGHT[:TOKENS[:DEPTH]]` (e.g. `zscore_mse:1`) as `RunSpec.config_overrides`."""
+    parts = text.split(":")
+    if not 2 <= len(parts) <= 4 or parts[0] not in RELEVANCE_LOSS_WEIGHTS:
+        raise argparse.ArgumentTypeError(
+            f"--relevance_center {text!r}: expected LOSS:WEIGHT[:TOKENS[:DEPTH]] with LOSS in {list(RELEVANCE_LOSS_WEIGHTS)}"
+        )
+    tokens = parts[2] if len(parts) > 2 else "all"
+    if tokens not in ("all", "masked", "visible"):
+        raise argparse.ArgumentTypeError(f"--relevance_center {text!r}: TOKENS must be all, masked or visible")
+    try:
+        return relevance_overrides(parts[0], float(parts[1]), tokens, int(parts[3]) if len(parts) > 3 else 1)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--relevance_center {text!r}: {error}") from None
 
 
 # ------------------------------------------------------------------------------------------------------------ assets
@@ -306,11 +420,16 @@ def build_student(spec: RunSpec, settings: Settings, assets: Assets):
     from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining
 
     config = ClusterSTMConfig.from_pretrained(assets.init_dir)
+    tiny = {key: getattr(config, key) for key in TINY_RELEVANCE_SETTINGS}
+    if tiny != TINY_RELEVANCE_SETTINGS:
+        raise ValueError(f"The student init's relevance settings {tiny} are not TINY_RELEVANCE_SETTINGS.")
     config.relevance_window_size = spec.relevance_window_size
     config.contrastive_loss_weight = 1.0
     config.matching_loss_weight = settings.matching_loss_weight
     config.mlm_loss_weight = settings.mlm_loss_weight
     for key, value in {**OBJECTIVES, **MATCHING_OBJECTIVES}[spec.objective].items():
+        setattr(config, key, value)
+    for key, value in spec.config_overrides:
         setattr(config, key, value)
     torch.manual_seed(spec.seed)
     return ClusterSTMForPreTraining(config)
@@ -351,12 +470,19 @@ def pretrain(spec: RunSpec, settings: Settings, assets: Assets, run_dir: Path) -
     # The run's student (its objective, window and seeded initialisation) is an init folder the product loop loads.
     init_dir = save_checkpoint(build_student(spec, settings, assets), run_dir / "student-init", assets.processor)
     output_dir = run_dir / "pretrain"
+    steps = spec.steps or settings.steps
+    train_dataset = assets.train_dataset
+    targets: dict[str, Any] = {"teacher_name_or_path": str(assets.teacher_dir)}
+    if spec.cached_targets:
+        cache_dir = target_cache(spec, assets, init_dir)
+        targets = {"teacher_targets": str(cache_dir)}
+        train_dataset = keyed(train_dataset)
     args = PretrainingArguments(
         model_name_or_path=str(init_dir),
         output_dir=str(output_dir),
-        teacher_name_or_path=str(assets.teacher_dir),
+        **targets,
         dataset_name="synthetic",  # described for the record; the clips are `assets.train_dataset`
-        max_steps=settings.steps,
+        max_steps=steps,
         per_device_train_batch_size=min(settings.batch_size, len(assets.train_dataset)),
         learning_rate=settings.learning_rate,
         lr_scheduler_type="cosine",
@@ -372,18 +498,59 @@ def pretrain(spec: RunSpec, settings: Settings, assets: Assets, run_dir: Path) -
         logging_steps=1,
         dataloader_num_workers=0,
     )
-    results = run_pretraining(args, train_dataset=assets.train_dataset)
+    results = run_pretraining(args, train_dataset=train_dataset)
     log = [json.loads(line) for line in (output_dir / "logs" / "train_log.jsonl").read_text().splitlines() if line]
-    tail = log[-max(1, settings.steps // 10) :]
+    tail = log[-max(1, steps // 10) :]
     parts = sorted({key for record in tail for key in record if key.endswith("_loss")})
     stats = {
         "train_runtime_s": results["train_runtime"],
         "train_loss_final": float(np.mean([record["loss"] for record in tail])),
         **{f"{key}_final": float(np.mean([record[key] for record in tail if key in record])) for key in parts},
     }
+    if spec.cached_targets:
+        # The teacher's one pass over the clips that the cache cost (paid once, shared by every cached run).
+        stats["cache_build_s"] = json.loads((Path(args.teacher_targets) / "cache_build.json").read_text())["seconds"]
     if not all(np.isfinite(v) for v in stats.values()) or results["nan_steps_skipped"]:
         raise RuntimeError(f"non-finite loss in {spec}: {stats}, {results['nan_steps_skipped']} steps skipped")
     return ClusterSTMForPreTraining.from_pretrained(output_dir, use_safetensors=True), stats
+
+
+def keyed(dataset: Any) -> Any:
+    """The training clips with a `video_id` column (`train-00000`...), which keys them in a target cache."""
+    return dataset.add_column("video_id", [f"train-{i:05d}" for i in range(len(dataset))])
+
+
+def target_cache(spec: RunSpec, assets: Assets, init_dir: Path) -> Path:
+    """Writes (once; then reused) the teacher's targets for the training clips with the product's
+    `write_teacher_targets` (`clusterstm precompute-targets`), for the run's window, relevance method and mask
+    settings; the time it took is in the folder's `cache_build.json`."""
+    from clusterstm.teacher.cache import PrecomputeTargetsArguments, write_teacher_targets
+
+    settings = {
+        "teacher": assets.teacher_dir.name,
+        "clips": len(assets.train_dataset),
+        "window": spec.relevance_window_size,
+        "method": spec.relevance_method,
+        "strategy": spec.mask_strategy,
+        "ratio": spec.mask_ratio,
+    }
+    cache_dir = assets.teacher_dir.parent / f"targets-{_digest(settings)}"
+    if not (cache_dir / "cache_build.json").is_file():
+        stats = write_teacher_targets(
+            PrecomputeTargetsArguments(
+                model_name_or_path=str(init_dir),
+                teacher_name_or_path=str(assets.teacher_dir),
+                output_dir=str(cache_dir),
+                dataset_name="synthetic",  # for the record; the clips are the in-memory ones
+                mask_strategy=spec.mask_strategy,
+                mask_ratio=spec.mask_ratio,
+                relevance_method=spec.relevance_method,
+                device="cpu",
+            ),
+            dataset=keyed(assets.train_dataset),
+        )
+        (cache_dir / "cache_build.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return cache_dir
 
 
 def rerank_retrieval(model, settings: Settings, assets: Assets, run_dir: Path) -> dict[str, float]:
@@ -472,7 +639,11 @@ def finetune(model, settings: Settings, assets: Assets, run_dir: Path, seed: int
 
 def run_key(spec: RunSpec, settings: Settings) -> str:
     # "loop" keeps results of the earlier private training loop from being reused as product-loop results.
-    payload = {"spec": asdict(spec), "settings": asdict(settings), "loop": "run_pretraining"}
+    fields = asdict(spec)
+    for name in LATER_SPEC_FIELDS:
+        if fields[name] == RunSpec.__dataclass_fields__[name].default:
+            del fields[name]
+    payload = {"spec": fields, "settings": asdict(settings), "loop": "run_pretraining"}
     return f"{spec.mask_strategy}-{spec.mask_ratio:g}-w{spec.relevance_window_size}-s{spec.seed}-{_digest(payload)}"
 
 
@@ -502,6 +673,41 @@ def execute_run(spec: RunSpec, settings: Settings, assets: Assets, work_dir: Pat
         result["wall_time_s"],
     )
     return result
+
+
+def calibrate_equal_time(
+    settings: Settings, assets: Assets, work_dir: Path, center: tuple[tuple[str, Any], ...]
+) -> dict[str, Any]:
+    """Steps of cached-target relevance training that take the time of `settings.steps` steps of online UMT
+    alignment: both timed on this machine through `pretrain` (short runs, alternately, twice; the fastest per-step
+    time of each), and stored in `work_dir` so that the grid's step count stays fixed when it is resumed."""
+    steps = max(3, min(30, settings.steps // 10))
+    key = _digest({"center": center, "settings": asdict(settings), "steps": steps})
+    record_file = work_dir / f"equal_time_calibration-{key}.json"
+    if record_file.is_file():
+        return json.loads(record_file.read_text())
+    default = RunSpec(settings.default_strategy, settings.default_ratio, steps=steps)
+    specs = {
+        "alignment_online": replace(default, objective="contrastive+alignment (UMT)"),
+        "relevance_cached": replace(
+            default, relevance_method=SEARCH_RELEVANCE_METHOD, config_overrides=center, cached_targets=True
+        ),
+    }
+    per_step: dict[str, list[float]] = {name: [] for name in specs}
+    for _ in range(2):
+        for name, spec in specs.items():
+            with tempfile.TemporaryDirectory(dir=work_dir) as run_dir:
+                _, stats = pretrain(spec, settings, assets, Path(run_dir))
+            per_step[name].append(stats["train_runtime_s"] / steps)
+    fastest = {name: min(times) for name, times in per_step.items()}
+    record = {
+        "calibration_steps": steps,
+        "seconds_per_step": per_step,
+        "equal_time_steps": round(settings.steps * fastest["alignment_online"] / fastest["relevance_cached"]),
+        "machine": machine_description(),
+    }
+    record_file.write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def untrained_reference(settings: Settings, assets: Assets, seeds: Sequence[int]) -> dict[str, Any]:
@@ -776,6 +982,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tag", default=None, help="Suffix of the output names (ablation_<name>_<tag>.*), for extra grids."
     )
+    parser.add_argument(
+        "--relevance_center",
+        type=parse_relevance_center,
+        default=None,
+        help="LOSS:WEIGHT[:TOKENS[:DEPTH]]: the relevance settings the `relevance` grid varies tokens and decoder "
+        "depth around, and the one `equal_time` compares with UMT alignment (e.g. zscore_mse:1).",
+    )
     parser.add_argument("--finetune_steps", type=int, default=None, help="QA/captioning fine-tuning steps (0: off).")
     parser.add_argument("--batch_size", type=int, default=None, help="Pretraining batch size.")
     parser.add_argument("--num_train", type=int, default=None, help="Synthetic training clips.")
@@ -819,7 +1032,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Path]]:
     work_dir = Path(args.work_dir) if args.work_dir else default_work
     output_dir = Path(args.output_dir)
     plot_dir = Path(args.plot_dir) if args.plot_dir else output_dir.parent
-    names = ABLATIONS if args.ablation == "all" else (args.ablation,)
+    if args.ablation == "all":
+        # The equal-time comparison needs the searched relevance configuration.
+        names = tuple(name for name in ABLATIONS if name != "equal_time" or args.relevance_center is not None)
+    else:
+        names = (args.ablation,)
     command = "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     total_start = time.perf_counter()
@@ -827,8 +1044,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Path]]:
     reference = untrained_reference(settings, assets, seeds)
     written = {}
     for name in names:
-        grid = build_grid(name, settings, seeds, args.quick, ratios, args.strategies)
         start = time.perf_counter()
+        calibration = None
+        if name == "equal_time" and args.relevance_center is not None:
+            calibration = calibrate_equal_time(settings, assets, work_dir, args.relevance_center)
+        grid = build_grid(
+            name,
+            settings,
+            seeds,
+            args.quick,
+            ratios,
+            args.strategies,
+            relevance_center=args.relevance_center,
+            equal_time_steps=calibration["equal_time_steps"] if calibration else None,
+        )
         # Seed by seed over all rows, so that an interrupted grid has complete seeds to report (rerun it with
         # fewer --seeds: the finished runs come from the cache).
         results: dict[RunSpec, dict[str, Any]] = {}
@@ -864,6 +1093,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Path]]:
             "machine": machine_description(),
             "quick": args.quick,
         }
+        if calibration is not None:
+            meta["equal_time_calibration"] = calibration
         written[name] = write_report(grid, summary, reference, meta, output_dir, plot_dir, args.tag)
         logger.info("%s written to %s", name, written[name]["md"])
     logger.info("total wall time %.0f s", time.perf_counter() - total_start)

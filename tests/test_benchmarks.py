@@ -1,5 +1,6 @@
 """Tests of `benchmarks/ablation.py`: the grid it builds, its statistics, and the `--quick` run that CI executes."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -93,6 +94,70 @@ def test_objective_grid_carries_the_relevance_methods(ablation):
     assert methods["contrastive+relevance (clearclip targets)"] == "clearclip"
 
 
+def test_relevance_search_grid(ablation):
+    settings = ablation.Settings()
+    center = ablation.parse_relevance_center("zscore_mse:1:all:1")
+    grid = ablation.build_grid(
+        "relevance", settings, seeds=[0, 1], quick=False, ratios=[0.75], relevance_center=center
+    )
+    labels = list(grid.groups)
+    # UMT first (the paired differences are against it), then 3 loss forms x 3 weights, then tokens / depth.
+    assert labels[:2] == ["contrastive+alignment (UMT)", "contrastive+relevance+alignment"]
+    assert len(labels) == 2 + 9 + 3
+    assert labels[-3:] == [
+        "zscore_mse x1, masked tokens, decoder 1",
+        "zscore_mse x1, visible tokens, decoder 1",
+        "zscore_mse x1, all tokens, decoder 2",
+    ]
+    for label in labels[2:]:
+        for run in grid.groups[label]:
+            assert run.relevance_method == ablation.SEARCH_RELEVANCE_METHOD
+            student = dict(ablation.TINY_RELEVANCE_SETTINGS, **dict(run.config_overrides))
+            assert ablation.relevance_label(run.config_overrides) == label
+            assert student["relevance_loss"] in label
+    weights = {dict(r[0].config_overrides).get("relevance_loss_weight", 1.0) for r in grid.groups.values()}
+    assert {0.3, 1.0, 3.0, 10.0} <= weights
+    # The tiny student's own relevance settings are no override: the same run (and cache entry) as the objective
+    # grid's MaskCLIP row.
+    (mse_default,) = [runs[0] for label, runs in grid.groups.items() if label == "mse x1, all tokens, decoder 1"]
+    assert mse_default.config_overrides == ()
+    objective = ablation.build_grid("objective", settings, seeds=[0], quick=False, ratios=[0.75])
+    assert ablation.run_key(mse_default, settings) == ablation.run_key(
+        objective.groups["contrastive+relevance (maskclip targets)"][0], settings
+    )
+
+
+def test_later_spec_fields_keep_old_cache_keys(ablation):
+    settings = ablation.Settings()
+    run = ablation.RunSpec("cluster", 0.75)
+    key = ablation.run_key(run, settings)
+    assert ablation.run_key(dataclasses.replace(run, steps=None), settings) == key
+    for changed in (
+        dataclasses.replace(run, steps=400),
+        dataclasses.replace(run, cached_targets=True),
+        dataclasses.replace(run, config_overrides=(("relevance_loss", "kl"),)),
+    ):
+        assert ablation.run_key(changed, settings) != key
+
+
+def test_equal_time_grid_and_relevance_center_parsing(ablation):
+    settings = ablation.Settings(steps=300)
+    center = ablation.parse_relevance_center("kl:3")
+    assert center == (("relevance_loss", "kl"), ("relevance_loss_weight", 3.0))
+    grid = ablation.build_grid(
+        "equal_time", settings, [0, 1], False, [0.75], relevance_center=center, equal_time_steps=420
+    )
+    rows = list(grid.groups.values())
+    assert [run.objective for run in rows[0]] == ["contrastive+alignment (UMT)"] * 2
+    assert rows[1][0].steps is None and not rows[1][0].cached_targets
+    assert rows[2][0].cached_targets and rows[2][0].steps == 420 and rows[2][0].config_overrides == center
+    with pytest.raises(ValueError, match="relevance_center"):
+        ablation.build_grid("equal_time", settings, [0], False, [0.75])
+    for bad in ("huber:1", "kl", "kl:x", "kl:1:some", "mse:1:all:two"):
+        with pytest.raises(SystemExit):
+            ablation.parse_args(["relevance", "--relevance_center", bad])
+
+
 def test_bad_arguments_are_rejected(ablation):
     with pytest.raises(SystemExit):
         ablation.parse_args(["masking", "--ratios", "1.0"])
@@ -113,6 +178,8 @@ def test_quick_ablation_writes_tables_and_plots(tmp_path):
         str(ABLATION),
         "all",
         "--quick",
+        "--relevance_center",
+        "zscore_mse:1",
         "--output_dir",
         str(output_dir),
         "--work_dir",
@@ -122,7 +189,12 @@ def test_quick_ablation_writes_tables_and_plots(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     matching = (output_dir / "ablation_matching.md").read_text()
     assert "| +matching, uniform negatives |" in matching and "t2v R@1 re-ranked" in matching
-    for name in ("masking", "window", "objective", "matching"):
+    equal_time = json.loads((output_dir / "ablation_equal_time.json").read_text())
+    calibration = equal_time["meta"]["equal_time_calibration"]
+    assert calibration["equal_time_steps"] >= 1 and len(calibration["seconds_per_step"]["relevance_cached"]) == 2
+    cached = equal_time["results"][f"relevance, cached targets, {calibration['equal_time_steps']} steps"]
+    assert cached["cache_build_s"]["mean"] > 0
+    for name in ("masking", "window", "objective", "matching", "relevance", "equal_time"):
         payload = json.loads((output_dir / f"ablation_{name}.json").read_text())
         assert payload["ablation"] == name
         assert payload["meta"]["quick"] is True
