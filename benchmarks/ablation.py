@@ -65,6 +65,7 @@ OBJECTIVES: dict[str, dict[str, float]] = {
 MATCHING_OBJECTIVES: dict[str, dict[str, Any]] = {
     "+matching, hard negatives": {"matching_loss_weight": 1.0, "matching_negatives": "hard"},
     "+matching, uniform negatives": {"matching_loss_weight": 1.0, "matching_negatives": "uniform"},
+    "+matching, mixed negatives": {"matching_loss_weight": 1.0, "matching_negatives": "mixed"},
 }
 # Relevance-objective search (`relevance` grid): loss forms, each at three weights over a decade (the MSE of cosines
 # is ~0.03 at weight 1, two orders below the contrastive loss, so its weights reach higher).
@@ -555,39 +556,52 @@ def target_cache(spec: RunSpec, assets: Assets, init_dir: Path) -> Path:
 
 def rerank_retrieval(model, settings: Settings, assets: Assets, run_dir: Path) -> dict[str, float]:
     """Zero-shot retrieval on the test split through the product's evaluator (`run_finetuning` with evaluation only),
-    ranked by the contrastive similarity alone and after the matching head re-scores the top `RERANK_TOP_K`."""
-    from transformers import TrainingArguments
-
+    ranked by the contrastive similarity alone and after the matching head re-scores the top `RERANK_TOP_K`, ordered
+    by the matching probability (`reranked`, UMT) or by matching log-odds + similarity (`summed`, BLIP)."""
     from clusterstm.hub.export import save_checkpoint
-    from clusterstm.training.finetuning import DataArguments, ModelArguments, run_finetuning
 
     checkpoint = save_checkpoint(model, run_dir / "pretrained", assets.processor)
-    training_args = TrainingArguments(
-        output_dir=str(run_dir / "rerank"),
-        do_train=False,
-        do_eval=True,
-        per_device_eval_batch_size=64,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        use_cpu=True,
-    )
-    metrics = run_finetuning(
-        ModelArguments(task="retrieval", model_name_or_path=str(checkpoint), rerank_top_k=RERANK_TOP_K),
-        DataArguments(
-            dataset_name="synthetic",
-            eval_split="test",
-            synthetic_seed=settings.synthetic_seed,
-            synthetic_num_eval=settings.num_test,
-        ),
-        training_args,
-    )
-    return {
-        "rerank_eval_t2v_r1_contrastive": float(metrics["eval_t2v_r1"]),
-        "rerank_eval_t2v_r1_reranked": float(metrics["eval_rerank_t2v_r1"]),
-        "rerank_eval_v2t_r1_contrastive": float(metrics["eval_v2t_r1"]),
-        "rerank_eval_v2t_r1_reranked": float(metrics["eval_rerank_v2t_r1"]),
-    }
+    return rerank_checkpoint(checkpoint, settings, run_dir)
+
+
+def rerank_checkpoint(checkpoint: Path, settings: Settings, run_dir: Path) -> dict[str, float]:
+    """`rerank_retrieval` of a saved checkpoint (also fills in results cached before the `sum` fusion existed)."""
+    from transformers import TrainingArguments
+
+    from clusterstm.training.finetuning import DataArguments, ModelArguments, run_finetuning
+
+    out = {}
+    for fusion, name in (("matching", "reranked"), ("sum", "summed")):
+        training_args = TrainingArguments(
+            output_dir=str(run_dir / "rerank"),
+            do_train=False,
+            do_eval=True,
+            per_device_eval_batch_size=64,
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            use_cpu=True,
+        )
+        metrics = run_finetuning(
+            ModelArguments(
+                task="retrieval",
+                model_name_or_path=str(checkpoint),
+                rerank_top_k=RERANK_TOP_K,
+                rerank_fusion=fusion,
+            ),
+            DataArguments(
+                dataset_name="synthetic",
+                eval_split="test",
+                synthetic_seed=settings.synthetic_seed,
+                synthetic_num_eval=settings.num_test,
+            ),
+            training_args,
+        )
+        out["rerank_eval_t2v_r1_contrastive"] = float(metrics["eval_t2v_r1"])
+        out["rerank_eval_v2t_r1_contrastive"] = float(metrics["eval_v2t_r1"])
+        out[f"rerank_eval_t2v_r1_{name}"] = float(metrics["eval_rerank_t2v_r1"])
+        out[f"rerank_eval_v2t_r1_{name}"] = float(metrics["eval_rerank_v2t_r1"])
+    return out
 
 
 def finetune(model, settings: Settings, assets: Assets, run_dir: Path, seed: int) -> dict[str, float]:
@@ -652,7 +666,11 @@ def execute_run(spec: RunSpec, settings: Settings, assets: Assets, work_dir: Pat
     run_dir = work_dir / "runs" / run_key(spec, settings)
     result_file = run_dir / "result.json"
     if result_file.is_file():
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        if "rerank_eval_t2v_r1_contrastive" in result and "rerank_eval_t2v_r1_summed" not in result:
+            result.update(rerank_checkpoint(run_dir / "pretrained", settings, run_dir))
+            result_file.write_text(json.dumps(result, indent=2) + "\n")
+        return result
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model, stats = pretrain(spec, settings, assets, run_dir)
@@ -869,11 +887,13 @@ def _matching_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
         "",
         f"Matching: final matching loss (the 1:2 prior's entropy is {prior:.4f}; below it the head has learned "
         f"something) and test text->video R@1 ranked by the contrastive similarity vs after re-ranking the top "
-        f"{RERANK_TOP_K} with the matching head (`run_finetuning --rerank_top_k`).",
+        f"{RERANK_TOP_K} with the matching head (`run_finetuning --rerank_top_k`), ordered by the matching "
+        "probability alone (`--rerank_fusion matching`, UMT) or by matching log-odds + contrastive similarity "
+        "(`--rerank_fusion sum`, BLIP).",
         "",
-        "| variant | matching loss (final) | t2v R@1 contrastive | t2v R@1 re-ranked | v2t R@1 contrastive | "
-        "v2t R@1 re-ranked |",
-        "|---|---|---|---|---|---|",
+        "| variant | matching loss (final) | t2v R@1 contrastive | re-ranked (matching) | re-ranked (sum) | "
+        "v2t R@1 contrastive | re-ranked (matching) | re-ranked (sum) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, stats in rows.items():
         lines.append(
@@ -881,10 +901,29 @@ def _matching_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
             + " | ".join(
                 _fmt(stats.get(f"rerank_eval_{d}_r1_{kind}"))
                 for d in ("t2v", "v2t")
-                for kind in ("contrastive", "reranked")
+                for kind in ("contrastive", "reranked", "summed")
             )
             + " |"
         )
+    lines += [
+        "",
+        "Re-ranked minus contrastive R@1, paired within each run (same model, same clips), mean [95 % t-interval]:",
+        "",
+        "| variant | t2v (matching) | t2v (sum) | v2t (matching) | v2t (sum) |",
+        "|---|---|---|---|---|",
+    ]
+    for label, stats in rows.items():
+        cells = []
+        for d in ("t2v", "v2t"):
+            base = stats.get(f"rerank_eval_{d}_r1_contrastive")
+            for kind in ("reranked", "summed"):
+                other = stats.get(f"rerank_eval_{d}_r1_{kind}")
+                if not base or not other:
+                    cells.append("n/a")
+                    continue
+                diff = np.array(other["values"]) - np.array(base["values"])
+                cells.append(f"{diff.mean():+.1f} [±{ci95_half_width(diff):.1f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -188,7 +188,7 @@ def test_quick_ablation_writes_tables_and_plots(tmp_path):
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     matching = (output_dir / "ablation_matching.md").read_text()
-    assert "| +matching, uniform negatives |" in matching and "t2v R@1 re-ranked" in matching
+    assert "| +matching, mixed negatives |" in matching and "re-ranked (sum)" in matching
     equal_time = json.loads((output_dir / "ablation_equal_time.json").read_text())
     calibration = equal_time["meta"]["equal_time_calibration"]
     assert calibration["equal_time_steps"] >= 1 and len(calibration["seconds_per_step"]["relevance_cached"]) == 2

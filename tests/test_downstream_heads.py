@@ -132,6 +132,13 @@ def test_rerank_top1_changes_nothing_and_topk_follows_matching_head():
         rest = [t for t in range(4) if t not in lifted]
         assert v2t[v, list(lifted)].min() > v2t[v, rest].max()
         torch.testing.assert_close(v2t[v, rest], sim.t()[v, rest])
+    # Fusion "sum": the top-k ordered by matching log-odds + first-stage score.
+    with torch.no_grad():
+        summed = model.rerank(sim, tokens, input_ids, attention_mask, top_k=4, fusion="sum")
+    expected = torch.logit(probs, eps=1e-6) + sim
+    assert torch.equal(summed.argsort(dim=1, descending=True), expected.argsort(dim=1, descending=True))
+    with pytest.raises(ValueError, match="fusion"):
+        model.rerank(sim, tokens, input_ids, attention_mask, top_k=2, fusion="product")
     with pytest.raises(ValueError, match="direction"):
         model.rerank(sim, tokens, input_ids, attention_mask, top_k=2, direction="both")
     with pytest.raises(ValueError, match="top_k"):

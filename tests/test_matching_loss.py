@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -74,17 +75,26 @@ def test_uniform_negatives_ignore_the_contrastive_similarity():
     logits = torch.full((4, 4), -50.0)
     logits[0, 1] = logits[1, 0] = 50.0
     fusion, head = _RecordingFusion(), nn.Linear(2, 2)
-    drawn = {True: set(), False: set()}
-    for hard in (True, False):
-        for _ in range(30):
-            video_text_matching_loss(fusion, head, texts, torch.ones(4, 3), videos, logits, hard_negatives=hard)
-            drawn[hard].update(tuple(p) for p in fusion.pairs[4:6].tolist())  # negative videos of texts 0 and 1
-    assert drawn[True] == {(0, 1), (1, 0)}
-    assert len(drawn[False]) == 6 and not any(t == v for t, v in drawn[False])  # every other video, never itself
+    drawn = {"hard": set(), "uniform": set(), "mixed": []}
+    for rule in drawn:
+        for _ in range(60):
+            video_text_matching_loss(fusion, head, texts, torch.ones(4, 3), videos, logits, negatives=rule)
+            pairs = [tuple(p) for p in fusion.pairs[4:6].tolist()]  # negative videos of texts 0 and 1
+            if rule == "mixed":
+                drawn[rule].extend(pairs)
+            else:
+                drawn[rule].update(pairs)
+    assert drawn["hard"] == {(0, 1), (1, 0)}
+    assert len(drawn["uniform"]) == 6 and not any(t == v for t, v in drawn["uniform"])  # every other video
+    # Mixed: the hard pair about half the time plus a third of the uniform half (2/3 in all), the others too.
+    hard_share = sum(pair in {(0, 1), (1, 0)} for pair in drawn["mixed"]) / len(drawn["mixed"])
+    assert 0.5 < hard_share < 0.85 and set(drawn["mixed"]) > {(0, 1), (1, 0)}
+    assert not any(t == v for t, v in drawn["mixed"])
+    with pytest.raises(ValueError, match="negatives must be"):
+        video_text_matching_loss(fusion, head, texts, torch.ones(4, 3), videos, logits, negatives="semi-hard")
 
 
 def test_matching_negatives_setting_is_validated():
-    import pytest
 
     from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
 

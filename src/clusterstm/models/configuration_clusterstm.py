@@ -23,7 +23,7 @@ logger = logging.get_logger(__name__)
 
 RELEVANCE_LOSSES = ("mse", "zscore_mse", "kl")
 RELEVANCE_TOKENS = ("all", "masked", "visible")
-MATCHING_NEGATIVES = ("hard", "uniform")
+MATCHING_NEGATIVES = ("hard", "uniform", "mixed")
 # Masking settings that configurations written before masking moved to the pretraining arguments may still carry in
 # their config.json. They are accepted (and ignored) so those checkpoints load; nothing reads them.
 LEGACY_MASKING_KEYS = ("mask_strategy", "mask_ratio", "dc_ratio", "dpc_k", "mask_features", "mask_at_eval")
@@ -190,7 +190,8 @@ class ClusterSTMConfig(PreTrainedConfig):
         Weight of the video-text matching loss; 0 skips it.
     matching_negatives (`str`, *optional*, defaults to `"hard"`):
         How the matching loss draws its negative pairs: `"hard"` (in proportion to the contrastive similarity, the
-        ALBEF/BLIP/UMT rule) or `"uniform"` (any other pair of the batch).
+        ALBEF/BLIP/UMT rule), `"uniform"` (any other pair of the batch) or `"mixed"` (hard or uniform with
+        probability 1/2 per query).
     mlm_loss_weight (`float`, *optional*, defaults to 1.0):
         Weight of the masked language modelling loss; 0 skips it.
     alignment_loss_weight (`float`, *optional*, defaults to 0.0):

@@ -43,6 +43,9 @@ from .configuration_clusterstm import ClusterSTMConfig, ClusterSTMTextConfig, Cl
 
 logger = logging.get_logger(__name__)
 
+# How `ClusterSTMForVideoTextRetrieval.rerank` orders the re-scored candidates.
+RERANK_FUSIONS = ("matching", "sum")
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Outputs
@@ -260,12 +263,14 @@ def video_text_matching_loss(
     video_tokens: torch.Tensor,
     logits_per_text: torch.Tensor,
     input_ids: torch.Tensor | None = None,
-    hard_negatives: bool = True,
+    negatives: str = "hard",
 ) -> torch.Tensor:
     """
-    Video-text matching (binary) loss on the positive pairs plus one hard negative video per text and one hard negative
-    text per video, drawn in proportion to their contrastive similarity (the positive is never drawn), or uniformly
-    among the other pairs when `hard_negatives=False`.
+    Video-text matching (binary) loss on the positive pairs plus one negative video per text and one negative text per
+    video (the positive is never drawn). `negatives="hard"`: drawn in proportion to their contrastive similarity
+    (ALBEF); `"uniform"`: uniformly among the other pairs; `"mixed"`: each query's negative is hard or uniform with
+    probability 1/2, so that the head meets the easy differences it can learn first beside the hard ones re-ranking
+    needs.
 
     With `input_ids`, a pair whose caption is identical to the positive's (token for token under the attention mask)
     is a positive too, so it is never drawn as a negative: labelling it "no match" would teach the head the opposite
@@ -280,8 +285,10 @@ def video_text_matching_loss(
         video_tokens: video tower tokens, `(B, M, H_v)`.
         logits_per_text: contrastive logits, `(B, B)`, row `i` = text `i`.
         input_ids: the captions' token ids `(B, L)`, *optional*: masks duplicated captions out of the negatives.
-        hard_negatives: draw negatives by contrastive similarity (`True`) or uniformly (`False`).
+        negatives: `"hard"`, `"uniform"` or `"mixed"` (see above).
     """
+    if negatives not in ("hard", "uniform", "mixed"):
+        raise ValueError(f"negatives must be 'hard', 'uniform' or 'mixed', got {negatives!r}.")
     batch_size = text_hidden_states.shape[0]
     with torch.no_grad():
         eye = torch.eye(batch_size, dtype=torch.bool, device=logits_per_text.device)
@@ -292,11 +299,17 @@ def video_text_matching_loss(
             # Rows left with no negative keep the plain rule (the diagonal only) instead of failing to sample.
             has_negative = (~same_caption).any(dim=1, keepdim=True)
             excluded = torch.where(has_negative, same_caption, eye)
-        if hard_negatives:
+        uniform = torch.ones_like(logits_per_text, dtype=torch.float32)
+        if negatives == "uniform":
+            weights_text_to_video = weights_video_to_text = uniform
+        else:
             weights_text_to_video = logits_per_text.float().softmax(dim=1).add(1e-8)
             weights_video_to_text = logits_per_text.t().float().softmax(dim=1).add(1e-8)
-        else:
-            weights_text_to_video = weights_video_to_text = torch.ones_like(logits_per_text, dtype=torch.float32)
+            if negatives == "mixed":
+                # Rows drawn uniformly: their weights are replaced by ones (per direction, independently).
+                easy = torch.rand(2, batch_size, 1, device=uniform.device) < 0.5
+                weights_text_to_video = torch.where(easy[0], uniform, weights_text_to_video)
+                weights_video_to_text = torch.where(easy[1], uniform, weights_video_to_text)
         weights_text_to_video = weights_text_to_video.masked_fill(excluded, 0.0)
         weights_video_to_text = weights_video_to_text.masked_fill(excluded, 0.0)
         negative_videos = torch.multinomial(weights_text_to_video, 1).squeeze(1)
@@ -1698,7 +1711,7 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
                 video_tokens,
                 logits_per_text,
                 input_ids=input_ids,
-                hard_negatives=self.config.matching_negatives == "hard",
+                negatives=self.config.matching_negatives,
             )
 
         # CODEPATH: loss weight (training setting); 0 skips masked language modelling.
@@ -1950,6 +1963,7 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
         top_k: int = 16,
         direction: str = "t2v",
         batch_size: int = 64,
+        fusion: str = "matching",
     ) -> torch.Tensor:
         """
         Re-rank the `top_k` candidates of every query row with the matching head (the UMT / BLIP protocol).
@@ -1963,14 +1977,19 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
             top_k (`int`): candidates re-scored per query.
             direction (`str`): `"t2v"` (rows are texts) or `"v2t"` (rows are videos).
             batch_size (`int`): pairs fused at once.
+            fusion (`str`): how the top-k are ordered: `"matching"`, by the matching probability alone (UMT);
+                `"sum"`, by the matching log-odds plus the first-stage score (as BLIP's retrieval evaluation adds the
+                contrastive similarity to the matching score), which keeps what the first stage knows.
 
         Returns:
             Scores with the layout of `similarity`: the top-k candidates of a row are placed above all the others
-            (in the order of their matching probability); the others keep their first-stage scores, so ranks beyond
-            `top_k` are unchanged and `top_k=1` changes no ranking.
+            (in the order of their new score); the others keep their first-stage scores, so ranks beyond `top_k` are
+            unchanged and `top_k=1` changes no ranking.
         """
         if direction not in ("t2v", "v2t"):
             raise ValueError(f"direction must be 't2v' or 'v2t', got {direction!r}.")
+        if fusion not in RERANK_FUSIONS:
+            raise ValueError(f"fusion must be one of {RERANK_FUSIONS}, got {fusion!r}.")
         if similarity.ndim != 2:
             raise ValueError(f"similarity must be (num_queries, num_candidates), got {tuple(similarity.shape)}.")
         num_queries, num_candidates = similarity.shape
@@ -1995,11 +2014,16 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
                     attention_mask[t.to(attention_mask.device)],
                 )
             )
-        probs = torch.cat(probs).reshape(num_queries, top_k).to(similarity.dtype)
+        probs = torch.cat(probs).reshape(num_queries, top_k).float()
+        if fusion == "sum":
+            scores = torch.logit(probs, eps=1e-6) + similarity.gather(1, topk_idx).float()
+        else:
+            scores = probs
+        # Lift the re-scored candidates above every first-stage score of their row.
+        scores = scores - scores.min(dim=1, keepdim=True).values
+        offset = similarity.max(dim=1, keepdim=True).values.float() + 1.0
         reranked = similarity.clone()
-        # Lift the re-scored candidates above every first-stage score of their row (probabilities lie in [0, 1]).
-        offset = similarity.max(dim=1, keepdim=True).values + 2.0
-        reranked.scatter_(1, topk_idx, offset + probs)
+        reranked.scatter_(1, topk_idx, (offset + scores).to(similarity.dtype))
         return reranked
 
     @can_return_tuple
@@ -2044,7 +2068,7 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
                 outputs.vision_model_output.last_hidden_state,
                 outputs.logits_per_text,
                 input_ids=input_ids,
-                hard_negatives=self.config.matching_negatives == "hard",
+                negatives=self.config.matching_negatives,
             )
             loss = loss + self.config.matching_loss_weight * matching_loss
 

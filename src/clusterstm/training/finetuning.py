@@ -85,6 +85,13 @@ class ModelArguments:
     rerank_top_k: int = field(
         default=0, metadata={"help": "Retrieval eval: re-rank the top-k candidates with the matching head (0: off)."}
     )
+    rerank_fusion: str = field(
+        default="matching",
+        metadata={
+            "help": "Retrieval eval: order the re-ranked top-k by the matching probability (`matching`, UMT) or by "
+            "the matching log-odds plus the contrastive similarity (`sum`, as BLIP's evaluation)."
+        },
+    )
     dual_softmax: bool = field(
         default=False, metadata={"help": "Retrieval eval: also report dual-softmax re-ranked metrics (`dsl_*`)."}
     )
@@ -169,6 +176,10 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
         raise ValueError(f"--eval_split must be one of {_EVAL_SPLITS}, got {data_args.eval_split!r}.")
     if model_args.rerank_top_k < 0:
         raise ValueError(f"--rerank_top_k must be >= 0, got {model_args.rerank_top_k}.")
+    from ..models.modeling_clusterstm import RERANK_FUSIONS
+
+    if model_args.rerank_fusion not in RERANK_FUSIONS:
+        raise ValueError(f"--rerank_fusion must be one of {RERANK_FUSIONS}, got {model_args.rerank_fusion!r}.")
     if model_args.num_beams < 1:
         raise ValueError(f"--num_beams must be >= 1, got {model_args.num_beams}.")
     if model_args.caption_tokenizer not in ("auto", "ptb", "python"):
@@ -772,6 +783,7 @@ class ClusterSTMTrainer(Trainer):
                     attention_mask=encoding["attention_mask"][ids].to(device),
                     top_k=k,
                     direction="t2v",
+                    fusion=self.model_args.rerank_fusion,
                 )
             acc.add_batch(new.float().cpu(), [text_to_video[i] for i in ids], text_indices=ids)
         my_videos = list(range(rank, len(data), world))
@@ -786,6 +798,7 @@ class ClusterSTMTrainer(Trainer):
                     attention_mask=encoding["attention_mask"].to(device),
                     top_k=k,
                     direction="v2t",
+                    fusion=self.model_args.rerank_fusion,
                 )
             acc.add_video_batch(new.float().cpu(), [video_to_texts[v] for v in ids], video_indices=ids)
         merged = RetrievalRankAccumulator()
