@@ -651,45 +651,62 @@ def finetune(model, settings: Settings, assets: Assets, run_dir: Path, seed: int
     return results
 
 
+# Settings of the fine-tuning stage: not part of a run's cache key (the pretraining does not depend on them); a
+# cached run is fine-tuned afterwards when its recorded fine-tuning settings differ from the requested ones.
+FINETUNE_SETTINGS = ("finetune_steps", "finetune_train_clips", "finetune_eval_clips")
+
+
 def run_key(spec: RunSpec, settings: Settings) -> str:
-    # "loop" keeps results of the earlier private training loop from being reused as product-loop results.
     fields = asdict(spec)
     for name in LATER_SPEC_FIELDS:
         if fields[name] == RunSpec.__dataclass_fields__[name].default:
             del fields[name]
-    payload = {"spec": fields, "settings": asdict(settings), "loop": "run_pretraining"}
+    # The pretraining's settings: fine-tuning ones at their defaults, so fine-tuning reuses the pretrained run.
+    pretraining = asdict(replace(settings, **{name: getattr(Settings(), name) for name in FINETUNE_SETTINGS}))
+    # "loop" keeps results of the earlier private training loop from being reused as product-loop results.
+    payload = {"spec": fields, "settings": pretraining, "loop": "run_pretraining"}
     return f"{spec.mask_strategy}-{spec.mask_ratio:g}-w{spec.relevance_window_size}-s{spec.seed}-{_digest(payload)}"
 
 
 def execute_run(spec: RunSpec, settings: Settings, assets: Assets, work_dir: Path) -> dict[str, Any]:
-    """Runs (or loads the cached result of) one pretraining run + evaluation (+ fine-tuning)."""
+    """Runs (or loads the cached result of) one pretraining run + evaluation (+ fine-tuning, also of a cached run)."""
+    from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining
+
     run_dir = work_dir / "runs" / run_key(spec, settings)
     result_file = run_dir / "result.json"
+    model = None
     if result_file.is_file():
         result = json.loads(result_file.read_text())
         if "rerank_eval_t2v_r1_contrastive" in result and "rerank_eval_t2v_r1_summed" not in result:
             result.update(rerank_checkpoint(run_dir / "pretrained", settings, run_dir))
-            result_file.write_text(json.dumps(result, indent=2) + "\n")
-        return result
-    run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    model, stats = pretrain(spec, settings, assets, run_dir)
-    result: dict[str, Any] = {"spec": asdict(spec), **stats, **zero_shot_retrieval(model, assets)}
-    if model.config.matching_loss_weight > 0:
-        result.update(rerank_retrieval(model, settings, assets, run_dir))
-    if settings.finetune_steps > 0:
-        finetune_start = time.perf_counter()
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        model, stats = pretrain(spec, settings, assets, run_dir)
+        result = {"spec": asdict(spec), **stats, **zero_shot_retrieval(model, assets)}
+        if model.config.matching_loss_weight > 0:
+            result.update(rerank_retrieval(model, settings, assets, run_dir))
+        result["wall_time_s"] = time.perf_counter() - start
+        logger.info(
+            "%s: test R@1 %.1f, compositional R@1 %.1f (%.0f s)",
+            run_dir.name,
+            result["test_t2v_r1"],
+            result["compositional_t2v_r1"],
+            result["wall_time_s"],
+        )
+    finetune_settings = {name: getattr(settings, name) for name in FINETUNE_SETTINGS}
+    if settings.finetune_steps > 0 and result.get("finetune_settings") != finetune_settings:
+        if model is None:
+            model = ClusterSTMForPreTraining.from_pretrained(run_dir / "pretrain", use_safetensors=True)
+        start = time.perf_counter()
         result.update(finetune(model, settings, assets, run_dir, spec.seed))
-        result["finetune_runtime_s"] = time.perf_counter() - finetune_start
-    result["wall_time_s"] = time.perf_counter() - start
+        result["finetune_runtime_s"] = time.perf_counter() - start
+        result["finetune_settings"] = finetune_settings
+        logger.info("%s: QA %.1f %%, CIDEr %.3f", run_dir.name, result["qa_accuracy"], result["caption_cider"])
     result_file.write_text(json.dumps(result, indent=2) + "\n")
-    logger.info(
-        "%s: test R@1 %.1f, compositional R@1 %.1f (%.0f s)",
-        run_dir.name,
-        result["test_t2v_r1"],
-        result["compositional_t2v_r1"],
-        result["wall_time_s"],
-    )
+    if settings.finetune_steps == 0:
+        # A grid without fine-tuning reports none (a cached run may carry some from another grid).
+        result = {k: v for k, v in result.items() if k not in (*FINETUNE_KEYS, "finetune_runtime_s")}
     return result
 
 

@@ -225,3 +225,14 @@ def test_quick_ablation_writes_tables_and_plots(tmp_path):
     for label, stats in first.items():
         for key in ("train_loss_final", "test_t2v_r1", "test_t2v_meanr", "compositional_t2v_meanr"):
             assert second[label][key]["values"] == stats[key]["values"], (label, key)
+
+    # Fine-tuning is a stage over the cached pretraining: the same runs (not retrained) gain QA and CIDEr.
+    finetuned = tmp_path / "finetuned"
+    command = [sys.executable, str(ABLATION), "masking", "--quick", "--finetune_steps", "2", "--output_dir",
+               str(finetuned), "--work_dir", str(tmp_path / "work-again")]  # fmt: skip
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    third = json.loads((finetuned / "ablation_masking.json").read_text())["results"]
+    for label, stats in third.items():
+        assert stats["train_runtime_s"]["values"] == second[label]["train_runtime_s"]["values"], label
+        assert 0.0 <= stats["qa_accuracy"]["mean"] <= 100.0 and stats["caption_cider"]["mean"] >= 0.0
