@@ -48,6 +48,16 @@ def test_teacher_training_saves_a_clip_checkpoint_usable_as_teacher(tmp_path):
     tokens = tokenizer(["a red circle moves left", "two blue squares"], padding=True, return_tensors="pt")
     assert teacher.encode_text(tokens["input_ids"], tokens["attention_mask"]).shape == (2, 64)
 
+    # The retrieval curve during training: evaluations every 10 steps that leave the training itself unchanged.
+    curved = run_teacher_training(
+        TeacherTrainingArguments(**{**vars(args), "output_dir": str(tmp_path / "curve"), "eval_steps": 10})
+    )
+    assert [point["step"] for point in curved["eval_curve"]] == [10, 20, 30]
+    assert curved["final_loss"] == results["final_loss"] and curved["eval_after"] == results["eval_after"]
+    assert {k: v for k, v in curved["eval_curve"][-1].items() if k in results["eval_after"]} == results["eval_after"]
+    with pytest.raises(ValueError, match="eval_steps"):
+        TeacherTrainingArguments(output_dir=str(tmp_path), eval_steps=-1)
+
 
 def test_train_teacher_script_rejects_bad_sizes(tmp_path):
     result = subprocess.run(

@@ -54,8 +54,17 @@ class TeacherTrainingArguments:
     num_attention_heads: int = field(default=4, metadata={"help": "Attention heads of each tower."})
     max_text_length: int = field(default=32, metadata={"help": "Maximum caption length in tokens."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+    eval_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Also evaluate the zero-shot retrieval every N steps (`eval_curve` in teacher_results.json), to "
+            "see whether the teacher has plateaued; 0: before and after training only."
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.eval_steps < 0:
+            raise ValueError(f"--eval_steps must be >= 0, got {self.eval_steps}.")
         for name in (
             "max_steps",
             "per_device_train_batch_size",
@@ -237,6 +246,7 @@ def run_teacher_training(args: TeacherTrainingArguments) -> dict[str, Any]:
     model.train()
     start = time.perf_counter()
     losses = []
+    curve: list[dict[str, float]] = []
     order = torch.randperm(num_clips, generator=generator)
     cursor = 0
     progress = tqdm(range(args.max_steps), desc="teacher training", unit="step", disable=args.disable_tqdm)
@@ -268,6 +278,10 @@ def run_teacher_training(args: TeacherTrainingArguments) -> dict[str, Any]:
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
         progress.set_postfix(loss=f"{losses[-1]:.3f}")
+        if args.eval_steps and (step + 1) % args.eval_steps == 0 and step + 1 < args.max_steps:
+            metrics = evaluate_frame_text_retrieval(model, tokenizer, val_videos, val_captions, args.max_text_length)
+            curve.append({"step": step + 1, "train_loss": float(np.mean(losses[-args.eval_steps :])), **metrics})
+            logger.info("teacher step %d: %s", step + 1, metrics)
         if (step + 1) % 50 == 0 or step + 1 == args.max_steps:
             logger.info(
                 "teacher step %d/%d loss %.4f", step + 1, args.max_steps, sum(losses[-50:]) / len(losses[-50:])
@@ -287,6 +301,8 @@ def run_teacher_training(args: TeacherTrainingArguments) -> dict[str, Any]:
         "global_step": args.max_steps,
         "eval_before": before,
         "eval_after": after,
+        # Validation retrieval during training (with `eval_steps`), ending with the final evaluation.
+        "eval_curve": [*curve, {"step": args.max_steps, "train_loss": float(np.mean(losses[-20:])), **after}],
         "args": asdict(args),
     }
     (output_dir / "teacher_results.json").write_text(json.dumps(results, indent=2) + "\n")
