@@ -233,6 +233,10 @@ def build_grid(
                 grid.groups[relevance_label(overrides)] = [
                     replace(search, config_overrides=overrides, seed=s) for s in seeds
                 ]
+            # The same settings on Algorithm III's window-pooled targets (which `relevance_method` to default to).
+            grid.groups[f"{relevance_label(relevance_center)}, window targets"] = [
+                replace(default, config_overrides=relevance_center, seed=s) for s in seeds
+            ]
     elif name == "equal_time":
         if relevance_center is None or equal_time_steps is None:
             raise ValueError("The equal_time ablation needs --relevance_center (and its calibrated steps).")

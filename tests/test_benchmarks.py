@@ -103,13 +103,16 @@ def test_relevance_search_grid(ablation):
     labels = list(grid.groups)
     # UMT first (the paired differences are against it), then 3 loss forms x 3 weights, then tokens / depth.
     assert labels[:2] == ["contrastive+alignment (UMT)", "contrastive+relevance+alignment"]
-    assert len(labels) == 2 + 9 + 3
-    assert labels[-3:] == [
+    assert len(labels) == 2 + 9 + 4
+    assert labels[-4:] == [
         "zscore_mse x1, masked tokens, decoder 1",
         "zscore_mse x1, visible tokens, decoder 1",
         "zscore_mse x1, all tokens, decoder 2",
+        "zscore_mse x1, all tokens, decoder 1, window targets",
     ]
-    for label in labels[2:]:
+    window = grid.groups[labels[-1]][0]
+    assert window.relevance_method == "window" and dict(window.config_overrides)["relevance_loss"] == "zscore_mse"
+    for label in labels[2:-1]:
         for run in grid.groups[label]:
             assert run.relevance_method == ablation.SEARCH_RELEVANCE_METHOD
             student = dict(ablation.TINY_RELEVANCE_SETTINGS, **dict(run.config_overrides))
