@@ -1049,6 +1049,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="LOSS:WEIGHT[:TOKENS[:DEPTH]]: the relevance settings the `relevance` grid varies tokens and decoder "
         "depth around, and the one `equal_time` compares with UMT alignment (e.g. zscore_mse:1).",
     )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        help="Only these rows of the grid (exact labels), e.g. to confirm the best rows of a search at more seeds.",
+    )
     parser.add_argument("--finetune_steps", type=int, default=None, help="QA/captioning fine-tuning steps (0: off).")
     parser.add_argument("--batch_size", type=int, default=None, help="Pretraining batch size.")
     parser.add_argument("--num_train", type=int, default=None, help="Synthetic training clips.")
@@ -1118,6 +1124,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Path]]:
             relevance_center=args.relevance_center,
             equal_time_steps=calibration["equal_time_steps"] if calibration else None,
         )
+        if args.rows:
+            unknown = sorted(set(args.rows) - set(grid.groups))
+            if unknown:
+                raise SystemExit(f"--rows: {unknown} are not rows of the {name} grid; its rows: {list(grid.groups)}")
+            grid.groups = {label: runs for label, runs in grid.groups.items() if label in args.rows}
         # Seed by seed over all rows, so that an interrupted grid has complete seeds to report (rerun it with
         # fewer --seeds: the finished runs come from the cache).
         results: dict[RunSpec, dict[str, Any]] = {}
