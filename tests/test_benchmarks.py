@@ -183,6 +183,8 @@ def test_quick_ablation_writes_tables_and_plots(tmp_path):
         "--quick",
         "--relevance_center",
         "zscore_mse:1",
+        "--rerank_finetune_steps",
+        "2",
         "--output_dir",
         str(output_dir),
         "--work_dir",
@@ -192,6 +194,7 @@ def test_quick_ablation_writes_tables_and_plots(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     matching = (output_dir / "ablation_matching.md").read_text()
     assert "| +matching, mixed negatives |" in matching and "re-ranked (sum)" in matching
+    assert "after retrieval fine-tuning" in matching
     equal_time = json.loads((output_dir / "ablation_equal_time.json").read_text())
     calibration = equal_time["meta"]["equal_time_calibration"]
     assert calibration["equal_time_steps"] >= 1 and len(calibration["seconds_per_step"]["relevance_cached"]) == 2
