@@ -151,6 +151,8 @@ class RunSpec:
     steps: int | None = None
 
 
+# Settings added after runs were cached that do not shape the pretraining: never part of a run's key.
+LATER_SETTINGS = ("rerank_finetune_steps",)
 # Fields added to `RunSpec` after runs were cached: left out of the cache key at their defaults, so those runs stay.
 LATER_SPEC_FIELDS = ("config_overrides", "cached_targets", "steps")
 
@@ -687,6 +689,8 @@ def run_key(spec: RunSpec, settings: Settings) -> str:
             del fields[name]
     # The pretraining's settings: fine-tuning ones at their defaults, so fine-tuning reuses the pretrained run.
     pretraining = asdict(replace(settings, **{name: getattr(Settings(), name) for name in FINETUNE_SETTINGS}))
+    for name in LATER_SETTINGS:  # added after runs were cached, and not part of pretraining
+        del pretraining[name]
     # "loop" keeps results of the earlier private training loop from being reused as product-loop results.
     payload = {"spec": fields, "settings": pretraining, "loop": "run_pretraining"}
     return f"{spec.mask_strategy}-{spec.mask_ratio:g}-w{spec.relevance_window_size}-s{spec.seed}-{_digest(payload)}"
