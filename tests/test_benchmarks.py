@@ -131,6 +131,14 @@ def test_relevance_search_grid(ablation):
 
 
 def test_later_spec_fields_keep_old_cache_keys(ablation):
+    # The key of a run published in docs/RESULTS.md (cluster @ 0.75, seed 0, 300 steps): options added since then
+    # must not move it, or every cached run of the published grids would be retrained.
+    published = ablation.Settings(steps=300)
+    assert ablation.run_key(ablation.RunSpec("cluster", 0.75), published) == "cluster-0.75-w3-s0-e04611de5e51"
+    for later in ({"rerank_finetune_steps": 100}, {"finetune_steps": 60}):
+        assert ablation.run_key(ablation.RunSpec("cluster", 0.75), dataclasses.replace(published, **later)) == (
+            "cluster-0.75-w3-s0-e04611de5e51"
+        )
     settings = ablation.Settings()
     run = ablation.RunSpec("cluster", 0.75)
     key = ablation.run_key(run, settings)
