@@ -394,13 +394,17 @@ def _largest_candidates(gram: torch.Tensor, s: int, n: int, count: int, sync_fre
 
 
 def _estimated_rank(count: int, num_values: int, group: int, num_maxima: int) -> int:
-    """A rank `<= count` among the `num_maxima` maxima of groups of `group` values (of `num_values` values in all)
-    whose maximum is expected to be reached by a few more than `count` values (5 % and four standard deviations of a
-    count more): if the values of a group were exchangeable, a fraction `q` of the values reaching a threshold would
-    put `1 - (1 - q)**group` of the group maxima above it. Only a speed hint: [`_video_candidates`] checks the count
-    it actually gets. With few values the margin exceeds what the maxima can tell, and the rank is `count` itself."""
+    """A rank `<= count` among `num_maxima` maxima of groups of `group` values, drawn from the `num_values` values'
+    groups, whose maximum is expected to be reached by a few more than `count` values (5 % and four standard
+    deviations of a count more): if the values of a group were exchangeable, a fraction `q` of the values reaching a
+    threshold would put `p = 1 - (1 - q)**group` of the group maxima above it; the rank is `p * num_maxima` plus two
+    standard deviations of that count (the maxima may be a sample). Only a speed hint: [`_video_candidates`] checks
+    the count it actually gets. With few values the margin exceeds what the maxima can tell, and the rank is `count`
+    itself."""
     share = min(1.0, (1.05 * count + 4.0 * math.sqrt(count)) / num_values)
-    return max(1, min(count, int((1.0 - (1.0 - share) ** group) * num_maxima)))
+    p = 1.0 - (1.0 - share) ** group
+    rank = p * num_maxima + 2.0 * math.sqrt(num_maxima * p * (1.0 - p))
+    return max(1, min(count, num_maxima, int(rank)))
 
 
 def _video_candidates(gram: torch.Tensor, t: int, n: int, count: int) -> torch.Tensor:
@@ -434,11 +438,15 @@ def _video_candidates(gram: torch.Tensor, t: int, n: int, count: int) -> torch.T
     # the bound: the count-th largest maximum of groups of r2 maxima (at least count of them per frame)
     r2 = next(r2 for r2 in (4, 2, 1) if g % r2 == 0 and (t - 1) * (g // r2) * n >= count)
     coarse = maxima.view(t, t, g // r2, r2, n).amax(dim=3).view(t, -1)
-    estimate = _estimated_rank(count, (t - 1) * n * n, r * r2, (t - 1) * (g // r2) * n)
+    # the estimate from every step-th coarse maximum (each frame pair's columns 0, step, ...), about 2048 per frame:
+    # kthvalue costs per value, and a sample of that size pins the rank down well enough
+    step = max(d for d in range(1, n + 1) if n % d == 0 and (d == 1 or (t - 1) * (g // r2) * (n // d) >= 2048))
+    estimate = _estimated_rank(count, (t - 1) * n * n, r * r2, (t - 1) * (g // r2) * (n // step))
+    selections = [(coarse, count)] if estimate >= count else [(coarse[:, ::step], estimate), (coarse, count)]
     steps = torch.arange(0, r * size, size, device=gram.device)
-    for rank in (estimate, count) if estimate < count else (count,):
+    for maxima_sample, rank in selections:
         # (the diagonal's -inf coarse maxima are the smallest: the rank-th largest is a real frame pair's maximum)
-        threshold = torch.kthvalue(coarse, coarse.shape[1] - rank + 1, dim=1).values
+        threshold = torch.kthvalue(maxima_sample, maxima_sample.shape[1] - rank + 1, dim=1).values
         # the groups reaching their frame's threshold, frame by frame (row-major order), and their values
         frame, other, group, column = (maxima >= threshold[:, None, None, None]).nonzero(as_tuple=True)
         first = (torch.minimum(frame, other) * n + group * r) * size + torch.maximum(frame, other) * n + column
