@@ -700,3 +700,106 @@ def test_cluster_wise_mask_normalises_chunk_by_chunk_like_normalize():
     expected = _cluster_wise_mask(normalised, 4, 0.02, 5, 2**25)
     assert torch.equal(cluster_wise_mask(x, 0.75), expected)
     assert torch.equal(cluster_wise_mask(x, 0.75, max_chunk_elements=1), expected)
+
+
+def test_estimated_rank_by_hand():
+    from clusterstm.models.masking_clusterstm import _estimated_rank
+
+    # the benchmark's frame: 7 * 196 * 196 values, count 5380, 9604 maxima of 28 values:
+    # q = (1.05 * 5380 + 4 * sqrt(5380)) / 268912 = 0.0220979, p = 1 - (1 - q) ** 28 = 0.465098,
+    # p * 9604 = 4466.8, plus 2 * sqrt(9604 * p * (1 - p)) = 97.8: 4564.6
+    assert _estimated_rank(5380, 268912, 28, 9604) == 4564
+    assert _estimated_rank(5380, 268912, 1, 268912) == 5380  # groups of one value: never above count
+    assert _estimated_rank(69, 3364, 29, 116) == 69  # few values: the margin leaves nothing to gain
+    assert _estimated_rank(3, 10, 5, 2) == 2  # q capped at 1: every maximum
+    assert _estimated_rank(50, 100, 10, 10) == 10  # never above the number of maxima
+    assert _estimated_rank(1, 10**6, 2, 100) == 1  # at least one
+
+
+def _frame_order_statistics(gram: torch.Tensor, t: int, n: int, below: int, above: int):
+    """The below-th and above-th largest (0-based) of each frame's values, by a full sort."""
+    largest = []
+    for s in range(t):
+        rows = slice(s * n, (s + 1) * n)
+        values = torch.cat([gram[0, rows, (s + 1) * n :].flatten(), gram[0, : s * n, rows].flatten()])
+        largest.append(torch.sort(values, descending=True).values[[below, above]])
+    return torch.stack(largest).unbind(1)
+
+
+@pytest.fixture
+def count_kthvalue(monkeypatch):
+    # the number of values each kthvalue call selects among, call by call
+    calls = []
+    kthvalue = torch.kthvalue
+    monkeypatch.setattr(
+        torch,
+        "kthvalue",
+        lambda values, *args, **kwargs: calls.append(values.shape[-1]) or kthvalue(values, *args, **kwargs),
+    )
+    return calls
+
+
+@pytest.mark.parametrize("t,n", [(4, 196), (3, 13), (5, 28)])
+def test_video_candidates_fall_back_to_the_bound_when_the_estimate_keeps_too_few(t, n, count_kthvalue, monkeypatch):
+    # an estimate that keeps too few values (here: the largest maximum only) must be caught by the count check and
+    # replaced by the bound, with the exact order statistics in the end; on tied values the same estimate may keep
+    # enough already (one selection), which must be exact too
+    from clusterstm.models import masking_clusterstm
+    from clusterstm.models.masking_clusterstm import _descending_pair, _quantile_positions, _video_candidates
+
+    monkeypatch.setattr(masking_clusterstm, "_estimated_rank", lambda *args: 1)
+    size = t * n
+    below, above, _ = _quantile_positions((t - 1) * n * n, 0.02, torch.float32)
+    generator = torch.Generator().manual_seed(21)
+    cases = {
+        "random": torch.rand(1, size, size, generator=generator),
+        "ties": torch.randint(0, 4, (1, size, size), generator=generator).float(),
+    }
+    for name, gram in cases.items():
+        count_kthvalue.clear()
+        got_below, got_above = _descending_pair(_video_candidates(gram, t, n, above + 1), below, above)
+        expected_below, expected_above = _frame_order_statistics(gram, t, n, below, above)
+        assert torch.equal(got_below, expected_below) and torch.equal(got_above, expected_above), name
+        if name == "random" and above > 0:
+            assert len(count_kthvalue) == 2  # the estimate, then the bound
+
+
+@pytest.mark.parametrize("t,n,c,sample", [(4, 49, 64, 7 * 4 * 49), (8, 196, 32, 7 * 8 * 49)])
+def test_video_candidates_take_the_estimate_on_gaussian_tokens(t, n, c, sample, count_kthvalue):
+    # the common case: the tight threshold alone keeps enough values (one selection, among every coarse maximum or,
+    # at the benchmark's size, among every fourth), with the exact order statistics
+    from clusterstm.models.masking_clusterstm import (
+        _descending_pair,
+        _quantile_positions,
+        _upper_gram,
+        _video_candidates,
+    )
+
+    below, above, _ = _quantile_positions((t - 1) * n * n, 0.02, torch.float32)
+    for seed in range(2):
+        x = torch.randn(1, t * n, c, generator=torch.Generator().manual_seed(seed))
+        x = torch.nn.functional.normalize(x, dim=-1)
+        gram = torch.empty(1, t * n, t * n)
+        _upper_gram(x, t, n, gram)
+        count_kthvalue.clear()
+        got_below, got_above = _descending_pair(_video_candidates(gram, t, n, above + 1), below, above)
+        assert count_kthvalue == [sample], seed
+        expected_below, expected_above = _frame_order_statistics(gram, t, n, below, above)
+        assert torch.equal(got_below, expected_below) and torch.equal(got_above, expected_above), seed
+
+
+@pytest.mark.parametrize("n", [13, 49])
+def test_cluster_wise_mask_matches_reference_with_duplicated_tokens_at_the_quantile(n):
+    # duplicated tokens and frames put exact ties right at the cut-off's order statistics
+    generator = torch.Generator().manual_seed(n)
+    x = torch.randn(1, 4, n, 6, dtype=torch.float64, generator=generator)
+    x[:, :, n // 3 :] = x[:, :, : n - n // 3]
+    x[:, 2] = x[:, 0]
+    assert torch.equal(cluster_wise_mask(x, 0.75), ref_cluster_wise_mask(x, 0.75))
+    # in float32 (where duplicated tokens' near-ties fall differently than in float64) both quantile paths agree
+    from clusterstm.models.masking_clusterstm import _cluster_wise_mask
+
+    normalized = torch.nn.functional.normalize(x.float(), dim=-1)
+    num_keep = n - int(n * 0.75)
+    cpu = _cluster_wise_mask(normalized, num_keep, 0.02, 5, 2**25, sync_free=False)
+    assert torch.equal(_cluster_wise_mask(normalized, num_keep, 0.02, 5, 2**25, sync_free=True), cpu)
