@@ -1,11 +1,17 @@
 """Ablations of ClusterSTM on the embedded synthetic video-text benchmark.
 
-One command, three ablations, each with seeds and spreads:
+One command, six grids, each with seeds, spreads and paired 95 % intervals:
 
 - `masking`: cluster-wise (ClusterSTM) vs random vs tube vs attention-guided (UMT) masking at several mask ratios,
   with the same tiny model, data, steps and objectives;
 - `window`: relevance window 1x1 vs 3x3 vs 5x5 (the analogue of the paper's supplementary Table I);
-- `objective`: contrastive only; + teacher token alignment (UMT); + relevance reconstruction (ClusterSTM); both.
+- `objective`: contrastive only; + teacher token alignment (UMT); + relevance reconstruction (ClusterSTM); both;
+  and relevance on MaskCLIP / ClearCLIP targets;
+- `relevance`: the relevance objective searched (loss form x weight, then tokens and decoder depth around
+  `--relevance_center`) beside UMT alignment and relevance + alignment;
+- `equal_time`: UMT alignment with the online teacher vs relevance from cached targets for the steps that take the
+  same wall-clock time on this machine (calibrated side by side);
+- `matching`: the video-text matching loss with hard, uniform or mixed negatives, and re-ranking with its head.
 
 Every run pretrains a tiny `ClusterSTMForPreTraining` from scratch (same initialisation per seed) against one shared
 frozen CLIP teacher (trained once with `clusterstm.training.teacher_training.run_teacher_training` and cached), then measures
