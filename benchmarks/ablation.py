@@ -80,7 +80,8 @@ RELEVANCE_LOSS_WEIGHTS: dict[str, tuple[float, ...]] = {
     "zscore_mse": (0.3, 1.0, 3.0),
     "kl": (0.3, 1.0, 3.0),
 }
-# The relevance settings of the tiny student (`clusterstm init tiny`), which every other grid trains with.
+# The relevance settings every run trains with unless its row overrides them: the tiny preset's when the grids were
+# first run, pinned here so that a change of the config defaults does not move the published grids or their cache.
 TINY_RELEVANCE_SETTINGS = {
     "relevance_loss": "mse",
     "relevance_loss_weight": 1.0,
@@ -436,9 +437,8 @@ def build_student(spec: RunSpec, settings: Settings, assets: Assets):
     from clusterstm.models.modeling_clusterstm import ClusterSTMForPreTraining
 
     config = ClusterSTMConfig.from_pretrained(assets.init_dir)
-    tiny = {key: getattr(config, key) for key in TINY_RELEVANCE_SETTINGS}
-    if tiny != TINY_RELEVANCE_SETTINGS:
-        raise ValueError(f"The student init's relevance settings {tiny} are not TINY_RELEVANCE_SETTINGS.")
+    for key, value in TINY_RELEVANCE_SETTINGS.items():
+        setattr(config, key, value)
     config.relevance_window_size = spec.relevance_window_size
     config.contrastive_loss_weight = 1.0
     config.matching_loss_weight = settings.matching_loss_weight
