@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -197,9 +198,15 @@ def build_grid(
                     replace(default, mask_strategy=strategy, mask_ratio=ratio, seed=s) for s in seeds
                 ]
     elif name == "window":
-        grid = Grid(name, f"Relevance window (cluster masking @ {settings.default_ratio:g}, contrastive + relevance)")
+        # With --relevance_center, the windows are compared under that relevance loss (its 3x3 row is the relevance
+        # grid's "<center>, window targets" run).
+        relevance = "" if relevance_center is None else f", {relevance_label(relevance_center)}"
+        grid = Grid(
+            name, f"Relevance window (cluster masking @ {settings.default_ratio:g}, contrastive + relevance{relevance})"
+        )
+        base = default if relevance_center is None else replace(default, config_overrides=relevance_center)
         for window in (1, 3) if quick else (1, 3, 5):
-            grid.groups[f"{window}x{window}"] = [replace(default, relevance_window_size=window, seed=s) for s in seeds]
+            grid.groups[f"{window}x{window}"] = [replace(base, relevance_window_size=window, seed=s) for s in seeds]
     elif name == "objective":
         grid = Grid(name, f"Objective (cluster masking @ {settings.default_ratio:g}, 3x3 window)")
         objectives = list(OBJECTIVES)[::2] if quick else list(OBJECTIVES)
@@ -1081,7 +1088,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=parse_relevance_center,
         default=None,
         help="LOSS:WEIGHT[:TOKENS[:DEPTH]]: the relevance settings the `relevance` grid varies tokens and decoder "
-        "depth around, and the one `equal_time` compares with UMT alignment (e.g. zscore_mse:1).",
+        "depth around, the one `equal_time` compares with UMT alignment, and the one `window` compares windows "
+        "under (e.g. zscore_mse:1).",
     )
     parser.add_argument(
         "--rows",
@@ -1144,7 +1152,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Path]]:
         names = tuple(name for name in ABLATIONS if name != "equal_time" or args.relevance_center is not None)
     else:
         names = (args.ablation,)
-    command = "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/ablation.py " + shlex.join(argv if argv is not None else sys.argv[1:])
 
     total_start = time.perf_counter()
     assets = prepare_assets(settings, work_dir)

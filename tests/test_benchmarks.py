@@ -130,6 +130,20 @@ def test_relevance_search_grid(ablation):
     )
 
 
+def test_window_grid_under_a_relevance_center(ablation):
+    settings = ablation.Settings()
+    center = ablation.parse_relevance_center("zscore_mse:1")
+    grid = ablation.build_grid("window", settings, [0], False, [0.75], relevance_center=center)
+    assert list(grid.groups) == ["1x1", "3x3", "5x5"] and "zscore_mse x1" in grid.title
+    assert {dict(runs[0].config_overrides)["relevance_loss"] for runs in grid.groups.values()} == {"zscore_mse"}
+    # its 3x3 row is the relevance grid's "<center>, window targets" run (trained once)
+    search = ablation.build_grid("relevance", settings, [0], False, [0.75], relevance_center=center)
+    window_targets = search.groups["zscore_mse x1, all tokens, decoder 1, window targets"][0]
+    assert ablation.run_key(grid.groups["3x3"][0], settings) == ablation.run_key(window_targets, settings)
+    plain = ablation.build_grid("window", settings, [0], False, [0.75])
+    assert plain.groups["3x3"][0].config_overrides == ()
+
+
 def test_later_spec_fields_keep_old_cache_keys(ablation):
     # The key of a run published in docs/RESULTS.md (cluster @ 0.75, seed 0, 300 steps): options added since then
     # must not move it, or every cached run of the published grids would be retrained.

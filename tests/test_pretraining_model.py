@@ -122,7 +122,7 @@ def test_missing_relevance_target_raises():
 
 
 def test_explicit_mask_and_relevance_token_selection():
-    model = pretraining_model(relevance_tokens="masked", alignment_loss_weight=0.0).eval()
+    model = pretraining_model(relevance_loss="mse", relevance_tokens="masked", alignment_loss_weight=0.0).eval()
     pixel_values, input_ids, attention_mask = inputs()
     mask = explicit_mask(3)
     targets = teacher_tensors()
@@ -154,7 +154,7 @@ def test_relevance_loss_forms():
 
 def test_forward_with_explicit_targets_uses_them():
     """The targets are plain inputs: the relevance loss is computed against exactly the given map."""
-    model = pretraining_model(alignment_loss_weight=0.0).eval()
+    model = pretraining_model(relevance_loss="mse", alignment_loss_weight=0.0).eval()
     pixel_values, input_ids, attention_mask = inputs()
     targets = teacher_tensors()
     with torch.no_grad():

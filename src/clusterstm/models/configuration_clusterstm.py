@@ -163,9 +163,11 @@ class ClusterSTMConfig(PreTrainedConfig):
         Initial value of the learnable log inverse temperature (CLIP's value, i.e. temperature 0.07).
     relevance_window_size (`int`, *optional*, defaults to 3):
         Odd window size of the teacher's window-pooled relevance targets.
-    relevance_loss (`str`, *optional*, defaults to `"mse"`):
+    relevance_loss (`str`, *optional*, defaults to `"zscore_mse"`):
         Form of the relevance reconstruction loss: `"mse"`, `"zscore_mse"` (per-video z-scored) or `"kl"` (softmax
-        over the tokens of a video).
+        over the tokens of a video). The z-scored form is the default because it does not depend on the scale of the
+        teacher's cosines (plain MSE at weight 1 is ~100x smaller than the contrastive loss and taught the student
+        nothing measurable; docs/RESULTS.md section 3).
     relevance_tokens (`str`, *optional*, defaults to `"all"`):
         On which tokens the relevance loss is computed: `"all"`, `"masked"` or `"visible"`.
     decoder_hidden_size (`int`, *optional*, defaults to 384):
@@ -223,7 +225,7 @@ class ClusterSTMConfig(PreTrainedConfig):
     projection_dim: int = 256
     logit_scale_init_value: float = 2.6592
     relevance_window_size: int = 3
-    relevance_loss: str = "mse"
+    relevance_loss: str = "zscore_mse"
     relevance_tokens: str = "all"
     decoder_hidden_size: int = 384
     decoder_num_layers: int = 2
