@@ -586,6 +586,34 @@ def rerank_retrieval(model, settings: Settings, assets: Assets, run_dir: Path) -
     return rerank_checkpoint(checkpoint, settings, run_dir)
 
 
+def matching_separability(checkpoint: Path, assets: Assets) -> dict[str, float]:
+    """How well the matching head tells a test caption's own clip from another: the AUC of its match probability
+    for the 100 true pairs against one random other clip per caption (`matching_auc_random`) and against the clip
+    the contrastive similarity ranks highest among the others (`matching_auc_hard`, the kind of candidate that
+    re-ranking has to demote). 0.5 = chance. Unmasked clips, the product's retrieval model
+    (`ClusterSTMForVideoTextRetrieval.match_scores`)."""
+    from clusterstm.models.modeling_clusterstm import ClusterSTMForVideoTextRetrieval
+
+    model = ClusterSTMForVideoTextRetrieval.from_pretrained(checkpoint, use_safetensors=True).eval()
+    tokens = assets.eval_tokens["test"]
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    with torch.no_grad():
+        videos, video_tokens = model.encode_videos(pixel_values(assets.eval_videos["test"]), return_tokens=True)
+        similarity = model.encode_texts(ids, mask) @ videos.T
+        n = similarity.shape[0]
+        shift = torch.randint(1, n, (n,), generator=torch.Generator().manual_seed(0))
+        random_other = (torch.arange(n) + shift) % n
+        hardest_other = similarity.fill_diagonal_(-torch.inf).argmax(dim=1)
+        positive = model.match_scores(video_tokens, ids, mask)
+        aucs = {}
+        for name, others in (("random", random_other), ("hard", hardest_other)):
+            negative = model.match_scores(video_tokens[others], ids, mask)
+            # P(positive scores above negative), ties counting half: the Mann-Whitney form of the AUC
+            wins = (positive[:, None] > negative[None]).float() + 0.5 * (positive[:, None] == negative[None]).float()
+            aucs[f"matching_auc_{name}"] = wins.mean().item()
+    return aucs
+
+
 def rerank_checkpoint(
     checkpoint: Path, settings: Settings, run_dir: Path, train_steps: int = 0, seed: int = 0, prefix: str = "rerank"
 ) -> dict[str, float]:
@@ -720,6 +748,8 @@ def execute_run(spec: RunSpec, settings: Settings, assets: Assets, work_dir: Pat
         result = json.loads(result_file.read_text())
         if "rerank_eval_t2v_r1_contrastive" in result and "rerank_eval_t2v_r1_summed" not in result:
             result.update(rerank_checkpoint(run_dir / "pretrained", settings, run_dir))
+        if "rerank_eval_t2v_r1_contrastive" in result and "matching_auc_hard" not in result:
+            result.update(matching_separability(run_dir / "pretrained", assets))
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -727,6 +757,7 @@ def execute_run(spec: RunSpec, settings: Settings, assets: Assets, work_dir: Pat
         result = {"spec": asdict(spec), **stats, **zero_shot_retrieval(model, assets)}
         if model.config.matching_loss_weight > 0:
             result.update(rerank_retrieval(model, settings, assets, run_dir))
+            result.update(matching_separability(run_dir / "pretrained", assets))
         result["wall_time_s"] = time.perf_counter() - start
         logger.info(
             "%s: test R@1 %.1f, compositional R@1 %.1f (%.0f s)",
@@ -961,6 +992,18 @@ def _matching_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
         "(`--rerank_fusion matching`, UMT) or by matching log-odds + contrastive similarity (`--rerank_fusion sum`, "
         "BLIP); zero-shot, and after retrieval fine-tuning where that column group is filled.",
     ]
+    if any("matching_auc_hard" in stats for stats in rows.values()):
+        lines += [
+            "",
+            "Separability (zero-shot, test): AUC of the matching probability of each caption's own clip against a "
+            "random other clip and against the other clip the contrastive similarity ranks highest (0.5 = chance).",
+            "",
+            "| variant | AUC vs random clip | AUC vs hardest clip |",
+            "|---|---|---|",
+        ]
+        for label, stats in rows.items():
+            cells = (_fmt(stats.get("matching_auc_random"), 3), _fmt(stats.get("matching_auc_hard"), 3))
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     for prefix, title in (("rerank", "zero-shot"), ("ft_rerank", "after retrieval fine-tuning")):
         if not any(f"{prefix}_eval_t2v_r1_contrastive" in stats for stats in rows.values()):
             continue
