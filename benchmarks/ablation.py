@@ -202,7 +202,8 @@ def build_grid(
         # grid's "<center>, window targets" run).
         relevance = "" if relevance_center is None else f", {relevance_label(relevance_center)}"
         grid = Grid(
-            name, f"Relevance window (cluster masking @ {settings.default_ratio:g}, contrastive + relevance{relevance})"
+            name,
+            f"Relevance window (cluster masking @ {settings.default_ratio:g}, contrastive + relevance{relevance})",
         )
         base = default if relevance_center is None else replace(default, config_overrides=relevance_center)
         for window in (1, 3) if quick else (1, 3, 5):
