@@ -615,36 +615,45 @@ def matching_separability(checkpoint: Path, assets: Assets) -> dict[str, float]:
     return aucs
 
 
+def trainer_arguments(output_dir: Path, settings: Settings, train_steps: int, learning_rate: float, seed: int):
+    """The `TrainingArguments` of the grids' fine-tuning stages: `train_steps` of cosine-scheduled training (0:
+    evaluation only) on the CPU, no checkpoints, no logging."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        do_train=train_steps > 0,
+        do_eval=True,
+        max_steps=train_steps if train_steps > 0 else -1,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=learning_rate,
+        warmup_steps=int(settings.warmup_ratio * train_steps),
+        lr_scheduler_type="cosine",
+        seed=seed,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=True,
+    )
+
+
 def rerank_checkpoint(
     checkpoint: Path, settings: Settings, run_dir: Path, train_steps: int = 0, seed: int = 0, prefix: str = "rerank"
 ) -> dict[str, float]:
     """`rerank_retrieval` of a saved checkpoint (also fills in results cached before the `sum` fusion existed). With
     `train_steps`, the checkpoint is first fine-tuned for retrieval (`run_finetuning`, its contrastive and matching
     losses on unmasked clips) on `finetune_train_clips` training clips, then evaluated the same way."""
-    from transformers import TrainingArguments
 
     from clusterstm.training.finetuning import DataArguments, ModelArguments, run_finetuning
 
     out = {}
     for index, (fusion, name) in enumerate((("matching", "reranked"), ("sum", "summed"))):
         train = train_steps > 0 and index == 0
-        training_args = TrainingArguments(
-            output_dir=str(run_dir / prefix),
-            do_train=train,
-            do_eval=True,
-            max_steps=train_steps if train else -1,
-            per_device_train_batch_size=settings.batch_size,
-            per_device_eval_batch_size=64,
-            learning_rate=settings.learning_rate / 2,
-            warmup_steps=int(settings.warmup_ratio * train_steps),
-            lr_scheduler_type="cosine",
-            seed=seed,
-            report_to="none",
-            save_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            use_cpu=True,
+        training_args = trainer_arguments(
+            run_dir / prefix, settings, train_steps if train else 0, settings.learning_rate / 2, seed
         )
         metrics = run_finetuning(
             ModelArguments(
@@ -674,7 +683,6 @@ def rerank_checkpoint(
 
 def finetune(model, settings: Settings, assets: Assets, run_dir: Path, seed: int) -> dict[str, float]:
     """Identical short fine-tuning on QA and captioning with `run_finetuning`; test-split accuracy and CIDEr."""
-    from transformers import TrainingArguments
 
     from clusterstm.hub.export import save_checkpoint
     from clusterstm.training.finetuning import DataArguments, ModelArguments, run_finetuning
@@ -683,24 +691,7 @@ def finetune(model, settings: Settings, assets: Assets, run_dir: Path, seed: int
     results = {}
     for task, key, metric_suffix in (("qa", "qa_accuracy", "accuracy"), ("captioning", "caption_cider", "CIDEr")):
         output_dir = run_dir / task
-        training_args = TrainingArguments(
-            output_dir=str(output_dir),
-            do_train=True,
-            do_eval=True,
-            max_steps=settings.finetune_steps,
-            per_device_train_batch_size=settings.batch_size,
-            per_device_eval_batch_size=64,
-            learning_rate=settings.learning_rate,
-            warmup_steps=int(settings.warmup_ratio * settings.finetune_steps),
-            lr_scheduler_type="cosine",
-            seed=seed,
-            report_to="none",
-            save_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            use_cpu=True,
-        )
+        training_args = trainer_arguments(output_dir, settings, settings.finetune_steps, settings.learning_rate, seed)
         model_args = ModelArguments(task=task, model_name_or_path=str(checkpoint), caption_tokenizer="python")
         data_args = DataArguments(
             dataset_name="synthetic",
