@@ -39,7 +39,12 @@ from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring, 
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_clusterstm import ClusterSTMConfig, ClusterSTMTextConfig, ClusterSTMVisionConfig
+from .configuration_clusterstm import (
+    MATCHING_NEGATIVES,
+    ClusterSTMConfig,
+    ClusterSTMTextConfig,
+    ClusterSTMVisionConfig,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -287,8 +292,8 @@ def video_text_matching_loss(
         input_ids: the captions' token ids `(B, L)`, *optional*: masks duplicated captions out of the negatives.
         negatives: `"hard"`, `"uniform"` or `"mixed"` (see above).
     """
-    if negatives not in ("hard", "uniform", "mixed"):
-        raise ValueError(f"negatives must be 'hard', 'uniform' or 'mixed', got {negatives!r}.")
+    if negatives not in MATCHING_NEGATIVES:
+        raise ValueError(f"negatives must be one of {MATCHING_NEGATIVES}, got {negatives!r}.")
     batch_size = text_hidden_states.shape[0]
     with torch.no_grad():
         eye = torch.eye(batch_size, dtype=torch.bool, device=logits_per_text.device)
