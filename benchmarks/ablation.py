@@ -70,9 +70,31 @@ OBJECTIVES: dict[str, dict[str, float]] = {
 }
 # Matching ablation: the VTM loss on top of ClusterSTM's objective, with hard (the default) or uniform negatives.
 MATCHING_OBJECTIVES: dict[str, dict[str, Any]] = {
-    "+matching, hard negatives": {"matching_loss_weight": 1.0, "matching_negatives": "hard"},
-    "+matching, uniform negatives": {"matching_loss_weight": 1.0, "matching_negatives": "uniform"},
-    "+matching, mixed negatives": {"matching_loss_weight": 1.0, "matching_negatives": "mixed"},
+    "+matching, hard negatives": {
+        "matching_loss_weight": 1.0,
+        "matching_negatives": "hard",
+        "matching_pooling": "mean",
+    },
+    "+matching, uniform negatives": {
+        "matching_loss_weight": 1.0,
+        "matching_negatives": "uniform",
+        "matching_pooling": "mean",
+    },
+    "+matching, mixed negatives": {
+        "matching_loss_weight": 1.0,
+        "matching_negatives": "mixed",
+        "matching_pooling": "mean",
+    },
+    "+matching, hard negatives, soft-min": {
+        "matching_loss_weight": 1.0,
+        "matching_negatives": "hard",
+        "matching_pooling": "softmin",
+    },
+    "+matching, mixed negatives, soft-min": {
+        "matching_loss_weight": 1.0,
+        "matching_negatives": "mixed",
+        "matching_pooling": "softmin",
+    },
 }
 # Relevance-objective search (`relevance` grid): loss forms, each at three weights over a decade (the MSE of cosines
 # is ~0.03 at weight 1, two orders below the contrastive loss, so its weights reach higher).

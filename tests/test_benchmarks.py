@@ -264,3 +264,20 @@ def test_quick_ablation_writes_tables_and_plots(tmp_path):
     for label, stats in third.items():
         assert stats["train_runtime_s"]["values"] == second[label]["train_runtime_s"]["values"], label
         assert 0.0 <= stats["qa_accuracy"]["mean"] <= 100.0 and stats["caption_cider"]["mean"] >= 0.0
+
+
+def test_matching_probe_trains_the_head_on_frozen_towers(tmp_path):
+    """The probe runs end to end with each head input, trains only the fusion layers + head, and evaluates."""
+    output = tmp_path / "probe.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "matching_probe.py"), "--head_input", "softmin", "--steps",
+               "3", "--num_clips", "8", "--num_test", "8", "--batch_size", "4", "--eval_every", "3",
+               "--output_file", str(output)]  # fmt: skip
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    log = json.loads(output.read_text())
+    assert [entry["step"] for entry in log] == [0, 3]
+    for entry in log:
+        assert 0.0 <= entry["auc_hard"] <= 1.0 and 0.0 <= entry["t2v_r1_reranked"] <= 100.0
+    # Frozen towers: the contrastive ranking cannot move while the head trains.
+    assert log[0]["t2v_r1_contrastive"] == log[-1]["t2v_r1_contrastive"]
+    assert math.isfinite(log[-1]["matching_loss_mean_last"])

@@ -68,6 +68,26 @@ def test_matching_features_is_the_caption_token_mean():
     assert torch.equal(matching_features(fused, mask), torch.tensor([[2.0, 3.0], [5.0, 6.0]]))
 
 
+def test_softmin_pooling_is_vetoed_by_one_contradicted_token():
+    from clusterstm.models.modeling_clusterstm import matching_logits
+
+    # A head whose match log-odds for a token is that token's first feature; the third token is padding.
+    head = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
+    fused = torch.tensor([[[2.0, 0.0], [-3.0, 0.0], [-100.0, 0.0]], [[4.0, 0.0], [4.0, 0.0], [-100.0, 0.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    logits = matching_logits(head, fused, mask, pooling="softmin")
+    expected = -torch.log(torch.exp(torch.tensor([-2.0, -4.0])) + torch.exp(torch.tensor([3.0, -4.0])))
+    assert torch.allclose(logits[:, 1], expected) and torch.equal(logits[:, 0], torch.zeros(2))
+    # One contradicted token (-3) sinks the pair below the soft minimum of its tokens; the mean would not.
+    assert logits[0, 1] < -3.0
+    mean = matching_logits(head, fused, mask, pooling="mean")
+    assert torch.allclose(mean[:, 1] - mean[:, 0], torch.tensor([-0.5, 4.0]))
+    with pytest.raises(ValueError, match="pooling"):
+        matching_logits(head, fused, mask, pooling="max")
+
+
 def test_uniform_negatives_ignore_the_contrastive_similarity():
     torch.manual_seed(0)
     texts, videos = _inputs(4)
@@ -104,3 +124,5 @@ def test_matching_negatives_setting_is_validated():
     assert ClusterSTMConfig.from_preset("tiny", matching_negatives="uniform").matching_negatives == "uniform"
     with pytest.raises(ValueError, match="matching_negatives must be one of"):
         ClusterSTMConfig.from_preset("tiny", matching_negatives="semi-hard")
+    with pytest.raises(ValueError, match="matching_pooling must be one of"):
+        ClusterSTMConfig.from_preset("tiny", matching_pooling="max")

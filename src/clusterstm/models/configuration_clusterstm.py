@@ -24,6 +24,7 @@ logger = logging.get_logger(__name__)
 RELEVANCE_LOSSES = ("mse", "zscore_mse", "kl")
 RELEVANCE_TOKENS = ("all", "masked", "visible")
 MATCHING_NEGATIVES = ("hard", "uniform", "mixed")
+MATCHING_POOLINGS = ("mean", "softmin")
 # Masking settings that configurations written before masking moved to the pretraining arguments may still carry in
 # their config.json. They are accepted (and ignored) so those checkpoints load; nothing reads them.
 LEGACY_MASKING_KEYS = ("mask_strategy", "mask_ratio", "dc_ratio", "dpc_k", "mask_features", "mask_at_eval")
@@ -195,6 +196,10 @@ class ClusterSTMConfig(PreTrainedConfig):
         ALBEF/BLIP/UMT rule), `"uniform"` (any other pair of the batch) or `"mixed"` (hard or uniform with
         probability 1/2 per query). `"mixed"` is the default because a matching head trained from scratch on hard
         negatives alone stayed at its 1:2 prior in every measured run (docs/RESULTS.md section 4).
+    matching_pooling (`str`, *optional*, defaults to `"mean"`):
+        How the matching head reads the fused caption tokens: `"mean"` scores their mean; `"softmin"` scores every
+        caption token and takes a soft minimum of the per-token match log-odds, so that one phrase the video
+        contradicts (a wrong motion, a wrong shape) vetoes the pair.
     mlm_loss_weight (`float`, *optional*, defaults to 1.0):
         Weight of the masked language modelling loss; 0 skips it.
     alignment_loss_weight (`float`, *optional*, defaults to 0.0):
@@ -239,6 +244,7 @@ class ClusterSTMConfig(PreTrainedConfig):
     relevance_loss_weight: float = 1.0
     matching_loss_weight: float = 1.0
     matching_negatives: str = "mixed"
+    matching_pooling: str = "mean"
     mlm_loss_weight: float = 1.0
     alignment_loss_weight: float = 0.0
     mlm_probability: float = 0.15
@@ -271,6 +277,8 @@ class ClusterSTMConfig(PreTrainedConfig):
             raise ValueError(
                 f"matching_negatives must be one of {MATCHING_NEGATIVES}, got {self.matching_negatives!r}."
             )
+        if self.matching_pooling not in MATCHING_POOLINGS:
+            raise ValueError(f"matching_pooling must be one of {MATCHING_POOLINGS}, got {self.matching_pooling!r}.")
         if not 0.0 <= self.mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in [0, 1), got {self.mlm_probability}.")
         if self.relevance_temperature <= 0:

@@ -869,7 +869,9 @@ def _tube_strategy(*, batch_size, num_frames, num_patches, mask_ratio, generator
 
 
 def _attention_strategy(*, batch_size, cls_attention, mask_ratio, generator, device, **_) -> torch.BoolTensor:
-    mask = _per_sample(lambda rows, g: attention_guided_mask(cls_attention[rows], mask_ratio, g), batch_size, generator)
+    mask = _per_sample(
+        lambda rows, g: attention_guided_mask(cls_attention[rows], mask_ratio, g), batch_size, generator
+    )
     return mask.to(device) if device is not None else mask
 
 

@@ -41,6 +41,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_clusterstm import (
     MATCHING_NEGATIVES,
+    MATCHING_POOLINGS,
     ClusterSTMConfig,
     ClusterSTMTextConfig,
     ClusterSTMVisionConfig,
@@ -260,6 +261,28 @@ def matching_features(fused: torch.Tensor, attention_mask: torch.Tensor) -> torc
     return (fused * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
+def matching_logits(
+    itm_head: nn.Module, fused: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean"
+) -> torch.Tensor:
+    """
+    Matching logits `(B, 2)` (no match / match) of fused text states `(B, L, H)`.
+
+    `pooling="mean"`: the head scores the caption-token mean ([`matching_features`]). `pooling="softmin"`: the head
+    scores every caption token, and the pair's match log-odds is a soft minimum (`-logsumexp(-x)`) of the per-token
+    log-odds: a caption matches only if each of its phrases does, so one phrase the video contradicts (the wrong
+    motion of an object whose colour and shape are right, the hard negatives of re-ranking) vetoes the pair instead
+    of being averaged away. Measured in docs/RESULTS.md section 4.
+    """
+    if pooling not in MATCHING_POOLINGS:
+        raise ValueError(f"pooling must be one of {MATCHING_POOLINGS}, got {pooling!r}.")
+    if pooling == "mean":
+        return itm_head(matching_features(fused, attention_mask)).float()
+    per_token = itm_head(fused).float()
+    log_odds = (per_token[..., 1] - per_token[..., 0]).masked_fill(attention_mask == 0, torch.inf)
+    match = -torch.logsumexp(-log_odds, dim=1)
+    return torch.stack([torch.zeros_like(match), match], dim=-1)
+
+
 def video_text_matching_loss(
     fusion_model: nn.Module,
     itm_head: nn.Module,
@@ -269,6 +292,7 @@ def video_text_matching_loss(
     logits_per_text: torch.Tensor,
     input_ids: torch.Tensor | None = None,
     negatives: str = "hard",
+    pooling: str = "mean",
 ) -> torch.Tensor:
     """
     Video-text matching (binary) loss on the positive pairs plus one negative video per text and one negative text per
@@ -284,13 +308,15 @@ def video_text_matching_loss(
 
     Args:
         fusion_model: the fusion layers ([`ClusterSTMTextFusionModel`]); they cross-attend to `video_tokens`.
-        itm_head: maps the fused text states' mean ([`matching_features`]) to two logits (no match / match).
+        itm_head: maps fused text states to two logits (no match / match), read as `pooling` says
+            ([`matching_logits`]).
         text_hidden_states: output of the text tower's text-only layers, `(B, L, H)`.
         attention_mask: text attention mask, `(B, L)`.
         video_tokens: video tower tokens, `(B, M, H_v)`.
         logits_per_text: contrastive logits, `(B, B)`, row `i` = text `i`.
         input_ids: the captions' token ids `(B, L)`, *optional*: masks duplicated captions out of the negatives.
         negatives: `"hard"`, `"uniform"` or `"mixed"` (see above).
+        pooling: `"mean"` or `"softmin"` ([`matching_logits`]).
     """
     if negatives not in MATCHING_NEGATIVES:
         raise ValueError(f"negatives must be one of {MATCHING_NEGATIVES}, got {negatives!r}.")
@@ -323,7 +349,7 @@ def video_text_matching_loss(
     masks = torch.cat([attention_mask, attention_mask, attention_mask[negative_texts]], dim=0)
     videos = torch.cat([video_tokens, video_tokens[negative_videos], video_tokens], dim=0)
     fused = fusion_model(texts, videos, attention_mask=masks)
-    logits = itm_head(matching_features(fused, masks)).float()
+    logits = matching_logits(itm_head, fused, masks, pooling)
     labels = torch.zeros(3 * batch_size, dtype=torch.long, device=logits.device)
     labels[:batch_size] = 1
     return nn.functional.cross_entropy(logits, labels)
@@ -1717,6 +1743,7 @@ class ClusterSTMForPreTraining(ClusterSTMPreTrainedModel):
                 logits_per_text,
                 input_ids=input_ids,
                 negatives=self.config.matching_negatives,
+                pooling=self.config.matching_pooling,
             )
 
         # CODEPATH: loss weight (training setting); 0 skips masked language modelling.
@@ -1949,15 +1976,16 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Probability `(batch_size,)` that text `i` matches video `i` (the matching head on the fused text states'
-        mean, see [`matching_features`])."""
+        """Probability `(batch_size,)` that text `i` matches video `i` (the matching head on the fused text states,
+        pooled as `config.matching_pooling` says, see [`matching_logits`])."""
         if video_tokens.shape[0] != input_ids.shape[0]:
             raise ValueError(f"Got {video_tokens.shape[0]} videos for {input_ids.shape[0]} texts; pass pairs.")
         text = self.clusterstm.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         fused = self.fusion_model(text, video_tokens, attention_mask=attention_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.itm_head(matching_features(fused, attention_mask)).float().softmax(dim=-1)[:, 1]
+        logits = matching_logits(self.itm_head, fused, attention_mask, self.config.matching_pooling)
+        return logits.softmax(dim=-1)[:, 1]
 
     def rerank(
         self,
@@ -2074,6 +2102,7 @@ class ClusterSTMForVideoTextRetrieval(ClusterSTMPreTrainedModel):
                 outputs.logits_per_text,
                 input_ids=input_ids,
                 negatives=self.config.matching_negatives,
+                pooling=self.config.matching_pooling,
             )
             loss = loss + self.config.matching_loss_weight * matching_loss
 
