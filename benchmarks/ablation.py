@@ -931,9 +931,8 @@ def write_report(
     png_path = plot_dir / f"{stem}.png"
     payload = {"ablation": grid.name, "title": grid.title, "meta": meta, "untrained": reference, "results": summary}
     if len(summary) > 1 and next(iter(summary.values()))["n"] > 1:
-        payload["paired_vs_first"] = {
-            key: paired_differences(summary, key) for key in ("test_t2v_r1", "test_t2v_meanr", "compositional_t2v_r1")
-        }
+        keys = ("test_t2v_r1", "test_t2v_meanr", "compositional_t2v_r1", *_finetune_keys(summary))
+        payload["paired_vs_first"] = {key: paired_differences(summary, key) for key in keys}
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
 
     has_finetune = any("qa_accuracy" in stats for stats in summary.values())
@@ -1046,28 +1045,41 @@ def _matching_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+# Columns of the paired comparison: (result key, column title, digits).
+PAIRED_COLUMNS = (("test_t2v_r1", "test R@1 diff (points)", 1), ("test_t2v_meanr", "test mean rank diff", 1))
+FINETUNE_PAIRED_COLUMNS = (("qa_accuracy", "QA acc. diff (points)", 1), ("caption_cider", "CIDEr diff", 3))
+
+
+def _finetune_keys(summary: dict[str, dict[str, Any]]) -> tuple[str, ...]:
+    """The fine-tuning metrics every row of `summary` carries (none when the grid ran without fine-tuning)."""
+    return tuple(key for key in FINETUNE_KEYS if all(key in stats for stats in summary.values()))
+
+
 def _paired_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
-    """The paired comparison table (every row against the first) for test R@1 and test mean rank."""
+    """The paired comparison table (every row against the first) for test R@1 and test mean rank, and for QA
+    accuracy and CIDEr when the grid fine-tuned."""
     first = next(iter(summary))
     if summary[first]["n"] < 2 or len(summary) < 2:
         return []
-    r1 = paired_differences(summary, "test_t2v_r1")
-    rank = paired_differences(summary, "test_t2v_meanr")
+    finetuned = _finetune_keys(summary)
+    columns = [*PAIRED_COLUMNS, *(column for column in FINETUNE_PAIRED_COLUMNS if column[0] in finetuned)]
+    diffs = {key: paired_differences(summary, key) for key, _, _ in columns}
     lines = [
         "",
         f"Paired differences against **{first}** (per seed: same initialisation, data and batches), mean [95 % "
         "t-interval]; `yes` when the interval excludes 0. The interval's half-width is the smallest difference "
         "the table resolves.",
         "",
-        "| variant | test R@1 diff (points) | resolved | test mean rank diff | resolved |",
-        "|---|---|---|---|---|",
+        "| variant | " + " | ".join(f"{title} | resolved" for _, title, _ in columns) + " |",
+        "|---|" + "---|---|" * len(columns),
     ]
-    for label in r1:
-        a, b = r1[label], rank[label]
-        lines.append(
-            f"| {label} | {a['mean']:+.1f} [±{a['ci95']:.1f}] | {'yes' if a['resolved'] else 'no'} | "
-            f"{b['mean']:+.1f} [±{b['ci95']:.1f}] | {'yes' if b['resolved'] else 'no'} |"
-        )
+    for label in diffs[columns[0][0]]:
+        cells = []
+        for key, _, digits in columns:
+            diff = diffs[key][label]
+            resolved = "yes" if diff["resolved"] else "no"
+            cells.append(f"{diff['mean']:+.{digits}f} [±{diff['ci95']:.{digits}f}] | {resolved}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -86,6 +86,30 @@ def test_paired_differences_and_intervals(ablation):
     assert math.isnan(ablation.ci95_half_width(np.array([1.0])))
 
 
+def test_paired_table_covers_the_fine_tuned_metrics(ablation):
+    def rows(r1, qa, cider):
+        return ablation.summarise(
+            [
+                {"test_t2v_r1": a, "test_t2v_meanr": 5.0, "qa_accuracy": b, "caption_cider": c}
+                for a, b, c in zip(r1, qa, cider)
+            ]
+        )
+
+    summary = {
+        "1x1": rows([10, 20, 30], [30, 31, 32], [0.5, 0.6, 0.7]),
+        "3x3": rows([12, 23, 34], [30, 31, 32], [0.6, 0.8, 1.0]),
+    }
+    table = "\n".join(ablation._paired_lines(summary))
+    assert "QA acc. diff (points)" in table and "CIDEr diff" in table
+    # R@1 +3.0 [±2.5] resolved; QA +0.0 (no spread: interval 0, not resolved); CIDEr +0.200 [±0.248] not resolved.
+    assert "| 3x3 | +3.0 [±2.5] | yes | +0.0 [±0.0] | no | +0.0 [±0.0] | no | +0.200 [±0.248] | no |" in table
+    no_finetune = {
+        label: {k: v for k, v in stats.items() if k not in ("qa_accuracy", "caption_cider")}
+        for label, stats in summary.items()
+    }
+    assert "QA acc." not in "\n".join(ablation._paired_lines(no_finetune))
+
+
 def test_objective_grid_carries_the_relevance_methods(ablation):
     grid = ablation.build_grid("objective", ablation.Settings(), seeds=[0, 1], quick=False, ratios=[0.75])
     methods = {label: runs[0].relevance_method for label, runs in grid.groups.items()}
