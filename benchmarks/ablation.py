@@ -610,11 +610,13 @@ def rerank_retrieval(model, settings: Settings, assets: Assets, run_dir: Path) -
 
 
 def matching_separability(checkpoint: Path, assets: Assets) -> dict[str, float]:
-    """How well the matching head tells a test caption's own clip from another: the AUC of its match probability
-    for the 100 true pairs against one random other clip per caption (`matching_auc_random`) and against the clip
-    the contrastive similarity ranks highest among the others (`matching_auc_hard`, the kind of candidate that
-    re-ranking has to demote). 0.5 = chance. Unmasked clips, the product's retrieval model
-    (`ClusterSTMForVideoTextRetrieval.match_scores`)."""
+    """How well the matching head tells a test caption's own clip from another: its match probability for the 100
+    true pairs against one random other clip per caption (`random`) and against the clip the contrastive similarity
+    ranks highest among the others (`hard`, the kind of candidate that re-ranking has to demote). Two readings, 0.5 =
+    chance for both: `matching_win_*`, the share of captions whose own clip scores above that other clip (ties count
+    half; per caption, which is what re-ranking needs), and `matching_auc_*`, the AUC over all (true pair, other pair)
+    combinations across captions (also asks that scores be comparable between captions). Unmasked clips, the
+    product's retrieval model (`ClusterSTMForVideoTextRetrieval.match_scores`)."""
     from clusterstm.models.modeling_clusterstm import ClusterSTMForVideoTextRetrieval
 
     model = ClusterSTMForVideoTextRetrieval.from_pretrained(checkpoint, use_safetensors=True).eval()
@@ -628,13 +630,18 @@ def matching_separability(checkpoint: Path, assets: Assets) -> dict[str, float]:
         random_other = (torch.arange(n) + shift) % n
         hardest_other = similarity.fill_diagonal_(-torch.inf).argmax(dim=1)
         positive = model.match_scores(video_tokens, ids, mask)
-        aucs = {}
+        out = {}
         for name, others in (("random", random_other), ("hard", hardest_other)):
             negative = model.match_scores(video_tokens[others], ids, mask)
-            # P(positive scores above negative), ties counting half: the Mann-Whitney form of the AUC
-            wins = (positive[:, None] > negative[None]).float() + 0.5 * (positive[:, None] == negative[None]).float()
-            aucs[f"matching_auc_{name}"] = wins.mean().item()
-    return aucs
+            out[f"matching_win_{name}"] = _win_rate(positive, negative).item()
+            # the Mann-Whitney form of the AUC: every true pair against every other pair
+            out[f"matching_auc_{name}"] = _win_rate(positive[:, None], negative[None]).item()
+    return out
+
+
+def _win_rate(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Share of (broadcast) comparisons where `positive` scores above `negative`, ties counting half."""
+    return ((positive > negative).float() + 0.5 * (positive == negative).float()).mean()
 
 
 def trainer_arguments(output_dir: Path, settings: Settings, train_steps: int, learning_rate: float, seed: int):
@@ -762,7 +769,7 @@ def execute_run(spec: RunSpec, settings: Settings, assets: Assets, work_dir: Pat
         result = json.loads(result_file.read_text())
         if "rerank_eval_t2v_r1_contrastive" in result and "rerank_eval_t2v_r1_summed" not in result:
             result.update(rerank_checkpoint(run_dir / "pretrained", settings, run_dir))
-        if "rerank_eval_t2v_r1_contrastive" in result and "matching_auc_hard" not in result:
+        if "rerank_eval_t2v_r1_contrastive" in result and "matching_win_hard" not in result:
             result.update(matching_separability(run_dir / "pretrained", assets))
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -1008,15 +1015,17 @@ def _matching_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
     if any("matching_auc_hard" in stats for stats in rows.values()):
         lines += [
             "",
-            "Separability (zero-shot, test): AUC of the matching probability of each caption's own clip against a "
-            "random other clip and against the other clip the contrastive similarity ranks highest (0.5 = chance).",
+            "Separability (zero-shot, test): does the matching probability of each caption's own clip beat a random "
+            "other clip, and the other clip the contrastive similarity ranks highest? Per caption: the share of "
+            "captions where it does (what re-ranking needs); across captions: the AUC over all (true pair, other "
+            "pair) combinations. 0.5 = chance.",
             "",
-            "| variant | AUC vs random clip | AUC vs hardest clip |",
-            "|---|---|---|",
+            "| variant | per caption, vs random clip | per caption, vs hardest clip | AUC vs random clip | AUC vs hardest clip |",
+            "|---|---|---|---|---|",
         ]
         for label, stats in rows.items():
-            cells = (_fmt(stats.get("matching_auc_random"), 3), _fmt(stats.get("matching_auc_hard"), 3))
-            lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+            keys = ("matching_win_random", "matching_win_hard", "matching_auc_random", "matching_auc_hard")
+            lines.append(f"| {label} | " + " | ".join(_fmt(stats.get(key), 3) for key in keys) + " |")
     for prefix, title in (("rerank", "zero-shot"), ("ft_rerank", "after retrieval fine-tuning")):
         if not any(f"{prefix}_eval_t2v_r1_contrastive" in stats for stats in rows.values()):
             continue

@@ -7,8 +7,9 @@ initialised tiny ClusterSTM) encode `--num_clips` synthetic training clips and t
 `--negatives uniform`). So the probe asks what the matching path itself can learn from fixed video tokens, given far
 more steps than pretraining gives it.
 
-Every `--eval_every` steps it reports, on the test clips: the AUC of the match probability of each caption's own clip
-against the other clip the contrastive similarity ranks highest (the candidates re-ranking must demote; 0.5 = chance),
+Every `--eval_every` steps it reports, on the test clips: how often the match probability of a caption's own clip
+beats the other clip the contrastive similarity ranks highest (the candidates re-ranking must demote; `win_hard` per
+caption, `auc_hard` over all caption pairs; 0.5 = chance),
 and text->video R@1 ranked by the contrastive similarity vs after the head re-ranks the top 16 (by its probability
 alone, `ClusterSTMForVideoTextRetrieval.rerank`).
 
@@ -92,11 +93,15 @@ def evaluate(model, test: dict[str, torch.Tensor]) -> dict[str, float]:
     hardest = similarity.clone().fill_diagonal_(-torch.inf).argmax(dim=1)
     positive = model.match_scores(tokens, ids, mask)
     negative = model.match_scores(tokens[hardest], ids, mask)
-    wins = (positive[:, None] > negative[None]).float() + 0.5 * (positive[:, None] == negative[None]).float()
+
+    def win_rate(pos: torch.Tensor, neg: torch.Tensor) -> float:
+        return round(((pos > neg).float() + 0.5 * (pos == neg).float()).mean().item(), 4)
+
     reranked = model.rerank(similarity, tokens, ids, mask, top_k=RERANK_TOP_K, fusion="matching")
     model.train()
     return {
-        "auc_hard": round(wins.mean().item(), 4),
+        "win_hard": win_rate(positive, negative),
+        "auc_hard": win_rate(positive[:, None], negative[None]),
         "t2v_r1_contrastive": round(100.0 * (similarity.argmax(1) == truth).float().mean().item(), 1),
         "t2v_r1_reranked": round(100.0 * (reranked.argmax(1) == truth).float().mean().item(), 1),
     }

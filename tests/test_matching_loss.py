@@ -126,3 +126,20 @@ def test_matching_negatives_setting_is_validated():
         ClusterSTMConfig.from_preset("tiny", matching_negatives="semi-hard")
     with pytest.raises(ValueError, match="matching_pooling must be one of"):
         ClusterSTMConfig.from_preset("tiny", matching_pooling="max")
+
+
+def test_matching_pooling_default_and_configs_saved_before_it(tmp_path):
+    import json
+
+    from clusterstm.models.configuration_clusterstm import ClusterSTMConfig
+
+    config = ClusterSTMConfig.from_preset("tiny")
+    assert config.matching_pooling == "softmin"  # docs/RESULTS.md section 4
+    config.save_pretrained(tmp_path)
+    assert ClusterSTMConfig.from_pretrained(tmp_path).matching_pooling == "softmin"
+    # A config.json written before the setting existed was trained with the mean head: it keeps it.
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["matching_pooling"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert ClusterSTMConfig.from_pretrained(tmp_path).matching_pooling == "mean"
+    assert ClusterSTMConfig.from_pretrained(tmp_path, matching_pooling="softmin").matching_pooling == "softmin"
